@@ -1,0 +1,3 @@
+from slmkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The `slm` entry point. One subcommand per module, imported only when it is run, so that
+`slm --help` starts without importing torch.
+
+Each command module defines `add_arguments(parser)` and `run(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from slmkit.errors import UsageError
+
+# name -> (module, one-line help). The order is the pipeline's.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("slmkit.pipeline", "run a recipe end to end: generate, prune, distill, eval, export"),
+    "generate": ("slmkit.generate", "the teacher writes task data (best-of-N, filtered, deduplicated)"),
+    "prune": ("slmkit.prune", "cut a smaller model out of the teacher by measured importance"),
+    "distill": ("slmkit.distill", "train a student on the teacher's token distributions"),
+    "eval": ("slmkit.evaluate", "score models side by side: task quality, benchmarks, safety, speed"),
+    "export": ("slmkit.export", "write a GGUF file (f16 / q8_0 / q4_0) and an Ollama Modelfile"),
+    "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with a web playground"),
+    "chat": ("slmkit.chat", "chat with a model in the terminal"),
+    "info": ("slmkit.info", "describe a model: architecture, parameters, size, tokenizer"),
+}
+
+
+def _top_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: slm COMMAND [options]   (slm COMMAND --help for its options)",
+        "",
+        "Turn a large language model into a small task-specific one.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "MODEL is a Hugging Face folder, a .gguf file, or `default` (SmolLM2-135M-Instruct)."]
+    return "\n".join(lines)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"slm {command}", description=(module.__doc__ or help_).strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0
+    if argv[0] == "--version":
+        from slmkit import __version__
+
+        print(f"slmkit {__version__}")
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"slm: unknown command `{command}`; run `slm --help` for the list", file=sys.stderr)
+        return 2
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv[1:])
+        code = args._run(args)
+        return int(code or 0)
+    except UsageError as e:
+        print(f"slm {command}: error: {e}", file=sys.stderr)
+        return UsageError.exit_code
+    except KeyboardInterrupt:
+        print(f"\nslm {command}: interrupted; rerun the same command to resume where supported",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

