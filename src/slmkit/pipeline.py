@@ -1,0 +1,277 @@
+"""Run a recipe end to end: generate -> tune_teacher -> prune -> distill -> eval -> export.
+
+    slm build                          # the built-in demo: recipes/demo.yaml
+    slm build recipes/grammar.yaml
+    slm build recipes/demo.yaml --from distill   # rerun distill and everything after it
+
+Everything a run makes lives in one folder, `runs/NAME/`: the resolved recipe, `data/`,
+`teacher_tuned/`, `pruned/`, `student/`, `report/`, `export/` and `manifest.json` (per stage:
+status, input fingerprint, outputs, seconds). A rerun skips every finished stage whose inputs
+(its options, the upstream stage's fingerprint, the teacher and data files) are unchanged; a
+killed run resumes at the unfinished stage, and a training stage resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmkit import models
+from slmkit.errors import UsageError
+from slmkit.recipe import STAGES, Recipe, load_recipe
+
+DEMO = Path(__file__).parent / "recipes" / "demo.yaml"
+
+
+def add_arguments(p):
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="recipe YAML (default: the built-in demo, recipes/demo.yaml)")
+    p.add_argument("--from", dest="from_stage", choices=STAGES,
+                   help="rerun this stage and every later one even if unchanged")
+    p.add_argument("--runs", default="runs", help="folder holding run folders (default: runs)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def run(args) -> int:
+    recipe = load_recipe(args.recipe or DEMO)
+    if args.device:
+        recipe.device = args.device
+    result = build(recipe, runs=args.runs, from_stage=args.from_stage)
+    print_summary(result)
+    return 0
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(spec: str) -> str:
+    """Cheap identity of a model: file names, sizes and mtimes (weights are not hashed)."""
+    if spec == models.DEFAULT:
+        spec = str(models.default_gguf())
+    if spec.startswith("openai:"):
+        return spec
+    p = Path(spec)
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else []
+    return _sha([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files] or spec)
+
+
+# --------------------------------------------------------------------------- manifest
+
+class Manifest:
+    """runs/NAME/manifest.json, rewritten atomically after every change."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].get(name, {})
+
+    def update(self, name: str, **fields) -> None:
+        self.data["stages"].setdefault(name, {}).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        with models.atomic_write(self.path) as f:
+            json.dump(self.data, f, indent=2)
+
+
+@dataclass
+class Context:
+    """What the stages hand each other."""
+
+    recipe: Recipe
+    run_dir: Path
+    teacher: str  # the original teacher
+    tuned: str | None = None  # the teacher after teacher correction
+    student: str | None = None
+    data: str = ""  # training data (JSONL)
+    eval_data: str = ""
+    eval_split: str | None = "eval"
+    report: str | None = None
+    gguf: str | None = None
+
+    @property
+    def task_arg(self):
+        from slmkit.tasks import PRESETS
+
+        task = self.recipe.task
+        return task.name if PRESETS.get(task.name) == task else task
+
+    @property
+    def best_teacher(self) -> str:
+        return self.tuned or self.teacher
+
+
+# --------------------------------------------------------------------------- stages
+
+def stage_generate(ctx: Context, opts: dict) -> dict:
+    from slmkit.generate import GenerateConfig, generate
+
+    out = ctx.run_dir / "data" / "generated.jsonl"
+    cfg = GenerateConfig(teacher=ctx.teacher, task=ctx.task_arg, inputs=ctx.data, out=str(out),
+                         decontaminate=ctx.eval_data if ctx.eval_split is None else None,
+                         **{"seed": ctx.recipe.seed, **opts})
+    stats = generate(cfg)
+    return {"data": str(out), "stats": stats}
+
+
+def _train(ctx: Context, opts: dict, *, student: str, teacher: str | None, out: Path, **wired):
+    from slmkit.distill import DistillConfig, distill
+
+    resume = (out.parent / f"{out.name}.ckpt").exists() or any(out.parent.glob(f"{out.name}*ckpt*"))
+    cfg = DistillConfig(student=student, teacher=teacher, data=ctx.data, task=ctx.task_arg,
+                        out=str(out), device=ctx.recipe.device,
+                        **{"seed": ctx.recipe.seed, **wired, **opts})
+    if resume and "resume" in DistillConfig.__dataclass_fields__:
+        cfg.resume = True
+    return str(distill(cfg))
+
+
+def stage_tune_teacher(ctx: Context, opts: dict) -> dict:
+    # Minitron's "teacher correction": a short fine-tune of the teacher on the task data, so the
+    # distributions the student learns from match the task's distribution.
+    out = _train(ctx, opts, student=ctx.teacher, teacher=None, out=ctx.run_dir / "teacher_tuned",
+                 alpha_ce=1.0)
+    return {"tuned": out}
+
+
+def stage_prune(ctx: Context, opts: dict) -> dict:
+    from slmkit.prune import prune
+
+    out = ctx.run_dir / "pruned"
+    calib = ctx.data if ctx.data else None
+    plan = prune(ctx.best_teacher, str(out), calib=calib, device=ctx.recipe.device,
+                 **{"seed": ctx.recipe.seed, **opts})
+    return {"student": str(out), "parameters": plan.get("parameters_after")}
+
+
+def stage_distill(ctx: Context, opts: dict) -> dict:
+    init = ctx.student or ctx.best_teacher
+    out = _train(ctx, opts, student=init, teacher=ctx.best_teacher, out=ctx.run_dir / "student")
+    return {"student": out}
+
+
+def stage_eval(ctx: Context, opts: dict) -> dict:
+    from slmkit.evaluate import evaluate
+
+    specs, names = [], []
+    if ctx.tuned:
+        specs.append(ctx.tuned)
+        names.append("teacher (tuned)")
+    specs.append(ctx.teacher)
+    names.append("teacher (zero-shot)")
+    if ctx.student:
+        specs.append(ctx.student)
+        names.append("student")
+    out = ctx.run_dir / "report"
+    evaluate(specs, names=names, task=ctx.task_arg, data=ctx.eval_data, split=ctx.eval_split,
+             out=str(out), device=ctx.recipe.device, **opts)
+    return {"report": str(out)}
+
+
+def stage_export(ctx: Context, opts: dict) -> dict:
+    from slmkit.export import export_gguf
+
+    quant = opts.get("quant", "q8_0")
+    model = ctx.student or ctx.best_teacher
+    out = ctx.run_dir / "export" / f"{ctx.recipe.name}-student-{quant}.gguf"
+    export_gguf(model, str(out), **{"quant": quant, **opts})
+    return {"gguf": str(out)}
+
+
+RUNNERS = {"generate": stage_generate, "tune_teacher": stage_tune_teacher, "prune": stage_prune,
+           "distill": stage_distill, "eval": stage_eval, "export": stage_export}
+# what each stage's outputs set in the context, and which must exist for a skip to be safe
+OUTPUT_PATHS = {"generate": ("data",), "tune_teacher": ("tuned",), "prune": ("student",),
+                "distill": ("student",), "eval": ("report",), "export": ("gguf",)}
+
+
+def _apply(ctx: Context, outputs: dict) -> None:
+    for key, value in outputs.items():
+        if hasattr(ctx, key) and key not in ("recipe", "run_dir"):
+            setattr(ctx, key, value)
+
+
+def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = None) -> dict:
+    """Run (or resume) a recipe; returns the manifest data."""
+    from slmkit.tasks import preset_data
+
+    run_dir = Path(runs) / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    with models.atomic_write(run_dir / "recipe.yaml") as f:
+        yaml.safe_dump(recipe.raw | {"resolved": {"teacher": recipe.teacher, "data": recipe.data}},
+                       f, sort_keys=False)
+    manifest = Manifest(run_dir / "manifest.json")
+    data = str(preset_data(recipe.task.name)) if recipe.data == "preset" else recipe.data
+    ctx = Context(recipe=recipe, run_dir=run_dir, teacher=recipe.teacher, data=data,
+                  eval_data=recipe.eval_data or data,
+                  eval_split=None if recipe.eval_data else "eval")
+    from slmkit.data import file_hash
+
+    upstream = _sha({"teacher": model_fingerprint(recipe.teacher), "task": repr(recipe.task),
+                     "data": file_hash(data), "eval": file_hash(ctx.eval_data),
+                     "seed": recipe.seed})
+    forced = False
+    total = time.time()
+    for stage in STAGES:
+        if stage not in recipe.stages:
+            continue
+        opts = recipe.stages[stage]
+        key = _sha({"stage": stage, "opts": opts, "upstream": upstream})
+        upstream = key
+        forced = forced or stage == from_stage
+        entry = manifest.stage(stage)
+        outputs_exist = all(Path(entry.get("outputs", {}).get(k, "")).exists()
+                            for k in OUTPUT_PATHS[stage]) if entry else False
+        if entry.get("status") == "done" and entry.get("key") == key and outputs_exist and not forced:
+            _log(f"[{stage}] unchanged, skipped ({entry.get('seconds', 0):.0f} s last time)")
+            _apply(ctx, entry["outputs"])
+            continue
+        _log(f"[{stage}] running" + (" (resuming)" if entry.get("status") == "running" else ""))
+        start = time.time()
+        manifest.update(stage, status="running", key=key, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        try:
+            outputs = RUNNERS[stage](ctx, opts)
+        except BaseException as e:
+            manifest.update(stage, status="failed" if isinstance(e, Exception) else "interrupted",
+                            error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+        _apply(ctx, outputs)
+        manifest.update(stage, status="done", outputs=outputs, seconds=round(time.time() - start, 1),
+                        error=None)
+        _log(f"[{stage}] done in {time.time() - start:.0f} s")
+    manifest.data["final"] = {"run_dir": str(run_dir), "seconds": round(time.time() - total, 1),
+                              "teacher": ctx.teacher, "tuned": ctx.tuned, "student": ctx.student,
+                              "report": ctx.report, "gguf": ctx.gguf}
+    manifest.save()
+    return manifest.data
+
+
+def _log(msg: str) -> None:
+    print(f"slm build: {msg}", file=sys.stderr, flush=True)
+
+
+def print_summary(result: dict) -> None:
+    final = result.get("final", {})
+    report = final.get("report")
+    if report and (Path(report) / "report.md").is_file():
+        print((Path(report) / "report.md").read_text())
+    print()
+    for label, key in (("report", "report"), ("student", "student"), ("gguf", "gguf")):
+        if final.get(key):
+            shown = Path(final[key]) / "report.html" if key == "report" else final[key]
+            print(f"{label:<8} {shown}")
+    if final.get("gguf"):
+        print(f"\nchat with it:  slm chat {final['gguf']}")
+    elif final.get("student"):
+        print(f"\nchat with it:  slm chat {final['student']}")

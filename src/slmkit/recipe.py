@@ -1,0 +1,269 @@
+"""Recipes: YAML files that describe a whole build, validated on load.
+
+Every error names the recipe file, the line and the key, e.g.
+`recipes/demo.yaml:14: distill.lr: expected a number, got 'fast'`.
+
+    name: demo                 # run folder: runs/demo/
+    teacher: default           # MODEL: HF folder, .gguf, `default`, or openai:NAME@URL (generate only)
+    task: summarize            # a preset name, or {template, target, metric[, references_field]}
+    data: preset               # `preset` (the task's shipped examples) or a JSONL path
+    stages:                    # run in this order; leave a stage out to skip it
+      tune_teacher: {max_steps: 40}
+      prune: {target: 0.5}
+      distill: {max_steps: 120}
+      eval: {limit: 40}
+      export: {quant: q8_0}
+
+Stage options are the keyword arguments of the stage's own API (slm prune / distill / eval /
+export / generate), so the recipe and the commands share one vocabulary; the options the pipeline
+wires itself (model paths, data, task, output folder) are not allowed in a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmkit.errors import UsageError
+
+STAGES = ("generate", "tune_teacher", "prune", "distill", "eval", "export")
+TOP_KEYS = {"name", "teacher", "task", "data", "eval_data", "seed", "device", "stages", "description"}
+
+
+class Node(dict):
+    """A mapping read from YAML that remembers the line of each key (1-based)."""
+
+    lines: dict
+
+    def line(self, key) -> int | None:
+        return self.lines.get(key)
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    teacher: str
+    task: object  # tasks.Task
+    data: str  # "preset" or an absolute path
+    eval_data: str | None
+    seed: int
+    device: str | None
+    stages: dict = field(default_factory=dict)
+    """stage name -> options dict (validated)."""
+    raw: dict = field(default_factory=dict)
+
+
+def _to_python(node, path: Path):
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        out = Node()
+        out.lines = {}
+        for k, v in node.value:
+            key = _to_python(k, path)
+            if key in out:
+                raise UsageError(f"{path}:{k.start_mark.line + 1}: key `{key}` appears twice")
+            out[key] = _to_python(v, path)
+            out.lines[key] = k.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v, path) for v in node.value]
+    return yaml.SafeLoader("").construct_object(node, deep=True)  # int, float, bool, null, str
+
+
+def read_yaml(path: Path) -> Node:
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"recipe `{path}` does not exist")
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if root is None or not isinstance(root, yaml.MappingNode):
+        raise UsageError(f"{path}: a recipe is a YAML mapping (name:, teacher:, task:, stages: ...)")
+    return _to_python(root, path)
+
+
+def _type_ok(value, default) -> bool:
+    if default is None or default is inspect.Parameter.empty:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, list)
+    return True
+
+
+def _type_name(default) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "text",
+            list: "a list", tuple: "a list"}.get(type(default), type(default).__name__)
+
+
+def stage_options(stage: str) -> dict[str, object]:
+    """The options a recipe may set for a stage: name -> default, from the stage's own API."""
+    if stage in ("tune_teacher", "distill"):
+        from slmkit.distill import DistillConfig
+
+        opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(DistillConfig)}
+        wired = {"student", "teacher", "data", "task", "out", "resume", "device", "teacher_cache"}
+    elif stage == "generate":
+        from slmkit.generate import GenerateConfig
+
+        opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(GenerateConfig)}
+        wired = {"teacher", "task", "inputs", "out", "decontaminate"}
+    else:
+        fn = _stage_function(stage)
+        opts = {n: p.default for n, p in inspect.signature(fn).parameters.items()
+                if p.kind == p.KEYWORD_ONLY}
+        wired = {"out", "task", "data", "names", "device", "calib", "teacher", "model", "split"}
+    return {k: v for k, v in opts.items() if k not in wired}
+
+
+def _stage_function(stage: str):
+    if stage == "prune":
+        from slmkit.prune import prune
+
+        return prune
+    if stage == "eval":
+        from slmkit.evaluate import evaluate
+
+        return evaluate
+    if stage == "export":
+        from slmkit.export import export_gguf
+
+        return export_gguf
+    raise KeyError(stage)
+
+
+def _check_stage(stage: str, node, path: Path, line) -> dict:
+    if node is None:
+        return {}
+    if not isinstance(node, Node):
+        raise UsageError(f"{path}:{line}: stages.{stage}: expected a mapping of options, "
+                         f"got {type(node).__name__}")
+    allowed = stage_options(stage)
+    for key, value in node.items():
+        where = f"{path}:{node.line(key)}: stages.{stage}.{key}"
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise UsageError(f"{where}: expected true/false")
+            continue
+        if key not in allowed:
+            raise UsageError(f"{where}: unknown option; allowed: {', '.join(sorted(allowed))}")
+        if not _type_ok(value, allowed[key]):
+            raise UsageError(f"{where}: expected {_type_name(allowed[key])}, got {value!r}")
+    return dict(node)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    from slmkit.tasks import Task, get_task
+
+    path = Path(path)
+    doc = read_yaml(path)
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise UsageError(f"{path}:{doc.line(key)}: unknown key `{key}`; allowed: "
+                             f"{', '.join(sorted(TOP_KEYS))}")
+    for key in ("teacher", "task", "stages"):
+        if key not in doc:
+            raise UsageError(f"{path}: missing key `{key}`")
+
+    def text(key, default=None):
+        value = doc.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{path}:{doc.line(key)}: `{key}` must be text, got {value!r}")
+        return value
+
+    name = text("name", path.stem)
+    teacher = text("teacher")
+    base = path.parent
+    if teacher != "default" and not teacher.startswith("openai:") and not Path(teacher).is_absolute():
+        candidate = (base / teacher)
+        teacher = str(candidate) if candidate.exists() else teacher
+
+    task_node = doc["task"]
+    if isinstance(task_node, str):
+        try:
+            task = get_task(task_node)
+        except UsageError as e:
+            raise UsageError(f"{path}:{doc.line('task')}: task: {e}") from None
+    elif isinstance(task_node, Node):
+        allowed = {"name", "template", "target", "metric", "references_field", "description"}
+        for key in task_node:
+            if key not in allowed:
+                raise UsageError(f"{path}:{task_node.line(key)}: task.{key}: unknown key; "
+                                 f"allowed: {', '.join(sorted(allowed))}")
+        for key in ("template", "target", "metric"):
+            if not isinstance(task_node.get(key), str):
+                raise UsageError(f"{path}:{doc.line('task')}: task.{key}: required text")
+        try:
+            task = Task(name=task_node.get("name", name), template=task_node["template"],
+                        target=task_node["target"], metric=task_node["metric"],
+                        references_field=task_node.get("references_field"),
+                        description=task_node.get("description", ""))
+        except UsageError as e:
+            raise UsageError(f"{path}:{doc.line('task')}: {e}") from None
+    else:
+        raise UsageError(f"{path}:{doc.line('task')}: `task` must be a preset name or a mapping")
+
+    def data_path(key):
+        value = text(key)
+        if value is None or value == "preset":
+            return value
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            raise UsageError(f"{path}:{doc.line(key)}: {key}: file `{value}` does not exist "
+                             f"(relative paths are read from the recipe's folder)")
+        return str(p.resolve())
+
+    data = data_path("data") or "preset"
+    if data == "preset":
+        from slmkit.tasks import preset_data
+
+        try:
+            preset_data(task.name)
+        except UsageError as e:
+            raise UsageError(f"{path}:{doc.line('data') or doc.line('task')}: data: {e}") from None
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UsageError(f"{path}:{doc.line('seed')}: `seed` must be an integer")
+
+    stages_node = doc["stages"]
+    if not isinstance(stages_node, Node) or not stages_node:
+        raise UsageError(f"{path}:{doc.line('stages')}: `stages` must map stage names to options")
+    stages = {}
+    for stage in stages_node:
+        if stage not in STAGES:
+            raise UsageError(f"{path}:{stages_node.line(stage)}: unknown stage `{stage}`; "
+                             f"stages: {', '.join(STAGES)}")
+    for stage in STAGES:  # always in pipeline order, whatever the file's order
+        if stage in stages_node:
+            opts = _check_stage(stage, stages_node[stage], path, stages_node.line(stage))
+            if opts.pop("enabled", True):
+                stages[stage] = opts
+    return Recipe(path=path, name=name, teacher=teacher, task=task, data=data,
+                  eval_data=data_path("eval_data"), seed=seed, device=text("device"),
+                  stages=stages, raw=_plain(doc))
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,135 @@
+"""`slm build`: recipe validation, a tiny end-to-end build, skip-on-rerun and resume."""
+
+import json
+import textwrap
+
+import pytest
+
+from slmkit import pipeline
+from slmkit.recipe import load_recipe
+from slmkit.errors import UsageError
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+@pytest.fixture
+def task_data(tmp_path):
+    """A few summarize-style lines, train and eval."""
+    rows = []
+    for i in range(12):
+        rows.append({"id": f"d{i}", "split": "eval" if i % 4 == 0 else "train",
+                     "dialogue": f"Anna: can you send the report {i}?\nBen: yes, before the meeting.",
+                     "summary": f"Ben will send report {i} to Anna before the meeting."})
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_recipe(tmp_path, teacher, data, extra=""):
+    return write(tmp_path / "tiny.yaml", f"""
+        name: tiny
+        teacher: {teacher}
+        task: summarize
+        data: {data}
+        stages:
+          tune_teacher: {{max_steps: 2, batch_size: 4}}
+          prune: {{shape: {{layers: 2}}, method: depth, num_samples: 8, seq_len: 32}}
+          distill: {{max_steps: 3, batch_size: 4}}
+          eval: {{limit: 3, max_new_tokens: 8}}
+        {extra}""")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("teacher: default\ntask: summarize\nstages: {prune: {target: 0.5}}\ncolour: blue\n",
+     ":4: unknown key `colour`"),
+    ("teacher: default\ntask: summarize\nstages:\n  prune:\n    target: 0.5\n    speed: 3\n",
+     ":6: stages.prune.speed: unknown option"),
+    ("teacher: default\ntask: summarize\nstages:\n  distill:\n    lr: fast\n",
+     ":5: stages.distill.lr: expected a number"),
+    ("teacher: default\ntask: summarize\ndata: nowhere.jsonl\nstages: {prune: {}}\n",
+     ":3: data: file `nowhere.jsonl` does not exist"),
+    ("teacher: default\ntask: poetry\nstages: {prune: {}}\n", ":2: task: unknown task `poetry`"),
+    ("teacher: default\ntask: summarize\nstages: {polish: {}}\n", ":3: unknown stage `polish`"),
+    ("teacher: default\nstages: {prune: {}}\n", "missing key `task`"),
+    ("teacher: [unclosed\n", "not valid YAML"),
+])
+def test_recipe_validation_names_line_and_key(tmp_path, body, message):
+    path = write(tmp_path / "bad.yaml", body)
+    with pytest.raises(UsageError) as e:
+        load_recipe(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_build_cli_bad_recipe_exits_2(cli, tmp_path):
+    path = write(tmp_path / "bad.yaml", "teacher: default\ntask: summarize\nstages: {polish: {}}\n")
+    code, _, err = cli("build", path)
+    assert code == 2 and "bad.yaml:3" in err and "Traceback" not in err
+
+
+def test_demo_recipe_is_valid():
+    recipe = load_recipe(pipeline.DEMO)
+    assert recipe.teacher == "default" and recipe.task.name == "summarize"
+    assert list(recipe.stages) == ["tune_teacher", "prune", "distill", "eval", "export"]
+
+
+@pytest.mark.slow
+def test_tiny_build_end_to_end_then_skip_then_resume(tmp_path, tiny_llama, task_data, monkeypatch):
+    recipe_path = tiny_recipe(tmp_path, tiny_llama, task_data)
+    runs = tmp_path / "runs"
+    result = pipeline.build(load_recipe(recipe_path), runs=runs)
+    run_dir = runs / "tiny"
+    stages = result["stages"]
+    assert [s for s in stages if stages[s]["status"] == "done"] == [
+        "tune_teacher", "prune", "distill", "eval"]
+    assert (run_dir / "student" / "config.json").is_file()
+    assert json.loads((run_dir / "student" / "config.json").read_text())["num_hidden_layers"] == 2
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert len(metrics["models"]) == 3
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "manifest.json").is_file()
+
+    # rerun: nothing changed, every stage is skipped (a stage that ran would fail here)
+    def boom(ctx, opts):
+        raise AssertionError("stage ran although its inputs did not change")
+
+    for stage in pipeline.RUNNERS:
+        monkeypatch.setitem(pipeline.RUNNERS, stage, boom)
+    pipeline.build(load_recipe(recipe_path), runs=runs)
+    monkeypatch.undo()
+
+    # change distill's options: distill and eval rerun, the stages before are skipped
+    ran = []
+    for stage, fn in list(pipeline.RUNNERS.items()):
+        monkeypatch.setitem(pipeline.RUNNERS, stage,
+                            lambda ctx, opts, fn=fn, stage=stage: ran.append(stage) or fn(ctx, opts))
+    changed = write(recipe_path, recipe_path.read_text().replace("max_steps: 3", "max_steps: 4"))
+    pipeline.build(load_recipe(changed), runs=runs)
+    assert ran == ["distill", "eval"]
+
+
+@pytest.mark.slow
+def test_interrupted_stage_resumes(tmp_path, tiny_llama, task_data, monkeypatch):
+    recipe_path = tiny_recipe(tmp_path, tiny_llama, task_data)
+    runs = tmp_path / "runs"
+    real_distill = pipeline.RUNNERS["distill"]
+
+    def killed(ctx, opts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.RUNNERS, "distill", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.build(load_recipe(recipe_path), runs=runs)
+    manifest = json.loads((runs / "tiny" / "manifest.json").read_text())
+    assert manifest["stages"]["distill"]["status"] == "interrupted"
+    assert manifest["stages"]["prune"]["status"] == "done"
+
+    ran = []
+    for stage, fn in list(pipeline.RUNNERS.items()):
+        fn = real_distill if stage == "distill" else fn
+        monkeypatch.setitem(pipeline.RUNNERS, stage,
+                            lambda ctx, opts, fn=fn, stage=stage: ran.append(stage) or fn(ctx, opts))
+    result = pipeline.build(load_recipe(recipe_path), runs=runs)
+    assert ran == ["distill", "eval"]
+    assert result["stages"]["distill"]["status"] == "done"
