@@ -1,0 +1,167 @@
+"""Task quality metrics: pure functions of predictions and references, scores in [0, 1].
+
+    rouge(["the cat sat"], [["a cat sat"]])           # {"rouge1": .., "rouge2": .., "rougeL": ..}
+    gleu(sources, hypotheses, references)              # JFLEG's corpus GLEU, several references
+    exact_match("The Eiffel Tower!", ["eiffel tower"]) # 1.0 (SQuAD normalisation)
+    token_f1("in Paris", ["Paris, France"])            # 0.5
+    agreement(student_predictions, teacher_predictions)  # mean ROUGE-L F of student vs teacher
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import string
+from collections import Counter
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+# --------------------------------------------------------------------------- ROUGE
+
+def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (Porter stemming, as rouge_score's `use_stemmer=True`).
+    With several references an example takes its best one (rouge_score's `score_multi`)."""
+    from rouge_score import rouge_scorer
+
+    _check_lengths(predictions, references)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    sums = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for pred, refs in zip(predictions, references):
+        scores = scorer.score_multi(refs, pred) if len(refs) > 1 else scorer.score(refs[0], pred)
+        for k in ROUGE_TYPES:
+            sums[k] += scores[k].fmeasure
+    return {k: v / len(predictions) for k, v in sums.items()}
+
+
+def agreement(predictions: list[str], teacher_predictions: list[str]) -> float:
+    """How closely a student says what the teacher said: mean ROUGE-L F of each student output
+    against the teacher's output for the same input (1.0 = identical wording)."""
+    return rouge(predictions, [[t] for t in teacher_predictions])["rougeL"]
+
+
+# --------------------------------------------------------------------------- GLEU (JFLEG)
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) + 1 - n))
+
+
+def gleu_stats(source: list[str], hypothesis: list[str], reference: list[str], order: int = 4) -> list[int]:
+    """Sufficient statistics of one hypothesis against one reference, as JFLEG's gleu.py:
+    [hyp_len, ref_len, match_1, total_1, ..., match_order, total_order], where
+    match_n = max(0, |H∩R| - |H∩(S\\R)|) (n-grams the source has and the reference lacks count
+    against the hypothesis), total_n = max(0, hyp_len + 1 - n)."""
+    stats = [len(hypothesis), len(reference)]
+    for n in range(1, order + 1):
+        h, s, r = _ngrams(hypothesis, n), _ngrams(source, n), _ngrams(reference, n)
+        # S\R drops every n-gram *type* the reference has, whatever its count (as gleu.py does)
+        s_not_r = Counter({g: c for g, c in s.items() if g not in r})
+        matches = sum((h & r).values()) - sum((h & s_not_r).values())
+        stats += [max(matches, 0), max(len(hypothesis) + 1 - n, 0)]
+    return stats
+
+
+def gleu_from_stats(stats: list[int], order: int = 4) -> float:
+    """GLEU from summed statistics: brevity penalty x geometric mean of n-gram precisions;
+    0 when any statistic is 0 (corpus level, no smoothing)."""
+    if any(s == 0 for s in stats):
+        return 0.0
+    c, r = stats[0], stats[1]
+    log_prec = sum(math.log(m / t) for m, t in zip(stats[2::2], stats[3::2])) / order
+    return math.exp(min(0.0, 1.0 - r / c) + log_prec)
+
+
+def gleu(sources: list[str], hypotheses: list[str], references: list[list[str]],
+         iterations: int = 500, order: int = 4) -> float:
+    """Corpus GLEU (Napoles et al. 2015, the 2016 multi-reference update), exactly as JFLEG's
+    eval/gleu.py reports it: in each of `iterations` rounds every sentence is scored against one
+    of its references drawn at random (round j seeds Python's `random` with j*101), statistics
+    are summed over the corpus, and the GLEU of the sums is averaged over the rounds.
+    Texts are split on whitespace, so give them tokenised alike (JFLEG is pre-tokenised).
+    Every sentence needs the same number of references, as the corpus files have."""
+    _check_lengths(hypotheses, references)
+    if len(sources) != len(hypotheses):
+        raise ValueError(f"{len(sources)} sources for {len(hypotheses)} hypotheses")
+    num_refs = len(references[0])
+    if num_refs == 0 or any(len(r) != num_refs for r in references):
+        raise ValueError("every sentence needs the same (non-zero) number of references")
+    src = [s.split() for s in sources]
+    hyp = [h.split() for h in hypotheses]
+    refs = [[r.split() for r in rs] for rs in references]
+    # one reference index per sentence per round, drawn as gleu.py draws them
+    indices = []
+    for j in range(iterations):
+        random.seed(j * 101)
+        indices.append([random.randint(0, num_refs - 1) for _ in hyp])
+    random.seed()  # do not leave the global generator in a fixed state
+    # statistics of every (sentence, reference) pair, computed once
+    per_ref = [[gleu_stats(s, h, r, order) for r in rs] for s, h, rs in zip(src, hyp, refs)]
+    scores = []
+    for round_ in indices:
+        totals = [0] * (2 * order + 2)
+        for i, ref in enumerate(round_):
+            totals = [a + b for a, b in zip(totals, per_ref[i][ref])]
+        scores.append(gleu_from_stats(totals, order))
+    return sum(scores) / len(scores)
+
+
+# --------------------------------------------------------------------------- short answers (SQuAD)
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference."""
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def token_f1(prediction: str, references: list[str]) -> float:
+    """SQuAD token F1: overlap of normalised tokens (a bag), best over the references."""
+    best = 0.0
+    pred = normalize_answer(prediction).split()
+    for ref in references:
+        gold = normalize_answer(ref).split()
+        if not pred or not gold:  # both empty counts as a match, one empty as a miss
+            best = max(best, float(pred == gold))
+            continue
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def short_answer(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Mean exact match and token F1 over a set."""
+    _check_lengths(predictions, references)
+    n = len(predictions)
+    return {"exact": sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
+            "f1": sum(token_f1(p, r) for p, r in zip(predictions, references)) / n}
+
+
+# --------------------------------------------------------------------------- multiple choice
+
+def choice_accuracy(logliks: list[list[float]], choices: list[list[str]], gold: list[int]) -> dict[str, float]:
+    """lm-evaluation-harness's multiple-choice metrics from summed continuation log-likelihoods:
+    `acc` picks the most likely choice, `acc_norm` the most likely per character of the choice."""
+    acc = acc_norm = 0
+    for ll, ch, g in zip(logliks, choices, gold):
+        acc += max(range(len(ll)), key=lambda i: ll[i]) == g
+        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / max(len(ch[i]), 1)) == g
+    n = len(gold)
+    return {"acc": acc / n, "acc_norm": acc_norm / n}
+
+
+def _check_lengths(predictions, references) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    if any(not refs for refs in references):
+        raise ValueError("every prediction needs at least one reference")

@@ -1,0 +1,109 @@
+"""Each metric against values computed by hand (the arithmetic is in the comments)."""
+
+import math
+import random
+
+import pytest
+
+from slmkit import metrics
+
+# A JFLEG-style sentence: the source has two errors, the hypothesis fixes one of them.
+SRC = "yesterday i has a apple and a pear for lunch"
+REF = "yesterday i had an apple and a pear for lunch"
+HYP = "yesterday i had a apple and a pear for lunch"
+
+
+def test_rouge_hand_computed():
+    # unigrams: 5 of 6 shared each way -> 5/6; bigrams: the cat, on the, the mat of 5 -> 3/5;
+    # longest common subsequence "the cat on the mat" = 5 of 6 -> 5/6
+    r = metrics.rouge(["the cat sat on the mat"], [["the cat is on the mat"]])
+    assert r["rouge1"] == pytest.approx(5 / 6)
+    assert r["rouge2"] == pytest.approx(3 / 5)
+    assert r["rougeL"] == pytest.approx(5 / 6)
+
+
+def test_rouge_stems_and_averages_and_takes_best_reference():
+    # Porter stemming: cats -> cat, running/runs -> run, so the unigrams match fully
+    assert metrics.rouge(["cats running"], [["cat runs"]])["rouge1"] == pytest.approx(1.0)
+    r = metrics.rouge(["a b", "x y"], [["a b"], ["p q"]])  # 1 and 0 -> mean 0.5
+    assert r["rougeL"] == pytest.approx(0.5)
+    assert metrics.rouge(["a b"], [["p q", "a b"]])["rouge1"] == pytest.approx(1.0)
+
+
+def test_agreement_is_rouge_l_against_teacher():
+    assert metrics.agreement(["the cat sat on the mat", "x"],
+                             ["the cat is on the mat", "x"]) == pytest.approx((5 / 6 + 1) / 2)
+
+
+def test_gleu_stats_hand_computed():
+    # n=1: H∩R = 9 (one of the two "a"), S\R = {has}, not in H -> 9 of 10
+    # n=2: H∩R = 7, S\R = {i has, has a, a apple}; H has "a apple" -> 7-1 = 6 of 9
+    # n=3: H∩R = 5 (y i had, apple and a, and a pear, a pear for, pear for lunch),
+    #      H has "a apple and" from S\R -> 4 of 8
+    # n=4: H∩R = 3, H has "a apple and a" from S\R -> 2 of 7
+    stats = metrics.gleu_stats(SRC.split(), HYP.split(), REF.split())
+    assert stats == [10, 10, 9, 10, 6, 9, 4, 8, 2, 7]
+    expected = (0.9 * 6 / 9 * 4 / 8 * 2 / 7) ** 0.25  # no brevity penalty: c == r
+    assert metrics.gleu_from_stats(stats) == pytest.approx(expected)
+    assert expected == pytest.approx(0.541083, abs=1e-6)
+
+
+def test_gleu_brevity_penalty_and_zero():
+    # c=5, r=10 -> exp(1 - 10/5) = exp(-1); all precisions 1
+    assert metrics.gleu_from_stats([5, 10, 5, 5, 4, 4, 3, 3, 2, 2]) == pytest.approx(math.exp(-1))
+    assert metrics.gleu_from_stats([5, 5, 5, 5, 4, 4, 3, 3, 0, 2]) == 0.0
+
+
+def test_gleu_corpus():
+    # identical references: every random draw gives the same statistics
+    assert metrics.gleu([SRC], [HYP], [[REF, REF, REF, REF]]) == pytest.approx(0.541083, abs=1e-6)
+    # copying the source is worse than fixing one error; the full correction scores 1
+    copied = metrics.gleu([SRC], [SRC], [[REF] * 4])
+    assert copied < 0.541083
+    assert metrics.gleu([SRC], [REF], [[REF] * 2]) == pytest.approx(1.0)
+    # corpus level: statistics are summed before the GLEU, not averaged per sentence
+    both = metrics.gleu([SRC, SRC], [HYP, REF], [[REF], [REF]])
+    summed = [a + b for a, b in zip(metrics.gleu_stats(SRC.split(), HYP.split(), REF.split()),
+                                    metrics.gleu_stats(SRC.split(), REF.split(), REF.split()))]
+    assert both == pytest.approx(metrics.gleu_from_stats(summed))
+    assert both != pytest.approx((0.541083 + 1) / 2, abs=1e-3)
+
+
+def test_gleu_draws_references_like_jfleg_and_leaves_random_unseeded():
+    # two references: HYP scores 1 against itself and 0.541 against REF; round j uses
+    # random.seed(j*101) then randint(0, 1) for the sentence
+    state = random.getstate()
+    picks = []
+    for j in range(20):
+        random.seed(j * 101)
+        picks.append(random.randint(0, 1))
+    random.setstate(state)
+    expected = sum(1.0 if p == 0 else 0.541083 for p in picks) / 20
+    assert metrics.gleu([SRC], [HYP], [[HYP, REF]], iterations=20) == pytest.approx(expected, abs=1e-6)
+    assert 0 < picks.count(0) < 20  # the draw really mixes both references
+
+
+def test_squad_exact_match_and_f1():
+    assert metrics.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert metrics.exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
+    assert metrics.exact_match("Eiffel", ["eiffel tower"]) == 0.0
+    assert metrics.token_f1("in Paris", ["Paris, France"]) == pytest.approx(0.5)  # p=r=1/2
+    assert metrics.token_f1("w b c d", ["b c"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # p=2/4, r=1
+    assert metrics.token_f1("a b c d", ["b c"]) == pytest.approx(0.8)  # "a" is an article: p=2/3
+    assert metrics.token_f1("x", ["y", "x"]) == 1.0  # best reference
+    s = metrics.short_answer(["Paris", "Rome"], [["paris"], ["Milan"]])
+    assert s == {"exact": 0.5, "f1": 0.5}
+
+
+def test_choice_accuracy_acc_vs_acc_norm():
+    # item 1: ll -4 vs -6 -> acc picks 0; per character -4/2=-2 vs -6/6=-1 -> acc_norm picks 1
+    # item 2: both pick 0
+    out = metrics.choice_accuracy([[-4.0, -6.0], [-1.0, -3.0]], [["ab", "abcdef"], ["x", "y"]], [1, 0])
+    assert out == {"acc": 0.5, "acc_norm": 1.0}
+
+
+def test_bad_lengths():
+    with pytest.raises(ValueError):
+        metrics.rouge(["a"], [])
+    with pytest.raises(ValueError):
+        metrics.gleu(["a b"], ["a b"], [["a b"], ["c"]])
