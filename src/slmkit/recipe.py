@@ -29,7 +29,7 @@ from pathlib import Path
 from slmkit.errors import UsageError
 
 STAGES = ("generate", "tune_teacher", "prune", "distill", "eval", "export")
-TOP_KEYS = {"name", "teacher", "task", "data", "eval_data", "seed", "device", "stages", "description"}
+TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "seed", "device", "stages", "description"}
 
 
 class Node(dict):
@@ -51,6 +51,8 @@ class Recipe:
     eval_data: str | None
     seed: int
     device: str | None
+    student: str | None = None
+    """Initial student when there is no prune stage (e.g. with an API teacher)."""
     stages: dict = field(default_factory=dict)
     """stage name -> options dict (validated)."""
     raw: dict = field(default_factory=dict)
@@ -189,11 +191,16 @@ def load_recipe(path: str | Path) -> Recipe:
         return value
 
     name = text("name", path.stem)
-    teacher = text("teacher")
     base = path.parent
-    if teacher != "default" and not teacher.startswith("openai:") and not Path(teacher).is_absolute():
-        candidate = (base / teacher)
-        teacher = str(candidate) if candidate.exists() else teacher
+
+    def model_spec(key):
+        spec = text(key)
+        if spec is None or spec == "default" or spec.startswith("openai:") or Path(spec).is_absolute():
+            return spec
+        candidate = base / spec  # relative model paths are read from the recipe's folder
+        return str(candidate.resolve()) if candidate.exists() else spec
+
+    teacher = model_spec("teacher")
 
     task_node = doc["task"]
     if isinstance(task_node, str):
@@ -256,8 +263,12 @@ def load_recipe(path: str | Path) -> Recipe:
             opts = _check_stage(stage, stages_node[stage], path, stages_node.line(stage))
             if opts.pop("enabled", True):
                 stages[stage] = opts
+    if teacher.startswith("openai:") and set(stages) - {"generate", "distill", "eval", "export"}:
+        raise UsageError(f"{path}:{doc.line('teacher')}: an API teacher (openai:...) has no weights "
+                         "to tune or prune; use only generate/distill/eval/export and set `student:`")
     return Recipe(path=path, name=name, teacher=teacher, task=task, data=data,
                   eval_data=data_path("eval_data"), seed=seed, device=text("device"),
+                  student=model_spec("student"),
                   stages=stages, raw=_plain(doc))
 
 
