@@ -1,0 +1,152 @@
+"""Distillation losses: pure functions, shapes in the docstrings, all values in nats.
+
+Notation: p is the teacher's next-token distribution, q the student's, both at temperature tau
+(logits divided by tau). N is a number of token positions, V the vocabulary, k the top-k size.
+
+- forward KL   KL(p || q) = sum_v p (log p - log q)     mode-covering; Minitron's best, tau = 1
+- reverse KL   KL(q || p) = sum_v q (log q - log p)     mode-seeking (MiniLLM)
+- JSD(beta)    beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (GKD,
+               arXiv 2306.13649, same convention as TRL). beta = 0 is defined as forward KL and
+               beta = 1 as reverse KL exactly (the mixture formula itself degenerates to 0 at both
+               ends: near beta = 0 it behaves like beta * forward KL, near 1 like (1-beta) * reverse).
+
+Divergences at temperature tau are multiplied by tau**2 (Hinton et al.), so gradient sizes do
+not depend on tau. The training loss is `(1 - alpha_ce) * KD + alpha_ce * CE`, each a mean over
+answer tokens; alpha_ce = 1 needs no teacher at all.
+
+Memory: for a (tokens x 49152) vocabulary, each float32 copy of the logits is ~200 KB per token.
+`loss_sums` therefore visits the masked positions `chunk` at a time and wraps each chunk in
+activation checkpointing, so the float32 log-softmax copies of only one chunk are alive at once
+(recomputed in backward) instead of all of them.
+
+Sparse (offline) teacher: only the teacher's top-k log-probs per position are stored. We use the
+*tail bucket* method: both distributions are coarsened to k + 1 outcomes, the k teacher tokens
+plus one bucket "everything else", whose teacher mass is 1 - sum(top-k probs) and whose student
+mass is 1 - sum(student probs of those k ids). The divergence between the coarsened
+distributions is exact, never exceeds the full divergence (data-processing inequality) and equals
+it when the teacher's tail is empty; unlike renormalising over the top-k it still pushes the
+student's mass out of tokens the teacher finds unlikely. Both tail masses are floored at 1e-8.
+Cached log-probs are at tau = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+TAIL_FLOOR = 1e-8  # smallest tail-bucket mass (see tail_buckets)
+
+
+def _kl(logp, logq):
+    """KL(P || Q) per row from log-probs (N, C) -> (N,); rows where P = 0 contribute 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str = "forward_kl",
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs `logp` (N, C) and student log-probs
+    `logq` (N, C) -> (N,) in nats. `kind` is forward_kl, reverse_kl or jsd (with `beta`)."""
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return _kl(logp, logq)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return _kl(logq, logp)
+    if kind == "jsd":
+        # log m computed in log space: m = beta p + (1 - beta) q
+        logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1 - beta)]), 0)
+        return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+    raise ValueError(f"unknown divergence `{kind}`; choose one of {', '.join(KINDS)}")
+
+
+def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
+             beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token KD loss from full logits: student (N, V), teacher (N, V) -> (N,), scaled by tau**2."""
+    t = temperature
+    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return divergence(logp, logq, kind, beta) * t * t
+
+
+def tail_buckets(logprobs: torch.Tensor, ids: torch.Tensor, full_logq: torch.Tensor):
+    """Coarsen to k + 1 outcomes (the tail bucket method above).
+    logprobs: teacher top-k log-probs (N, k); ids: their token ids (N, k) long;
+    full_logq: student log-probs (N, V). Returns (logp, logq), each (N, k + 1), last column the tail."""
+    logp = logprobs.float()
+    logq = full_logq.gather(-1, ids)
+    # tail mass = 1 - sum(top-k), floored at TAIL_FLOOR: float16 storage can push the teacher's
+    # sum past 1, and an empty bucket would make reverse KL / JSD infinite
+    p_tail = (1 - logp.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
+    q_tail = (1 - logq.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
+    return torch.cat([logp, p_tail.log()], -1), torch.cat([logq, q_tail.log()], -1)
+
+
+def sparse_kd(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor,
+              kind: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    """Per-token KD loss from a sparse teacher: student (N, V), teacher top-k log-probs (N, k) at
+    tau = 1 and their ids (N, k) -> (N,), the divergence of the k + 1 bucket distributions."""
+    logq = F.log_softmax(student_logits.float(), dim=-1)
+    logp, logq_b = tail_buckets(topk_logprobs, topk_ids.long(), logq)
+    return divergence(logp, logq_b, kind, beta)
+
+
+def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy: logits (N, V), labels (N,) long -> (N,) in nats."""
+    return F.cross_entropy(student_logits.float(), labels, reduction="none")
+
+
+def _chunk_sums(s, labels, teacher, topk_lp, topk_ids, kind, beta, temperature, need_kd):
+    """Sum of KD and CE over one chunk of positions; s (n, V). Returns a (2,) tensor."""
+    ce = token_ce(s, labels).sum()
+    if not need_kd:
+        return torch.stack([torch.zeros_like(ce), ce])
+    if teacher is not None:
+        kd = dense_kd(s, teacher, kind, beta, temperature).sum()
+    else:
+        kd = sparse_kd(s, topk_lp, topk_ids, kind, beta).sum()
+    return torch.stack([kd, ce])
+
+
+def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+              teacher_logits: torch.Tensor | None = None,
+              teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+              kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+              chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed KD and CE over the masked positions, visited `chunk` positions at a time.
+
+    student_logits: (B, T, V), already aligned so position t predicts labels[:, t]
+    labels: (B, T) long; mask: (B, T) bool/0-1, 1 where the token counts (answer, not padding)
+    teacher_logits: (B, T, V) aligned like the student's, or
+    teacher_topk: (logprobs (M, k), ids (M, k)) for the M = mask.sum() masked positions in
+                  row-major order (the order `mask.nonzero()` gives)
+    Returns (kd_sum, ce_sum, n_tokens); divide by the token count for means. Without a teacher
+    kd_sum is 0.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    need_kd = teacher_logits is not None or teacher_topk is not None
+    total = student_logits.new_zeros(2, dtype=torch.float32)
+    for i in range(0, rows.numel(), chunk):
+        r, c = rows[i:i + chunk], cols[i:i + chunk]
+        args = (student_logits[r, c], labels[r, c],
+                teacher_logits[r, c] if teacher_logits is not None else None,
+                teacher_topk[0][i:i + chunk] if teacher_topk is not None else None,
+                teacher_topk[1][i:i + chunk] if teacher_topk is not None else None,
+                kind, beta, temperature, need_kd)
+        if student_logits.requires_grad:
+            total = total + checkpoint(_chunk_sums, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_sums(*args)
+    return total[0], total[1], int(rows.numel())
+
+
+def mix(kd_mean: torch.Tensor, ce_mean: torch.Tensor, alpha_ce: float) -> torch.Tensor:
+    """The training loss: (1 - alpha_ce) * KD + alpha_ce * CE (both means over answer tokens)."""
+    if alpha_ce >= 1:
+        return ce_mean
+    if alpha_ce <= 0:
+        return kd_mean
+    return (1 - alpha_ce) * kd_mean + alpha_ce * ce_mean

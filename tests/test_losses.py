@@ -1,0 +1,139 @@
+"""Each loss against a slow reference (torch.distributions or explicit loops) on random tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Categorical, kl_divergence
+
+from slmkit import losses
+
+N, V, K = 7, 50, 5
+
+
+def _logits(seed, n=N, v=V, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+
+
+def test_forward_and_reverse_kl_match_torch_distributions():
+    s, t = _logits(0), _logits(1)
+    ref_fwd = kl_divergence(Categorical(logits=t), Categorical(logits=s))
+    ref_rev = kl_divergence(Categorical(logits=s), Categorical(logits=t))
+    torch.testing.assert_close(losses.dense_kd(s, t, "forward_kl").double(), ref_fwd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.dense_kd(s, t, "reverse_kl").double(), ref_rev, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ref_fwd, ref_rev)  # the two directions really differ here
+
+
+def test_temperature_scales_logits_and_multiplies_by_tau_squared():
+    s, t = _logits(2), _logits(3)
+    tau = 2.5
+    ref = kl_divergence(Categorical(logits=t / tau), Categorical(logits=s / tau)) * tau ** 2
+    torch.testing.assert_close(losses.dense_kd(s, t, "forward_kl", temperature=tau).double(), ref,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_matches_explicit_formula(beta):
+    s, t = _logits(4), _logits(5)
+    got = losses.dense_kd(s, t, "jsd", beta=beta).double()
+    for i in range(N):  # explicit loops over positions and vocabulary, float64
+        p, q = t[i].softmax(-1), s[i].softmax(-1)
+        m = beta * p + (1 - beta) * q
+        ref = sum(float(beta * p[v] * math.log(p[v] / m[v]) + (1 - beta) * q[v] * math.log(q[v] / m[v]))
+                  for v in range(V))
+        assert got[i].item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
+def test_jsd_endpoints_are_the_two_kls():
+    s, t = _logits(6), _logits(7)
+    torch.testing.assert_close(losses.dense_kd(s, t, "jsd", beta=0.0), losses.dense_kd(s, t, "forward_kl"))
+    torch.testing.assert_close(losses.dense_kd(s, t, "jsd", beta=1.0), losses.dense_kd(s, t, "reverse_kl"))
+    # interior JSD is bounded by log 2 (mixture divergences) while the KLs here are larger
+    mid = losses.dense_kd(s, t, "jsd", beta=0.5)
+    assert (mid <= math.log(2) + 1e-6).all() and (losses.dense_kd(s, t) > mid).all()
+
+
+def test_sparse_tail_bucket_matches_explicit_coarsening():
+    s, t = _logits(8), _logits(9)
+    logp_full = t.log_softmax(-1)
+    top_lp, top_ids = logp_full.topk(K, dim=-1)
+    got = losses.sparse_kd(s, top_lp.half(), top_ids.int(), "forward_kl").double()
+    q_full = s.softmax(-1)
+    for i in range(N):
+        ids = top_ids[i].tolist()
+        p = [logp_full[i, v].exp().item() for v in ids]
+        q = [q_full[i, v].item() for v in ids]
+        p.append(1 - sum(p))
+        q.append(1 - sum(q))
+        ref = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        # float16 storage of the teacher's log-probs costs ~1e-3 relative
+        assert got[i].item() == pytest.approx(ref, rel=5e-3, abs=1e-4)
+        # coarsening never increases the divergence
+        assert got[i].item() <= losses.dense_kd(s[i:i + 1], t[i:i + 1]).item() + 1e-3
+
+
+def test_sparse_equals_dense_when_teacher_has_no_tail():
+    s = _logits(10)
+    t = torch.full((N, V), -1e4, dtype=torch.float64)
+    t[:, :K] = _logits(11, v=K)  # teacher mass entirely on K tokens
+    top_lp, top_ids = t.log_softmax(-1).topk(K, dim=-1)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        dense = losses.dense_kd(s, t, kind)
+        sparse = losses.sparse_kd(s, top_lp, top_ids, kind)
+        if kind == "forward_kl":  # exact when the tail is empty
+            torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+        else:  # the teacher's empty tail is floored at 1e-8, so these stay finite
+            assert torch.isfinite(sparse).all()
+
+
+def test_ce_matches_negative_log_prob():
+    s = _logits(12)
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(0))
+    ref = torch.stack([-s[i].log_softmax(-1)[labels[i]] for i in range(N)])
+    torch.testing.assert_close(losses.token_ce(s, labels).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_sums_masks_and_chunks_and_gradients_match_unchunked():
+    B, T = 3, 6
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(B, T, V, generator=g, requires_grad=True)
+    t = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 3:] = True
+    mask[2, 1:5] = True  # row 1: all padding / prompt
+    kd, ce, n = losses.loss_sums(s, labels, mask, teacher_logits=t, chunk=2)
+    assert n == 7
+    ref_kd = sum(kl_divergence(Categorical(logits=t[b, i]), Categorical(logits=s[b, i]))
+                 for b, i in mask.nonzero().tolist())
+    ref_ce = sum(-s[b, i].log_softmax(-1)[labels[b, i]] for b, i in mask.nonzero().tolist())
+    torch.testing.assert_close(kd, ref_kd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(kd + ce, s)
+    (ref_grad,) = torch.autograd.grad(ref_kd + ref_ce, s)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert grad[1].abs().sum() == 0  # masked rows get no gradient
+
+
+def test_loss_sums_sparse_uses_row_major_order():
+    B, T = 2, 4
+    s = torch.randn(B, T, V, dtype=torch.float64)
+    t = torch.randn(B, T, V, dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    labels = torch.zeros(B, T, dtype=torch.long)
+    pos = mask.nonzero().tolist()
+    lp = torch.stack([t[b, i].log_softmax(-1) for b, i in pos])
+    top_lp, top_ids = lp.topk(V, dim=-1)  # k = V: no tail, so sparse == dense
+    kd_sparse, _, _ = losses.loss_sums(s, labels, mask, teacher_topk=(top_lp, top_ids), chunk=3)
+    kd_dense, _, _ = losses.loss_sums(s, labels, mask, teacher_logits=t)
+    torch.testing.assert_close(kd_sparse, kd_dense, rtol=1e-5, atol=1e-6)
+
+
+def test_mix_weights():
+    kd, ce = torch.tensor(2.0), torch.tensor(4.0)
+    assert losses.mix(kd, ce, 0.0).item() == 2.0
+    assert losses.mix(kd, ce, 1.0).item() == 4.0
+    assert losses.mix(kd, ce, 0.25).item() == pytest.approx(2.5)
