@@ -1,0 +1,49 @@
+"""The hand-written grammar, reply and qa presets load through the task API and stay well formed."""
+
+import json
+
+import pytest
+
+from slmkit import data, tasks
+
+MINIMUM = {"grammar": 160, "reply": 120, "qa": 100}
+
+
+def _rows(name):
+    return [json.loads(line) for line in tasks.preset_data(name).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", sorted(MINIMUM))
+def test_preset_loads_with_answers_and_both_splits(name):
+    task = tasks.get_task(name)
+    path = tasks.preset_data(name)
+    train = data.load_examples(path, task, split="train", need_answer=True)
+    evals = data.load_examples(path, task, split="eval", need_answer=True)
+    assert len(train) + len(evals) >= MINIMUM[name]
+    # roughly a quarter held out for scoring
+    assert 0.15 < len(evals) / (len(train) + len(evals)) < 0.35
+
+
+@pytest.mark.parametrize("name", sorted(MINIMUM))
+def test_ids_unique_and_texts_distinct(name):
+    rows = _rows(name)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    task = tasks.get_task(name)
+    prompts = [task.prompt(r) for r in rows]
+    assert len(set(prompts)) == len(prompts)
+
+
+def test_grammar_mostly_needs_correction_but_not_always():
+    rows = _rows("grammar")
+    unchanged = sum(r["input"] == r["output"] for r in rows)
+    assert 0 < unchanged < 0.15 * len(rows)
+
+
+def test_qa_has_unanswerable_questions_and_no_passage_in_both_splits():
+    rows = _rows("qa")
+    unanswerable = [r for r in rows if r["answer"] == "The passage does not say."]
+    assert 0.1 < len(unanswerable) / len(rows) < 0.3
+    assert any(r["split"] == "eval" for r in unanswerable)
+    train = {r["passage"] for r in rows if r["split"] == "train"}
+    assert not train & {r["passage"] for r in rows if r["split"] == "eval"}
