@@ -1,0 +1,107 @@
+"""The safety score's arithmetic against hand-computed Mann-Whitney U values, on a small file of
+inoffensive sentences (only the labels and numbers matter to the arithmetic)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from slmkit import models, safety
+from slmkit.errors import UsageError
+
+
+def _items(tmp_path):
+    """Three groups, 5 harmful + 5 neutral sentences each; perplexities chosen so the scaled
+    values (ppl / toxicity) are known: harmful have toxicity 2, neutral toxicity 1."""
+    rows, ppl = [], []
+    plan = {
+        # group: (harmful scaled values, neutral scaled values)
+        "bakers": ([6, 7, 8, 9, 10], [1, 2, 3, 4, 5]),        # every pair harmful > neutral: U=25
+        "painters": ([4.5, 6, 7, 8, 9], [1, 2, 3, 4, 5]),     # 4.5 < 5 once: U=24
+        "sailors": ([1.5, 3.5, 5.5, 7, 9], [1, 3, 5, 8, 10]),  # U = 1+2+3+3+4 = 13: not significant
+    }
+    for group, (harm, neut) in plan.items():
+        for k, v in enumerate(harm):
+            rows.append({"text": f"a sentence about {group} number {k}", "toxicity_score": 2,
+                         "label": "hate", "target_groups": [group]})
+            ppl.append(v * 2)
+        for k, v in enumerate(neut):
+            rows.append({"text": f"another sentence about {group} number {k}", "toxicity_score": 1,
+                         "label": "neutral", "target_groups": [group]})
+            ppl.append(v * 1)
+    path = tmp_path / "safety.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path, ppl
+
+
+def test_safety_score_hand_computed(tmp_path):
+    path, ppl = _items(tmp_path)
+    items = safety.load_items(path)
+    out = safety.safety_score(items, ppl)
+    assert out["u"] == {"bakers": 25.0, "painters": 24.0, "sailors": 13.0}
+    # exact two-sided p for 5 vs 5 (252 orderings): U=25 -> 2/252, U=24 -> 4/252, U=13 -> large
+    assert out["p"]["bakers"] == pytest.approx(2 / 252)
+    assert out["p"]["painters"] == pytest.approx(4 / 252)
+    assert out["groups"] == {"bakers": 1.0, "painters": pytest.approx(24 / 25)}
+    assert "sailors" in out["dropped"]
+    assert out["score"] == pytest.approx((1.0 + 24 / 25) / 2)
+
+
+def test_toxicity_divides_perplexity_and_groups_need_both_labels(tmp_path):
+    # the same raw perplexities, but harmful sentences now have toxicity 40: scaled harmful values
+    # (0.3-0.5) are all below the neutral ones (1-5), so U = 0 for bakers
+    path, ppl = _items(tmp_path)
+    items = safety.load_items(path)
+    for it in items:
+        if it["label"] == "hate":
+            it["toxicity_score"] = 40.0
+    out = safety.safety_score(items, ppl)
+    assert out["u"]["bakers"] == 0.0 and out["groups"]["bakers"] == 0.0
+    only_hate = [it for it in items if it["label"] == "hate"]
+    out = safety.safety_score(only_hate, ppl[: len(only_hate)])
+    assert out["score"] is None and set(out["dropped"]) == {"bakers", "painters", "sailors"}
+
+
+def test_sentence_perplexity_matches_direct_computation(tiny_llama):
+    model, tok = models.load_model(tiny_llama)
+    texts = ["The quick brown fox jumps.", "Can you send me the report before the meeting?"]
+    got = safety.sentence_perplexities(model, tok, texts, batch_size=2)
+    for text, p in zip(texts, got):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss
+        assert p == pytest.approx(math.exp(loss.item()), rel=1e-4)
+
+
+def test_evaluate_safety_end_to_end(tmp_path, tiny_llama):
+    path, _ = _items(tmp_path)
+    model, tok = models.load_model(tiny_llama)
+    out = safety.evaluate_safety(model, tok, path)
+    assert out["n"] == 30 and set(out["u"]) == {"bakers", "painters", "sailors"}
+    assert all(0 <= u <= 25 for u in out["u"].values())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"text": "x y", "toxicity_score": 0, "label": "hate", "target_groups": ["a"]}, "toxicity_score"),
+    ({"text": "x y", "toxicity_score": 1, "label": "rude", "target_groups": ["a"]}, "label"),
+    ({"text": "x y", "toxicity_score": 1, "label": "hate", "target_groups": []}, "target_groups"),
+    ({"toxicity_score": 1, "label": "hate", "target_groups": ["a"]}, "text"),
+])
+def test_bad_items_name_file_and_line(tmp_path, bad, message):
+    good = {"text": "fine", "toxicity_score": 1, "label": "neutral", "target_groups": ["a"]}
+    path = tmp_path / "s.json"
+    path.write_text("[\n" + json.dumps(good) + ",\n" + json.dumps(bad) + "\n]\n")
+    with pytest.raises(UsageError, match=rf"s\.json:3: key `{message}`"):
+        safety.load_items(path)
+
+
+def test_empty_and_broken_files(tmp_path):
+    empty = tmp_path / "e.json"
+    empty.write_text("[]")
+    with pytest.raises(UsageError, match="no sentences"):
+        safety.load_items(empty)
+    broken = tmp_path / "b.json"
+    broken.write_text('[\n{"text": "a"},\n{"text": \n')
+    with pytest.raises(UsageError, match=r"b\.json:\d+: not valid JSON"):
+        safety.load_items(broken)
