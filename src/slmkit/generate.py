@@ -1,0 +1,717 @@
+"""The teacher writes task data: N sampled candidates per input, checked by the task's validators,
+scored (reference metric when the input has a reference, teacher-as-judge), the best kept when it
+clears --threshold, near-duplicates removed and the eval set kept out. One JSONL line per kept
+example, with its provenance, written as it goes; a rerun resumes where the last run stopped.
+
+    slm generate --teacher default --task summarize --out data/train.jsonl          # preset inputs
+    slm generate --teacher default --task summarize --inputs dialogues.jsonl --out data/s.jsonl \\
+        -n 4 --decontaminate eval.jsonl --topk-logprobs 20
+    slm generate --teacher openai:gpt-4o-mini@https://api.openai.com/v1 --task grammar \\
+        --topics topics.txt --out data/grammar.jsonl          # the teacher writes the inputs first
+
+Each output line is the input row with the task's target field set to the kept answer, plus
+`meta` = {teacher, sampling, score, scores, reasons, candidates}. Inputs that produced nothing go
+to OUT.rejected.jsonl with their reason, so a rerun skips them too.
+
+Filters and their thresholds (all stated in the summary printed at the end):
+  validators   non-empty; no template leakage; summarize: shorter than the dialogue and not a
+               copy of it (ROUGE-L precision against the dialogue < 0.9); grammar: close to the
+               source (character similarity >= 0.6)
+  --threshold  best candidate's score (mean of ROUGE-L F vs the reference and the judge score,
+               each in [0, 1]) must reach it
+  dedup        MinHash LSH (128 permutations, word 3-shingles of input + answer), estimated
+               Jaccard >= --dedup-threshold (0.8) against anything kept before is a duplicate
+  decontam     share of an input's (or answer's) word 8-grams found in the eval set
+               >= --decontam-threshold (0.2) is contaminated; inputs are checked before any
+               generation, answers after
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import string
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from slmkit.errors import UsageError
+from slmkit.tasks import Task, get_task, preset_data
+
+NGRAM = 8
+SHINGLE = 3
+NUM_PERM = 128
+COPY_PRECISION = 0.9
+CLOSE_RATIO = 0.6
+MISSING_LOGPROBS = ("continue", "stop")
+
+# rubric questions for the teacher-as-judge; {prompt} is the task's user message
+RUBRICS = {
+    "summarize": "Is this a correct, complete and concise summary of the conversation?",
+    "grammar": "Is this text a correct, fluent version of the original that keeps its meaning?",
+    "reply": "Is this a natural, friendly and relevant reply to the message?",
+    "qa": "Does this answer the question correctly using only the passage?",
+}
+DEFAULT_RUBRIC = "Is this a correct, helpful and well-written answer to the task?"
+
+# self-instruct: what the teacher is asked to write for each seed topic, per task
+INPUT_WRITERS = {
+    "summarize": ("Write a realistic conversation of 6 to 10 turns between two people about {topic}. "
+                  "Write each turn on its own line as `#Person1#: ...` or `#Person2#: ...`. "
+                  "Reply with the conversation only."),
+    "grammar": ("Write one or two sentences about {topic} with a few grammar, spelling or "
+                "punctuation mistakes of the kind a language learner makes. Reply with the text only."),
+    "reply": ("Write a short message (one to three sentences) that someone might send to a friend or "
+              "colleague about {topic}. Reply with the message only."),
+    "qa": ("Write a short factual passage of three to five sentences about {topic}. Then, on a new "
+           "line starting with `Question:`, ask one question that the passage answers."),
+}
+
+
+@dataclass
+class GenerateConfig:
+    teacher: str
+    """MODEL: HF folder, .gguf, `default`, or `openai:NAME@URL` (key from OPENAI_API_KEY / SLM_API_KEY)."""
+    task: str | Task
+    """Preset name (summarize, grammar, reply, qa) or a Task."""
+    inputs: str | None
+    """JSONL of task inputs; None = the preset's train inputs (or --topics)."""
+    out: str
+    """Output JSONL; appended to, so a rerun resumes."""
+    n: int = 4
+    """Candidates sampled per input (best-of-N); 1 = one greedy answer."""
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    """Inputs per backend call (hf: prompts per padded batch; openai: requests in flight)."""
+    judge: bool = True
+    """Score candidates with the teacher as judge (P(Yes) to a rubric question, or a 1-5 rating)."""
+    threshold: float = 0.2
+    """Drop an input whose best candidate scores below this (scores are in [0, 1])."""
+    dedup_threshold: float = 0.8
+    """Estimated Jaccard similarity (MinHash LSH) at which an example counts as a near-duplicate."""
+    decontaminate: str | None = None
+    """Eval JSONL to keep out of the data (lines with split=train are ignored)."""
+    decontam_threshold: float = 0.2
+    """Share of word 8-grams found in the eval set at which a text counts as contaminated."""
+    topk_logprobs: int = 0
+    """Capture the teacher's top-k log-probs per answer token in distill's offline format (0 = off)."""
+    on_missing_logprobs: str = "continue"
+    """When the teacher cannot return log-probs: `continue` without them, or `stop`."""
+    topics: str | None = None
+    """Seed topics (.txt, one a line): the teacher first writes inputs about each (self-instruct)."""
+    inputs_per_topic: int = 4
+    seed: int = 0
+    limit: int | None = None
+    """Use only the first LIMIT inputs (a rerun without it goes on from there)."""
+    concurrency: int = 8
+    """openai backend: requests in flight at once."""
+
+    def __post_init__(self):
+        for name, lo in (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("inputs_per_topic", 1),
+                         ("concurrency", 1)):
+            if int(getattr(self, name)) < lo:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least {lo}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        if not 0 <= self.topk_logprobs <= 20:
+            raise UsageError("--topk-logprobs must be between 0 (off) and 20 (what OpenAI-compatible "
+                             "servers return at most)")
+        for name in ("dedup_threshold", "decontam_threshold", "threshold", "top_p"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
+        if self.temperature < 0:
+            raise UsageError("--temperature must be >= 0")
+        if self.on_missing_logprobs not in MISSING_LOGPROBS:
+            raise UsageError(f"--on-missing-logprobs must be one of {', '.join(MISSING_LOGPROBS)}")
+        if self.inputs and self.topics:
+            raise UsageError("give --inputs or --topics, not both")
+
+
+# --------------------------------------------------------------------------- text helpers
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def input_text(task: Task, row: dict) -> str:
+    """The input fields of a row joined (what the teacher reads, without the template)."""
+    return "\n".join(row[f] for f in task.fields())
+
+
+def row_id(row: dict, task: Task) -> str:
+    """A stable id: the row's own `id` (or DialogSum's `fname`), else a hash of its input fields."""
+    for key in ("id", "fname"):
+        if isinstance(row.get(key), (str, int)) and str(row[key]):
+            return str(row[key])
+    return "h" + hashlib.sha1(input_text(task, row).encode()).hexdigest()[:12]
+
+
+_rouge = None
+
+
+def rouge_l(prediction: str, reference: str) -> tuple[float, float]:
+    """(precision, F1) of ROUGE-L, stemmed, as in the summarisation papers."""
+    global _rouge
+    if _rouge is None:
+        from rouge_score import rouge_scorer
+
+        _rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    s = _rouge.score(reference, prediction)["rougeL"]
+    return s.precision, s.fmeasure
+
+
+# --------------------------------------------------------------------------- validators
+
+def template_markers(task: Task) -> list[str]:
+    """Phrases from the template's fixed text that must not appear in an answer (leakage)."""
+    marks = []
+    for literal, _, _, _ in string.Formatter().parse(task.template):
+        first = literal.strip().split("\n")[0].strip()
+        if len(first) >= 12:
+            marks.append(" ".join(first.split()[:4]).lower())
+    return marks + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "</s>"]
+
+
+def validate(task: Task, row: dict, answer: str) -> str | None:
+    """The first reason this answer is unusable, or None when it passes every validator."""
+    text = answer.strip()
+    if not text:
+        return "empty"
+    low = text.lower()
+    if any(m.lower() in low for m in template_markers(task)):
+        return "template_leak"
+    source = input_text(task, row)
+    if task.name == "summarize":
+        if len(words(text)) >= len(words(source)):
+            return "not_shorter"
+        if len(words(text)) >= 5 and rouge_l(text, source)[0] >= COPY_PRECISION:
+            return "copy"
+    if task.name == "grammar":
+        if difflib.SequenceMatcher(None, source.lower(), low).ratio() < CLOSE_RATIO:
+            return "not_close"
+    return None
+
+
+# --------------------------------------------------------------------------- dedup and decontam
+
+class NearDup:
+    """MinHash LSH over word 3-shingles; `seen(key, text)` is True when a near-duplicate of text
+    (estimated Jaccard >= threshold) was added before, else it adds text and returns False."""
+
+    def __init__(self, threshold: float):
+        from datasketch import MinHashLSH
+
+        self.threshold = threshold
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+        self.mh: dict = {}
+
+    @staticmethod
+    def minhash(text: str):
+        from datasketch import MinHash
+
+        toks = words(text)
+        shingles = {" ".join(g) for g in ngrams(toks, SHINGLE)} or {" ".join(toks)}
+        m = MinHash(num_perm=NUM_PERM, seed=1)
+        m.update_batch([s.encode() for s in shingles])
+        return m
+
+    def seen(self, key: str, text: str) -> bool:
+        m = self.minhash(text)
+        # LSH candidates are approximate; confirm with the MinHash estimate itself
+        if any(self.mh[k].jaccard(m) >= self.threshold for k in self.lsh.query(m)):
+            return True
+        if key not in self.mh:
+            self.lsh.insert(key, m)
+            self.mh[key] = m
+        return False
+
+
+class EvalIndex:
+    """Word 8-grams of an eval set; `overlap(text)` is the share of text's 8-grams found in it
+    (texts shorter than 8 words: 1.0 when the whole text appears in the eval set)."""
+
+    def __init__(self, path: str | Path, task: Task | None = None):
+        from slmkit.data import read_jsonl
+
+        self.grams: set[tuple[str, ...]] = set()
+        self.short: set[str] = set()
+        for _, row in read_jsonl(path):
+            if row.get("split") == "train":
+                continue
+            for key, value in row.items():
+                texts = value if isinstance(value, list) else [value]
+                for t in texts:
+                    if isinstance(t, str) and key not in ("id", "fname", "split", "topic"):
+                        toks = words(t)
+                        self.grams |= ngrams(toks, NGRAM)
+                        self.short |= {" ".join(toks)}
+
+    def overlap(self, text: str) -> float:
+        toks = words(text)
+        if len(toks) < NGRAM:
+            joined = " ".join(toks)
+            return 1.0 if joined and any(joined in s for s in self.short) else 0.0
+        grams = ngrams(toks, NGRAM)
+        return sum(g in self.grams for g in grams) / len(grams)
+
+
+# --------------------------------------------------------------------------- append-only output
+
+class JsonlLog:
+    """An append-only JSONL file that survives a kill: every line is flushed and fsynced as it
+    is written, and a torn last line (no newline: the process died mid-write) is cut off on open,
+    so its input is simply done again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        self.f = None
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            print(f"slm generate: {path}: dropping a half-written last line (an interrupted run); "
+                  "its input is generated again", file=sys.stderr)
+            os.truncate(path, end)
+        for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UsageError(f"{path}:{n}: not valid JSON, so the run cannot resume from this "
+                                     "file; remove the line or choose another --out") from None
+
+    def append(self, obj: dict) -> None:
+        if self.f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.path, "a", encoding="utf-8")
+        self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def side_path(out: Path, suffix: str) -> Path:
+    """OUT.jsonl -> OUT.SUFFIX.jsonl beside it (rejected inputs, teacher-written inputs)."""
+    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(f"{stem}.{suffix}.jsonl")
+
+
+# --------------------------------------------------------------------------- inputs
+
+@dataclass
+class Item:
+    id: str
+    row: dict
+    where: str
+
+
+def file_inputs(path: str | Path, task: Task, limit: int | None = None) -> list[Item]:
+    """Task inputs from JSONL, every line checked before anything is generated. Lines with
+    `"split": "eval"` are never generated from (they are the eval set)."""
+    from slmkit.data import read_jsonl
+
+    items, first_line = [], {}
+    for n, row in read_jsonl(path):
+        if row.get("split") == "eval":
+            continue
+        where = f"{path}:{n}"
+        task.check(row, where)
+        item = Item(row_id(row, task), row, where)
+        if item.id in first_line and not item.id.startswith("h"):
+            raise UsageError(f"{where}: id `{item.id}` already used on line {first_line[item.id]}; "
+                             "ids must be unique for a rerun to resume")
+        first_line.setdefault(item.id, n)
+        items.append(item)
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise UsageError(f"`{path}` has no inputs to generate from (every line is split=eval?)")
+    return items
+
+
+def read_topics(path: str | Path, task: Task) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--topics `{path}` does not exist; give a text file with one topic a line")
+    if task.name not in INPUT_WRITERS or get_task(task.name) != task:
+        raise UsageError(f"--topics: the teacher can write inputs for the presets "
+                         f"{', '.join(INPUT_WRITERS)} only; give --inputs for task `{task.name}`")
+    topics = [t.strip() for t in path.read_text(encoding="utf-8").splitlines()]
+    topics = [t for t in topics if t and not t.startswith("#")]
+    if not topics:
+        raise UsageError(f"--topics `{path}` has no topics (one a line; # starts a comment)")
+    return topics
+
+
+def parse_written_input(task: Task, text: str) -> dict | None:
+    """The teacher's text -> a row of the task's input fields, or None when it is unusable."""
+    text = text.strip()
+    if task.name == "qa":
+        passage, sep, question = text.partition("Question:")
+        if not sep or not passage.strip() or not question.strip():
+            return None
+        return {"passage": passage.strip(), "question": question.strip().splitlines()[0]}
+    return {task.fields()[0]: text} if text else None
+
+
+def topic_inputs(cfg: GenerateConfig, task: Task, backend, topics: list[str], bar_file=None) -> list[Item]:
+    """Self-instruct: the teacher writes `inputs_per_topic` inputs per seed topic. They are kept
+    in OUT.inputs.jsonl (appended per batch), so a rerun reuses them instead of writing new ones."""
+    from tqdm import tqdm
+
+    log = JsonlLog(side_path(Path(cfg.out), "inputs"))
+    done_topics = {r["topic_index"] for r in log.rows}
+    todo = [i for i in range(len(topics)) if i not in done_topics]
+    writer = INPUT_WRITERS[task.name]
+    with tqdm(total=len(topics), initial=len(topics) - len(todo), desc="writing inputs", unit="topic",
+              file=bar_file or sys.stderr, dynamic_ncols=True) as bar:
+        for chunk in batches(todo, cfg.batch_size):
+            msgs = [[{"role": "user", "content": writer.format(topic=topics[i])}] for i in chunk]
+            comps = backend.generate(msgs, n=cfg.inputs_per_topic, max_tokens=max(256, cfg.max_new_tokens),
+                                     temperature=max(cfg.temperature, 0.7), top_p=cfg.top_p, seed=cfg.seed)
+            for k, i in enumerate(chunk):
+                for j in range(cfg.inputs_per_topic):
+                    row = parse_written_input(task, comps[k * cfg.inputs_per_topic + j].text)
+                    log.append({"id": f"topic{i}-{j}", "topic": topics[i], "topic_index": i,
+                                **(row or {}), "unusable": row is None})
+            bar.update(len(chunk))
+    log.close()
+    items = [Item(r["id"], r, f"{log.path}:{n}") for n, r in enumerate(JsonlLog(log.path).rows, 1)
+             if not r.get("unusable")]
+    if cfg.limit:
+        items = items[:cfg.limit]
+    if not items:
+        raise UsageError(f"the teacher wrote no usable inputs for the topics in {cfg.topics} "
+                         f"(see {log.path}); try another teacher or more topics")
+    return items
+
+
+def batches(seq: list, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+# --------------------------------------------------------------------------- scoring
+
+def reference_score(task: Task, row: dict, answer: str) -> float | None:
+    """The task's own metric of the answer against the row's reference(s), in [0, 1]."""
+    from slmkit import metrics
+
+    refs = task.references(row)
+    if not refs:
+        return None
+    if task.metric == "f1":
+        return metrics.token_f1(answer, refs)
+    if task.metric == "exact":
+        return metrics.exact_match(answer, refs)
+    if task.metric == "gleu":
+        return metrics.gleu([input_text(task, row)], [answer], [refs], iterations=20)
+    return metrics.rouge([answer], [refs])["rougeL"]
+
+
+def judge_prompt(task: Task, row: dict, answer: str, rating: bool) -> list[dict]:
+    rubric = RUBRICS.get(task.name, DEFAULT_RUBRIC)
+    ask = ("Rate the answer from 1 (useless) to 5 (excellent). Reply with the number only."
+           if rating else "Reply Yes or No.")
+    return [{"role": "user", "content": f"{task.prompt(row)}\n\nAnswer: {answer.strip()}\n\n{rubric} {ask}"}]
+
+
+class Judge:
+    """The teacher as judge. With log-probs: P(Yes) / (P(Yes) + P(No)) of the first answer
+    token (the top-20 alternatives, any casing). Without (an endpoint that returns none): a 1-5
+    rating, (r - 1) / 4. Either way a score in [0, 1], or None when the reply says neither."""
+
+    def __init__(self, backend, task: Task, fits):
+        self.backend, self.task, self.fits = backend, task, fits
+        self.rating = False
+        self.unclear = 0  # judge replies that gave no usable score
+
+    def scores(self, pairs: list[tuple[dict, str]]) -> list[float | None]:
+        out: list[float | None] = [None] * len(pairs)
+        prompts = [judge_prompt(self.task, row, ans, self.rating) for row, ans in pairs]
+        idx = [i for i, p in enumerate(prompts) if self.fits(p, 4)]
+        if not idx:
+            return out
+        if not self.rating:
+            comps = self.backend.generate([prompts[i] for i in idx], max_tokens=1, temperature=0.0,
+                                          logprobs=20)
+            if all(c.logprobs is None for c in comps):
+                print("slm generate: the teacher returns no log-probs; judging by a 1-5 rating instead",
+                      file=sys.stderr)
+                self.rating = True
+                return self.scores(pairs)
+            for i, c in zip(idx, comps):
+                out[i] = yes_share(c.logprobs[0].top) if c.logprobs else None
+        else:
+            comps = self.backend.generate([prompts[i] for i in idx], max_tokens=4, temperature=0.0)
+            for i, c in zip(idx, comps):
+                m = re.search(r"[1-5]", c.text)
+                out[i] = (int(m.group()) - 1) / 4 if m else None
+        self.unclear += sum(out[i] is None for i in idx)
+        return out
+
+
+def yes_share(top: list[tuple[int, str, float]]) -> float | None:
+    """P(yes) / (P(yes) + P(no)) over the alternatives (id, text, logprob); None if neither is there."""
+    mass = Counter()
+    for _, text, lp in top:
+        word = text.strip().lower()
+        if word in ("yes", "no"):
+            mass[word] += math.exp(lp)
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else None
+
+
+def combine(scores: dict[str, float | None]) -> float | None:
+    """A candidate's score: the mean of the components it has (each in [0, 1])."""
+    vals = [v for v in scores.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+# --------------------------------------------------------------------------- the run
+
+def teacher_backend(cfg: GenerateConfig):
+    """`openai:NAME@URL` -> the HTTP backend; anything else -> slmkit.backends.load_backend."""
+    if cfg.teacher.startswith("openai:"):
+        from slmkit.backends.openai import OpenAIBackend
+
+        return OpenAIBackend.from_spec(cfg.teacher, concurrency=cfg.concurrency)
+    from slmkit.backends import load_backend
+
+    return load_backend(cfg.teacher)
+
+
+def prompt_fits(backend):
+    """fits(prompt, max_new_tokens) for a local model; an HTTP endpoint checks it itself."""
+    from slmkit.backends.openai import OpenAIBackend
+
+    if isinstance(backend, OpenAIBackend):
+        return lambda prompt, new: True
+    return lambda prompt, new: len(backend.prompt_ids(prompt)) + min(new, 8) < backend.context_length
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def generate(cfg: GenerateConfig) -> dict:
+    """Run the teacher over the inputs; append kept examples to cfg.out. Returns the stats:
+    {"inputs", "done_before", "kept", "dropped": {reason: count}, "candidates_rejected":
+    {reason: count}, "tokens", "tokens_per_s", ...}. Every input error is raised before the
+    teacher is loaded."""
+    from tqdm import tqdm
+
+    task = cfg.task if isinstance(cfg.task, Task) else get_task(cfg.task)
+    out = Path(cfg.out)
+    topics = read_topics(cfg.topics, task) if cfg.topics else None
+    items = None if topics else file_inputs(cfg.inputs or preset_data(task.name), task, cfg.limit)
+    eval_index = EvalIndex(cfg.decontaminate) if cfg.decontaminate else None
+    kept_log, rejected_log = JsonlLog(out), JsonlLog(side_path(out, "rejected"))
+    done = {r.get("id") for r in kept_log.rows} | {r.get("id") for r in rejected_log.rows}
+    dedup = NearDup(cfg.dedup_threshold)
+    for r in kept_log.rows:  # what earlier runs kept still counts for near-duplicates
+        if all(isinstance(r.get(f), str) for f in task.fields()) and isinstance(r.get(task.target), str):
+            dedup.seen(str(r.get("id")), input_text(task, r) + "\n" + r[task.target])
+
+    backend = teacher_backend(cfg)
+    if topics:
+        items = topic_inputs(cfg, task, backend, topics)
+    fits = prompt_fits(backend)
+    judge = Judge(backend, task, fits) if cfg.judge else None
+    sampling = {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    todo = [it for it in items if it.id not in done]
+    dropped, rejected_cands = Counter(), Counter()
+    kept = tokens = 0
+    gen_seconds = judge_seconds = 0.0
+    warned_logprobs = False
+
+    def reject(it: Item, reason: str, **extra):
+        dropped[reason] += 1
+        rejected_log.append({"id": it.id, "reason": reason, **extra})
+
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="input",
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for chunk in batches(todo, cfg.batch_size):
+            ready = []
+            for it in chunk:
+                if eval_index and eval_index.overlap(input_text(task, it.row)) >= cfg.decontam_threshold:
+                    reject(it, "contaminated_input")
+                elif not fits(user(task.prompt(it.row)), cfg.max_new_tokens):
+                    reject(it, "prompt_too_long")
+                else:
+                    ready.append(it)
+            bar.update(len(chunk) - len(ready))
+            if not ready:
+                continue
+            t0 = time.perf_counter()
+            comps = backend.generate([user(task.prompt(it.row)) for it in ready], n=cfg.n,
+                                     max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, seed=cfg.seed, logprobs=cfg.topk_logprobs)
+            gen_seconds += time.perf_counter() - t0
+            tokens += sum(c.completion_tokens for c in comps)
+            if cfg.topk_logprobs and any(c.logprobs is None for c in comps):
+                msg = (f"the teacher `{cfg.teacher}` returned no log-probs although "
+                       f"--topk-logprobs {cfg.topk_logprobs} asked for them")
+                if cfg.on_missing_logprobs == "stop":
+                    raise UsageError(msg + "; rerun with --on-missing-logprobs continue to write the "
+                                     "data without them, or with --topk-logprobs 0")
+                if not warned_logprobs:
+                    print(f"slm generate: {msg}; continuing without them (--on-missing-logprobs "
+                          "continue)", file=sys.stderr)
+                    warned_logprobs = True
+
+            # validators first: only valid, distinct candidates are judged
+            cands: list[list[tuple[object, dict]]] = []
+            for k, it in enumerate(ready):
+                seen_texts, mine, reasons = set(), [], Counter()
+                for c in comps[k * cfg.n:(k + 1) * cfg.n]:
+                    reason = validate(task, it.row, c.text)
+                    if reason is None and c.text.strip() in seen_texts:
+                        reason = "same_as_other_candidate"
+                    if reason:
+                        reasons[reason] += 1
+                        continue
+                    seen_texts.add(c.text.strip())
+                    mine.append((c, {"reference": reference_score(task, it.row, c.text.strip())}))
+                rejected_cands.update(reasons)
+                cands.append((mine, reasons))
+            if judge:
+                t0 = time.perf_counter()
+                flat = [(it.row, c.text) for it, (mine, _) in zip(ready, cands) for c, _ in mine]
+                js = iter(judge.scores(flat))
+                for mine, _ in cands:
+                    for _, sc in mine:
+                        sc["judge"] = next(js)
+                judge_seconds += time.perf_counter() - t0
+
+            for it, (mine, reasons) in zip(ready, cands):
+                if not mine:
+                    reject(it, "no_valid_candidate", candidates=dict(reasons))
+                    continue
+                ranked = sorted(mine, key=lambda cs: -(combine(cs[1]) if combine(cs[1]) is not None else -1))
+                best, scores = ranked[0]
+                score = combine(scores)
+                answer = best.text.strip()
+                if score is not None and score < cfg.threshold:
+                    reject(it, "below_threshold", score=round(score, 4))
+                elif eval_index and eval_index.overlap(answer) >= cfg.decontam_threshold:
+                    reject(it, "contaminated_output")
+                elif dedup.seen(it.id, input_text(task, it.row) + "\n" + answer):
+                    reject(it, "duplicate")
+                else:
+                    row = {k: v for k, v in it.row.items() if k not in ("split", "unusable", "topic_index")}
+                    if task.references(it.row):
+                        row["reference"] = task.answer(it.row)  # the original, kept beside ours
+                    row.update({"id": it.id, task.target: answer, "split": "train"})
+                    row["meta"] = {
+                        "teacher": cfg.teacher, "sampling": sampling,
+                        "score": None if score is None else round(score, 4),
+                        "scores": {k: None if v is None else round(v, 4) for k, v in scores.items()},
+                        "candidates": len(mine), "reasons": dict(reasons),
+                        "finish_reason": best.finish_reason}
+                    if cfg.topk_logprobs and best.logprobs is not None:
+                        row["teacher_topk"] = topk_record(best)
+                    kept_log.append(row)
+                    kept += 1
+            bar.update(len(ready))
+            bar.set_postfix(kept=kept, dropped=sum(dropped.values()),
+                            tok_s=f"{tokens / gen_seconds:.0f}" if gen_seconds else "-")
+    finally:
+        bar.close()
+        kept_log.close()
+        rejected_log.close()
+
+    return {
+        "out": str(out), "inputs": len(items), "done_before": len(items) - len(todo),
+        "kept": kept, "dropped": dict(dropped), "candidates_rejected": dict(rejected_cands),
+        "kept_total": len(JsonlLog(out).rows), "tokens": tokens,
+        "generation_seconds": round(gen_seconds, 2), "judge_seconds": round(judge_seconds, 2),
+        "tokens_per_s": round(tokens / gen_seconds, 1) if gen_seconds else None,
+        "judge": None if judge is None else ("rating 1-5" if judge.rating else "P(Yes)"),
+        "judge_unclear": 0 if judge is None else judge.unclear,
+        "thresholds": {"score": cfg.threshold, "dedup_jaccard": cfg.dedup_threshold,
+                       "decontam_8gram_share": cfg.decontam_threshold if cfg.decontaminate else None},
+    }
+
+
+def topk_record(c) -> dict:
+    """The teacher's top-k per answer token: ids (-1 when the endpoint gives only text), token
+    texts and log-probs, most likely first."""
+    return {"tokens": [t.token for t in c.logprobs],
+            "ids": [[j for j, _, _ in t.top] for t in c.logprobs],
+            "texts": [[s for _, s, _ in t.top] for t in c.logprobs],
+            "logprobs": [[round(v, 5) for _, _, v in t.top] for t in c.logprobs]}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(p):
+    d = GenerateConfig.__dataclass_fields__
+    p.add_argument("--teacher", required=True, help="MODEL: HF folder, .gguf, `default`, or openai:NAME@URL")
+    p.add_argument("--task", required=True, help="preset: summarize, grammar, reply, qa")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--inputs", help="JSONL of task inputs (default: the preset's train inputs)")
+    src.add_argument("--topics", help="text file of seed topics, one a line: the teacher writes the inputs")
+    p.add_argument("--out", required=True, help="output JSONL (appended; a rerun resumes)")
+    p.add_argument("-n", type=int, default=d["n"].default, help="candidates per input (best-of-N)")
+    p.add_argument("--temperature", type=float, default=d["temperature"].default)
+    p.add_argument("--top-p", type=float, default=d["top_p"].default)
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default,
+                   help="inputs per backend call (padded batch / requests in flight)")
+    p.add_argument("--no-judge", dest="judge", action="store_false", help="do not ask the teacher to judge")
+    p.add_argument("--threshold", type=float, default=d["threshold"].default,
+                   help="drop an input whose best score is below this (0-1)")
+    p.add_argument("--dedup-threshold", type=float, default=d["dedup_threshold"].default,
+                   help="MinHash Jaccard at which two examples are near-duplicates")
+    p.add_argument("--decontaminate", metavar="EVAL_JSONL", help="keep this eval set out of the data")
+    p.add_argument("--decontam-threshold", type=float, default=d["decontam_threshold"].default,
+                   help="share of 8-grams found in the eval set that marks a text contaminated")
+    p.add_argument("--topk-logprobs", type=int, default=0, help="capture the teacher's top-k log-probs per token (<= 20)")
+    p.add_argument("--on-missing-logprobs", choices=MISSING_LOGPROBS, default="continue",
+                   help="when the teacher returns no log-probs: continue without them, or stop")
+    p.add_argument("--inputs-per-topic", type=int, default=d["inputs_per_topic"].default)
+    p.add_argument("--concurrency", type=int, default=d["concurrency"].default,
+                   help="openai teacher: requests in flight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first LIMIT inputs")
+    p.add_argument("--json", action="store_true", help="print the stats as JSON")
+
+
+def run(args) -> int:
+    fields = GenerateConfig.__dataclass_fields__
+    cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    stats = generate(cfg)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"kept {stats['kept']} of {stats['inputs'] - stats['done_before']} inputs this run "
+          f"({stats['kept_total']} in {stats['out']}; {stats['done_before']} done before)")
+    for reason, count in sorted(stats["dropped"].items(), key=lambda kv: -kv[1]):
+        print(f"  dropped {count:>5}  {reason}")
+    for reason, count in sorted(stats["candidates_rejected"].items(), key=lambda kv: -kv[1]):
+        print(f"  candidates rejected {count:>5}  {reason}")
+    if stats["tokens_per_s"]:
+        print(f"generated {stats['tokens']} tokens at {stats['tokens_per_s']} tokens/s")
+    print(f"thresholds: {json.dumps(stats['thresholds'])}")
+    return 0
