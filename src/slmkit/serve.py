@@ -1,0 +1,604 @@
+"""Serve one or more models over an OpenAI-compatible HTTP API, with a web playground at `/`.
+
+    slm serve default                              # http://127.0.0.1:8000, playground at /
+    slm serve teacher/ student.gguf --port 8080    # two models, picked by the `model` field
+    slm serve student/ --name tiny --api-key s3cret --host 0.0.0.0
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
+
+Endpoints: POST /v1/chat/completions and /v1/completions (streaming by server-sent events with
+`"stream": true`, else one JSON answer; temperature, top_p, max_tokens, stop, seed, n, logprobs),
+GET /v1/models, GET /health, GET / (the playground). A model is named by its file or folder stem
+(`default` for the embedded model) unless --name is given, one --name per model.
+
+Backends: llama.cpp for .gguf files, PyTorch for Hugging Face folders and `default`. Concurrent
+requests to a PyTorch model are batched statically: a worker takes the first waiting request,
+gathers whatever else arrives within --batch-window-ms (up to --max-batch), and decodes them as
+one left-padded batch; rows leave the batch as they finish, and requests that come later wait
+for the next batch. llama.cpp decodes one request at a time.
+
+Limits: prompt length (--max-input-tokens), max_tokens (--max-tokens), wall time per request
+including the wait in the queue (--timeout), body size (1 MiB). A bad request gets a 4xx with an
+OpenAI-style body {"error": {"message", "type", "param", "code"}} and the server keeps serving.
+It binds 127.0.0.1 unless --host says otherwise; --api-key (or $SLM_API_KEY) makes every /v1
+route require `Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from slmkit.backends import Backend, Completion, Request, load_backend, model_name, now
+from slmkit.errors import UsageError
+
+
+@dataclass
+class Limits:
+    max_input_tokens: int = 4096
+    """Longest prompt accepted, in tokens (the model's context may be shorter still)."""
+    max_tokens: int = 1024
+    """Largest `max_tokens` a request may ask for."""
+    default_max_tokens: int = 256
+    """`max_tokens` when the request gives none."""
+    timeout: float = 120.0
+    """Seconds a request may take, waiting in the queue included."""
+    max_batch: int = 16
+    """Most requests decoded together by a PyTorch model."""
+    batch_window_ms: float = 5.0
+    """How long the batcher waits for more requests after the first one arrives."""
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        for key in ("max_input_tokens", "max_tokens", "default_max_tokens", "max_batch",
+                    "max_body_bytes"):
+            if int(getattr(self, key)) < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.timeout <= 0 or self.batch_window_ms < 0:
+            raise UsageError("--timeout must be > 0 and --batch-window-ms >= 0")
+        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
+
+
+class APIError(Exception):
+    """An error the client caused (or a timeout), sent as an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+# --------------------------------------------------------------------------- batching
+
+class Batcher:
+    """One worker thread per model: takes waiting requests, batches them, runs the backend."""
+
+    def __init__(self, backend: Backend, max_batch: int, window_s: float):
+        self.backend, self.max_batch, self.window_s = backend, max_batch, window_s
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name=f"batcher-{backend.name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, req: Request) -> Future:
+        fut: Future = Future()
+        self.queue.put((req, fut))
+        return fut
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            batch = [item]
+            end = now() + self.window_s
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self.queue.get(timeout=max(0.0, end - now()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            # requests that gave up while waiting are not decoded at all
+            live = []
+            for req, fut in batch:
+                if req.cancel.is_set():
+                    fut.set_exception(APIError(499, "the client went away", code="cancelled"))
+                elif req.deadline is not None and now() > req.deadline:
+                    fut.set_exception(timeout_error())
+                else:
+                    live.append((req, fut))
+            if not live:
+                continue
+            try:
+                results = self.backend.run([req for req, _ in live])
+            except Exception as e:  # a bug or a bad request that slipped through: fail them all
+                for _, fut in live:
+                    fut.set_exception(e)
+                continue
+            for (_, fut), c in zip(live, results):
+                fut.set_result(c)
+
+
+def timeout_error() -> APIError:
+    return APIError(504, "the request took longer than the server's --timeout", code="timeout",
+                    type_="timeout_error")
+
+
+# --------------------------------------------------------------------------- request parsing
+
+def _get(body: dict, key: str, types, default=None, check=None, why: str = ""):
+    """A field of the request body, type-checked; `check` is a predicate on the value."""
+    if key not in body or body[key] is None:
+        return default
+    value = body[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise APIError(400, f"`{key}` must be {why or types}", param=key, code="invalid_type")
+    if not isinstance(value, types) or (check is not None and not check(value)):
+        raise APIError(400, f"`{key}` must be {why or types}, got {json.dumps(value)[:80]}",
+                       param=key, code="invalid_value")
+    return value
+
+
+def _content(msg: dict, i: int) -> str:
+    """A message's content as text; the list form keeps its text parts."""
+    c = msg.get("content")
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list) and all(isinstance(p, dict) for p in c):
+        if any(p.get("type") != "text" for p in c):
+            raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                           param=f"messages[{i}].content")
+        return "".join(str(p.get("text", "")) for p in c)
+    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
+                   param=f"messages[{i}].content")
+
+
+def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError(400, "`messages` must be a non-empty list of {role, content} objects",
+                       param="messages", code="invalid_value" if "messages" in body else "missing")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"messages[{i}] needs a `role` of system, user or assistant",
+                           param=f"messages[{i}].role")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _content(m, i)})
+    return out
+
+
+def parse_prompts(body: dict) -> list[str]:
+    p = body.get("prompt")
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return p
+    raise APIError(400, "`prompt` must be a string or a non-empty list of strings (token ids "
+                   "are not supported)", param="prompt", code="missing" if p is None else "invalid_value")
+
+
+def parse_params(body: dict, limits: Limits) -> dict:
+    """Sampling parameters shared by both endpoints -> Request keyword arguments."""
+    num = (int, float)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is None:
+        max_tokens = limits.default_max_tokens
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise APIError(400, f"`{key}` must be an integer >= 1", param=key, code="invalid_value")
+    elif max_tokens > limits.max_tokens:
+        raise APIError(400, f"`{key}` is {max_tokens}; this server allows at most "
+                       f"{limits.max_tokens} (--max-tokens)", param=key, code="invalid_value")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "`stop` must be a string or a list of at most 4 strings", param="stop",
+                       code="invalid_value")
+    return dict(
+        max_tokens=max_tokens,
+        temperature=float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
+        top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+        stop=stop or [],
+        seed=_get(body, "seed", int, None, None, "an integer"),
+    )
+
+
+# --------------------------------------------------------------------------- the server
+
+class Service:
+    """What the request handlers share: the models, their batchers, the limits, the key."""
+
+    def __init__(self, backends: dict[str, Backend], limits: Limits, api_key: str | None):
+        self.backends, self.limits, self.api_key = backends, limits, api_key
+        self.batchers = {}
+        for name, b in backends.items():
+            size = limits.max_batch if b.batched else 1
+            self.batchers[name] = Batcher(b, size, limits.batch_window_ms / 1000)
+        self.created = int(time.time())
+
+    def backend(self, body: dict) -> tuple[str, Backend]:
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise APIError(400, "`model` is required: one of " + ", ".join(self.backends),
+                           param="model", code="missing")
+        if name not in self.backends:
+            raise APIError(404, f"model `{name}` is not served here; served: "
+                           + ", ".join(self.backends), param="model", code="model_not_found")
+        return name, self.backends[name]
+
+    def make_requests(self, backend: Backend, prompts: list, params: dict, n: int,
+                      logprobs: int) -> list[Request]:
+        lim, reqs = self.limits, []
+        deadline = now() + lim.timeout
+        for i, prompt in enumerate(prompts):
+            try:
+                n_in = len(backend.prompt_ids(prompt))
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages" if isinstance(prompt, list) else "prompt")
+            if n_in > lim.max_input_tokens or n_in >= backend.context_length:
+                most = min(lim.max_input_tokens, backend.context_length - 1)
+                raise APIError(400, f"the prompt has {n_in} tokens; this model accepts at most {most}",
+                               param="messages" if isinstance(prompt, list) else "prompt",
+                               code="context_length_exceeded")
+            # generation stops at the end of the context rather than failing
+            room = backend.context_length - n_in
+            for j in range(n):
+                seed = params["seed"]
+                reqs.append(Request(prompt, **(params | dict(
+                    max_tokens=min(params["max_tokens"], room),
+                    seed=None if seed is None else seed + j)), logprobs=logprobs, deadline=deadline))
+        for r in reqs:
+            try:
+                r.check()
+            except ValueError as e:
+                raise APIError(400, str(e))
+        return reqs
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses connections
+    service: Service  # set on the subclass made per server
+    quiet = True
+
+    def log_message(self, fmt, *args):
+        if not self.quiet:
+            sys.stderr.write("slm serve: %s - %s\n" % (self.address_string(), fmt % args))
+
+    # ---- plumbing
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: dict) -> None:
+        self._send(status, json.dumps(obj).encode())
+
+    def _error(self, e: APIError) -> None:
+        self._json(e.status, e.body())
+
+    def _auth(self) -> None:
+        key = self.service.api_key
+        if key is None:
+            return
+        got = self.headers.get("Authorization", "")
+        if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), key.encode())):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY` with "
+                           "the key given to `slm serve --api-key`", code="invalid_api_key")
+
+    def _body(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise APIError(411, "a JSON body with a Content-Length header is required")
+        if int(length) > self.service.limits.max_body_bytes:
+            self.close_connection = True  # the unread body would poison the connection
+            raise APIError(413, f"the body is larger than {self.service.limits.max_body_bytes} bytes",
+                           code="too_large")
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json")
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except APIError as e:
+            self._error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # our bug: say so, keep serving
+            print(f"slm serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            self._error(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                 type_="server_error", code="internal_error"))
+
+    # ---- routes
+
+    def do_GET(self):
+        self._guard(self._get)
+
+    def do_POST(self):
+        self._guard(self._post)
+
+    def _get(self):
+        path = self.path.split("?")[0]
+        svc = self.service
+        if path in ("/", "/index.html"):
+            from importlib.resources import files
+
+            self._send(200, files("slmkit").joinpath("playground.html").read_bytes(),
+                       "text/html; charset=utf-8")
+        elif path == "/health":
+            self._json(200, {"status": "ok", "models": list(svc.backends), "auth": svc.api_key is not None})
+        elif path == "/v1/models" or path.startswith("/v1/models/"):
+            self._auth()
+            data = [{"id": name, "object": "model", "created": svc.created, "owned_by": "slmkit",
+                     "context_length": b.context_length} for name, b in svc.backends.items()]
+            if path == "/v1/models":
+                return self._json(200, {"object": "list", "data": data})
+            want = path[len("/v1/models/"):]
+            match = [d for d in data if d["id"] == want]
+            if not match:
+                raise APIError(404, f"model `{want}` is not served here", code="model_not_found")
+            self._json(200, match[0])
+        else:
+            raise APIError(404, f"no route GET {path}", code="not_found")
+
+    def _post(self):
+        path = self.path.split("?")[0]
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            raise APIError(404, f"no route POST {path}", code="not_found")
+        self._auth()
+        body = self._body()
+        chat = path == "/v1/chat/completions"
+        name, backend = self.service.backend(body)
+        prompts = [parse_messages(body)] if chat else parse_prompts(body)
+        params = parse_params(body, self.service.limits)
+        stream = _get(body, "stream", bool, False, None, "true or false")
+        n = _get(body, "n", int, 1, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
+        if chat:
+            logprobs = 0
+            if _get(body, "logprobs", bool, False, None, "true or false"):
+                logprobs = _get(body, "top_logprobs", int, 1, lambda v: 0 <= v <= 20,
+                                "an integer in [0, 20]") or 1
+        else:
+            logprobs = _get(body, "logprobs", int, 0, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
+            if body.get("echo"):
+                raise APIError(400, "`echo` is not supported", param="echo")
+        if stream and (n > 1 or len(prompts) > 1 or logprobs):
+            raise APIError(400, "streaming supports one prompt, n=1 and no logprobs", param="stream")
+        reqs = self.service.make_requests(backend, prompts, params, n, logprobs)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if stream:
+            opts = body.get("stream_options") or {}
+            usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            return self._stream(name, reqs[0], rid, chat, usage)
+        futs = [self.service.batchers[name].submit(r) for r in reqs]
+        try:
+            done = [f.result(timeout=self.service.limits.timeout + 5) for f in futs]
+        except TimeoutError:
+            for r in reqs:
+                r.cancel.set()
+            raise timeout_error()
+        if any(c.finish_reason == "timeout" for c in done):
+            raise timeout_error()
+        self._json(200, response(rid, name, done, chat, logprobs, n))
+
+    def _stream(self, name: str, req: Request, rid: str, chat: bool, usage: bool) -> None:
+        pieces: queue.Queue = queue.Queue()
+        req.on_text = pieces.put
+        fut = self.service.batchers[name].submit(req)
+        fut.add_done_callback(lambda _: pieces.put(None))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no length: the stream ends when we close
+        self.end_headers()
+        self.close_connection = True
+        created = int(time.time())
+
+        def chunk(delta_or_text, finish=None):
+            if chat:
+                choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish}
+                obj = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish}
+                obj = "text_completion"
+            return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
+
+        def send(obj) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            if chat:
+                send(chunk({"role": "assistant", "content": ""}))
+            while (piece := pieces.get()) is not None:
+                send(chunk({"content": piece} if chat else piece))
+            try:
+                c = fut.result()
+            except APIError as e:
+                return send(e.body())
+            except Exception as e:
+                return send(APIError(500, f"internal error: {e}", type_="server_error").body())
+            if c.finish_reason == "timeout":
+                return send(timeout_error().body())
+            send(chunk({} if chat else "", finish=c.finish_reason))
+            if usage:
+                send({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                      "created": created, "model": name, "choices": [], "usage": usage_of([c])})
+            send("[DONE]")
+        except (BrokenPipeError, ConnectionResetError):
+            req.cancel.set()  # the client hung up: stop decoding for it
+
+
+def usage_of(done: list[Completion], n: int = 1) -> dict:
+    # the n samples of one prompt share it: count each prompt once, as OpenAI does
+    prompt = sum(c.prompt_tokens for c in done[::n])
+    completion = sum(c.completion_tokens for c in done)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def response(rid: str, name: str, done: list[Completion], chat: bool, logprobs: int, n: int) -> dict:
+    choices = []
+    for i, c in enumerate(done):
+        lp = None
+        if logprobs and c.logprobs is not None:
+            if chat:
+                lp = {"content": [{"token": t.token, "logprob": t.logprob,
+                                   "bytes": list(t.token.encode()),
+                                   "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())}
+                                                    for _, s, v in t.top]} for t in c.logprobs]}
+            else:
+                offs, pos = [], 0
+                for t in c.logprobs:
+                    offs.append(pos)
+                    pos += len(t.token)
+                lp = {"tokens": [t.token for t in c.logprobs],
+                      "token_logprobs": [t.logprob for t in c.logprobs],
+                      "top_logprobs": [{s: v for _, s, v in t.top} for t in c.logprobs],
+                      "text_offset": offs}
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": lp, "finish_reason": c.finish_reason})
+        else:
+            choices.append({"index": i, "text": c.text, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": name, "choices": choices,
+            "usage": usage_of(done, n)}
+
+
+class Server:
+    """A running server: `.url`, `.model_names`, `.backends`, `.close()`."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, service: Service):
+        self.httpd, self.service = httpd, service
+        host, port = httpd.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        self.model_names = list(service.backends)
+        self.backends = service.backends
+        self.thread = threading.Thread(target=httpd.serve_forever, name="slm-serve", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for b in self.service.batchers.values():
+            b.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start_server(models: list, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                 names: list[str] | None = None, device: str | None = None, dtype: str = "float32",
+                 n_threads: int | None = None, verbose: bool = False, **limits) -> Server:
+    """Load the models and serve them from a background thread.
+
+    Arguments:
+        models: MODEL arguments (HF folder, .gguf file, `default`) or already loaded Backends.
+        port: 0 picks a free port; read it from the returned `.url`.
+        names: one served name per model; default: the file or folder stem.
+        limits: fields of `Limits` (max_input_tokens, max_tokens, timeout, max_batch, ...).
+    """
+    if not models:
+        raise UsageError("give at least one MODEL to serve")
+    if names and len(names) != len(models):
+        raise UsageError(f"--name given {len(names)} times for {len(models)} models; give one "
+                         "--name per model, in the same order")
+    backends: dict[str, Backend] = {}
+    for i, m in enumerate(models):
+        name = names[i] if names else (m.name if isinstance(m, Backend) else model_name(m))
+        if name in backends:
+            raise UsageError(f"two models would be served as `{name}`; tell them apart with "
+                             "--name (one per model)")
+        backends[name] = m if isinstance(m, Backend) else load_backend(
+            m, name=name, device=device, dtype=dtype, n_threads=n_threads)
+    service = Service(backends, Limits(**limits), api_key)
+    handler = type("BoundHandler", (Handler,), {"service": service, "quiet": not verbose})
+    try:
+        httpd = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+    httpd.daemon_threads = True
+    return Server(httpd, service)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(p) -> None:
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="Hugging Face folder, .gguf file or `default`; several may be given")
+    p.add_argument("--name", action="append", dest="names", metavar="NAME",
+                   help="served name of each MODEL, in order (default: file or folder stem)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SLM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $SLM_API_KEY)")
+    p.add_argument("--max-input-tokens", type=int, default=Limits.max_input_tokens)
+    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--timeout", type=float, default=Limits.timeout,
+                   help="seconds per request, queueing included")
+    p.add_argument("--max-batch", type=int, default=Limits.max_batch,
+                   help="most concurrent requests decoded together (PyTorch models)")
+    p.add_argument("--batch-window-ms", type=float, default=Limits.batch_window_ms,
+                   help="wait this long for more requests before starting a batch")
+    p.add_argument("--device", default=None, help="PyTorch device (default: cuda when present)")
+    p.add_argument("--dtype", default="float32", help="PyTorch dtype: float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+
+
+def run(args) -> int:
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port {args.port}: give a port between 0 and 65535")
+    server = start_server(args.models, host=args.host, port=args.port, api_key=args.api_key,
+                          names=args.names, device=args.device, dtype=args.dtype,
+                          n_threads=args.threads, verbose=args.verbose,
+                          max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens,
+                          timeout=args.timeout, max_batch=args.max_batch,
+                          batch_window_ms=args.batch_window_ms)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"slm serve: warning: listening on {args.host} without --api-key; anyone who can "
+              "reach this port can use the models", file=sys.stderr)
+    print(f"slm serve: {', '.join(server.model_names)} at {server.url}/v1 "
+          f"(playground: {server.url}/); Ctrl-C stops", file=sys.stderr)
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
