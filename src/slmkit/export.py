@@ -1,0 +1,407 @@
+"""Export a model to GGUF for llama.cpp and Ollama, with an Ollama Modelfile beside it.
+
+    slm export default --quant q8_0 --out smollm2.q8_0.gguf
+    slm export runs/demo/student --quant q4_0 --out student.gguf
+    llama-cli -m smollm2.q8_0.gguf -cnv            # or: ollama create smollm2 -f Modelfile
+
+Architectures: the llama family (Llama, Mistral, SmolLM; GGUF arch `llama`) and Qwen2 (GGUF arch
+`qwen2`, with its q/k/v biases). Quantisation: f32, f16, q8_0 (~8.5 bits a weight) and q4_0
+(~4.5 bits; the output projection stays q8_0, as llama-quantize keeps it at high precision).
+Norms and other 1-D tensors stay f32 in every mode. The tokenizer must be a byte-level BPE
+(GPT-2 style, as in SmolLM and Qwen2); it is written as llama.cpp's `gpt2` tokenizer model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmkit import models
+from slmkit.errors import UsageError
+
+QUANTS = ("f32", "f16", "q8_0", "q4_0")
+# HF model_type -> GGUF architecture. Mistral without sliding-window attention is a llama.
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+# HF tensor name (layer index removed) -> GGUF tensor name, as llama.cpp's loader looks them up.
+TENSOR_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+# The pre-tokenizer regexes of the tokenizers llama.cpp knows by name (tokenizer.ggml.pre).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_NAMES = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
+
+# llama.cpp token types (tokenizer.ggml.token_type)
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+def add_arguments(p):
+    p.add_argument("model", help=models.WEIGHTS_HELP)
+    p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf)")
+    p.add_argument("--quant", choices=QUANTS, default="q8_0",
+                   help="weight type: f32, f16, q8_0 (default; ~8.5 bits/weight) or q4_0 (~4.5)")
+    p.add_argument("--out", help="output .gguf file (default: ./NAME.QUANT.gguf); an Ollama "
+                                 "`Modelfile` is written in the same folder")
+
+
+def run(args) -> int:
+    out = Path(args.out) if args.out else Path(f"{model_name(args.model)}.{args.quant}.gguf")
+    path = export_gguf(args.model, out, quant=args.quant)
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 2**20:.1f} MiB, {args.quant}) and {path.parent / 'Modelfile'}")
+    print(f"  llama.cpp: llama-cli -m {path} -cnv")
+    print(f"  Ollama:    cd {path.parent} && ollama create {path.stem.split('.')[0]} -f Modelfile")
+    return 0
+
+
+# --------------------------------------------------------------------------- the export
+
+@dataclass
+class Planned:
+    """One tensor of the output file: where it comes from and how it is stored."""
+    hf_name: str
+    name: str                   # GGUF name, e.g. blk.3.attn_q.weight
+    shape: tuple[int, ...]      # numpy (row-major) shape, e.g. (out_features, in_features)
+    qtype: object               # gguf.GGMLQuantizationType
+    permute_heads: int = 0      # >0: apply the rotary row permutation with this many heads
+
+
+def export_gguf(model, out, quant: str = "q8_0") -> Path:
+    """Write MODEL (an HF folder, a .gguf file or `default`) as a GGUF file at `out`, and an
+    Ollama `Modelfile` beside it. Written to a temporary sibling, then renamed into place.
+    Returns the path of the .gguf file."""
+    import gguf
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    if quant not in QUANTS:
+        raise UsageError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise UsageError(f"--out {out}: give a file name ending in .gguf")
+    folder = models.resolve(model)
+    cfg = models.read_config(folder)
+    arch = gguf_arch(cfg, folder)
+    tok = tokenizer_metadata(folder, cfg["vocab_size"])
+
+    shards = models.weight_files(folder)
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for shard in shards:
+        for name, meta in models.safetensors_header(shard).items():
+            if name != "__metadata__":
+                shapes[name] = (tuple(meta["shape"]), shard)
+    plan = plan_tensors(cfg, arch, {k: s for k, (s, _) in shapes.items()}, quant)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        write_metadata(writer, cfg, arch, quant, model_name(model))
+        write_tokenizer(writer, tok)
+        for t in plan:
+            dtype, nbytes, shape = stored_layout(t)
+            writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        handles = {}
+        for t in tqdm(plan, desc=f"export {quant}", unit="tensor", file=sys.stderr,
+                      disable=len(plan) < 50):
+            shard = shapes[t.hf_name][1]
+            if shard not in handles:
+                handles[shard] = safe_open(str(shard), framework="pt")
+            w = handles[shard].get_tensor(t.hf_name).float().numpy()
+            if t.permute_heads:
+                w = rotary_permute(w, t.permute_heads)
+            writer.write_tensor_data(encode(w, t.qtype))
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    with models.atomic_write(out.parent / "Modelfile") as f:
+        f.write(modelfile(out.name, tok["chat_template"], tok["eos_text"]))
+    return out
+
+
+def model_name(spec) -> str:
+    """A short name for general.name and default file names."""
+    if str(spec) == models.DEFAULT:
+        return models.default_gguf().name.split(".")[0]
+    return Path(str(spec)).name.removesuffix(".gguf") or "model"
+
+
+def gguf_arch(cfg: dict, folder: Path) -> str:
+    """Check that llama.cpp computes the same function as transformers for this config."""
+    model_type = cfg.get("model_type")
+    where = f"{folder}/config.json"
+    if model_type not in ARCHS:
+        raise UsageError(f"{where}: `slm export` does not support the {model_type} architecture "
+                         f"({(cfg.get('architectures') or ['?'])[0]}) yet; supported: llama, "
+                         "mistral, SmolLM (llama) and qwen2")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UsageError(f"{where}: hidden_act `{cfg['hidden_act']}` is not supported; "
+                         "llama.cpp's llama/qwen2 graphs use SiLU")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type != "default":
+        raise UsageError(f"{where} (key `rope_parameters`): rope type `{rope_type}` is not "
+                         "supported by `slm export` yet; only plain RoPE is")
+    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
+        raise UsageError(f"{where}: sliding-window attention is not supported by `slm export` "
+                         "(llama.cpp's qwen2 graph attends the whole context)")
+    heads = cfg["num_attention_heads"]
+    if (cfg.get("head_dim") or cfg["hidden_size"] // heads) % 2:
+        raise UsageError(f"{where}: head_dim must be even for rotary embeddings")
+    return ARCHS[model_type]
+
+
+def plan_tensors(cfg: dict, arch: str, shapes: dict[str, tuple[int, ...]], quant: str) -> list[Planned]:
+    """HF tensor names and shapes -> the tensors of the GGUF file, in llama.cpp's order
+    (embedding, layers 0..n-1, final norm, output)."""
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    plan = []
+    for hf_name, shape in shapes.items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # the same tensor as token_embd; llama.cpp reuses token_embd when output is absent
+        name = gguf_name(hf_name)
+        permute = 0
+        # llama.cpp's `llama` graph rotates adjacent pairs (2i, 2i+1); HF rotates (i, i + d/2).
+        # qwen2 runs NeoX-style rope in llama.cpp, which is HF's layout: no permutation there.
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            permute = heads
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            permute = kv_heads
+        is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+        plan.append(Planned(hf_name, name, shape, tensor_type(shape, quant, is_output), permute))
+    if not tied and "lm_head.weight" not in shapes:
+        raise UsageError("the checkpoint has untied embeddings but no lm_head.weight; it is incomplete")
+
+    def order(t: Planned):
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        rank = {"token_embd.weight": -1, "output_norm.weight": 1 << 30, "output.weight": 1 << 31}
+        return (int(m.group(1)) if m else rank[t.name], t.name)
+
+    plan.sort(key=order)
+    return plan
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in TENSOR_NAMES:
+        return TENSOR_NAMES[hf_name]
+    m = LAYER_RE.match(hf_name)
+    if m and m.group(2) in TENSOR_NAMES:
+        layer, part, kind = m.groups()
+        return f"blk.{layer}.{TENSOR_NAMES[part]}.{kind}"
+    raise UsageError(f"tensor `{hf_name}` has no GGUF equivalent known to `slm export`; the "
+                     "checkpoint is not a plain llama/mistral/qwen2 model")
+
+
+def tensor_type(shape: tuple[int, ...], quant: str, is_output: bool):
+    """The stored type of one tensor. 1-D tensors (norms, biases) stay f32: they are tiny and
+    llama.cpp adds/multiplies them in f32. Quantised types need rows that are whole blocks
+    (32 values); other matrices fall back to f16, as llama.cpp's converter does."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    if len(shape) == 1 or quant == "f32":
+        return Q.F32
+    if quant == "f16":
+        return Q.F16
+    qtype = Q.Q8_0 if quant == "q8_0" or is_output else Q.Q4_0
+    return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else Q.F16
+
+
+def stored_layout(t: Planned):
+    """(numpy dtype, bytes, shape as GGUFWriter.add_tensor_info takes it) of a planned tensor."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quant_shape_to_byte_shape
+
+    n = models.numel(t.shape)
+    if t.qtype == Q.F32:
+        return np.float32, 4 * n, t.shape
+    if t.qtype == Q.F16:
+        return np.float16, 2 * n, t.shape
+    byte_shape = quant_shape_to_byte_shape(t.shape, t.qtype)
+    return np.uint8, models.numel(byte_shape), byte_shape
+
+
+def encode(w, qtype):
+    """float32 array -> the array written to the file (f32, f16, or quantised bytes)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if qtype == Q.F32:
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(w, dtype=np.float16)
+    return quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+
+
+def rotary_permute(w, n_heads: int):
+    """Reorder the rows of a q/k projection (weight [heads*head_dim, in] or bias [heads*head_dim])
+    from HF's rotate-half layout to llama.cpp's interleaved one. Within a head, HF rotates row i
+    with row i + head_dim/2; llama.cpp rotates rows 2i and 2i+1. So row (half, i) of each head
+    moves to position (i, half)."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    per_head = w.reshape(n_heads, 2, half, *w.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(w.shape)
+
+
+def write_metadata(writer, cfg: dict, arch: str, quant: str, name: str) -> None:
+    import gguf
+
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rope = cfg.get("rope_parameters") or {}
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+    writer.add_name(name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * heads != cfg["hidden_size"]:  # e.g. an explicit head_dim after width pruning
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
+    """Everything llama.cpp needs to tokenise like the HF tokenizer in `folder`:
+    tokens in id order (padded to the model's vocab_size), token types, merges, the
+    pre-tokenizer name, special ids, add_bos/add_eos and the chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer in `{folder}`: {str(e).splitlines()[0]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise UsageError(f"{folder}: `slm export` needs a fast tokenizer (tokenizer.json)")
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    bpe = spec["model"]
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or not byte_level:
+        raise UsageError(f"{folder}/tokenizer.json: only byte-level BPE tokenizers (GPT-2 style, as "
+                         "in SmolLM and Qwen2) can be exported so far; this one is "
+                         f"{bpe.get('type')} with decoder {(spec.get('decoder') or {}).get('type')}")
+    by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in bpe["vocab"].items()}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = (added["content"], CONTROL if added["special"] else USER_DEFINED)
+    if max(by_id) >= vocab_size:
+        raise UsageError(f"{folder}: the tokenizer has ids up to {max(by_id)} but the model's "
+                         f"vocab_size is {vocab_size}; tokenizer and weights do not belong together")
+    # ids the tokenizer never produces (embedding rows padded to a round size) become unused tokens
+    tokens = [by_id.get(i, (f"[PAD{i}]", UNUSED)) for i in range(vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    probe = tok("a").input_ids  # does the tokenizer itself add BOS/EOS around plain text?
+    template = tok.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    return {
+        "tokens": [t for t, _ in tokens],
+        "types": [k for _, k in tokens],
+        "merges": merges,
+        "pre": pre_tokenizer_name(spec.get("pre_tokenizer"), folder),
+        "bos": tok.bos_token_id, "eos": tok.eos_token_id,
+        "pad": tok.pad_token_id, "unk": tok.unk_token_id,
+        "eos_text": tok.eos_token,
+        "add_bos": len(probe) > 1 and probe[0] == tok.bos_token_id,
+        "add_eos": len(probe) > 1 and probe[-1] == tok.eos_token_id,
+        "chat_template": template,
+    }
+
+
+def pre_tokenizer_name(pre: dict | None, folder: Path) -> str:
+    """The llama.cpp pre-tokenizer (tokenizer.ggml.pre) that splits text exactly like this HF
+    pre-tokenizer. llama.cpp knows pre-tokenizers by name only, so we match the known shapes."""
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]
+    steps = [s for s in steps or [] if s]
+    kinds = [s["type"] for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"  # the GPT-2 regex
+    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and steps[1].get("use_regex", True)):
+        return "smollm"  # single digits, then the GPT-2 regex (SmolLM's tokenizer.json)
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLIT_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
+        if name:
+            return name
+    raise UsageError(f"{folder}/tokenizer.json (key `pre_tokenizer`): no llama.cpp pre-tokenizer is "
+                     f"known to match {json.dumps(pre)[:200]}; supported: GPT-2 byte-level, "
+                     "SmolLM, Qwen2, Llama 3")
+
+
+def write_tokenizer(writer, tok: dict) -> None:
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["types"])
+    writer.add_token_merges(tok["merges"])
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+        if tok[key] is not None:
+            add(tok[key])
+    writer.add_add_bos_token(tok["add_bos"])
+    writer.add_add_eos_token(tok["add_eos"])
+    if tok["chat_template"]:
+        writer.add_chat_template(tok["chat_template"])
+
+
+# --------------------------------------------------------------------------- Ollama
+
+CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+
+
+def modelfile(gguf_file: str, chat_template: str | None, eos: str | None) -> str:
+    """An Ollama Modelfile for the GGUF file `gguf_file` in the same folder. ChatML templates
+    (<|im_start|>role ... <|im_end|>, SmolLM's and Qwen's) get Ollama's Go-template form; for
+    other templates Ollama derives one from the GGUF's tokenizer.chat_template."""
+    lines = [f"# Ollama: ollama create NAME -f Modelfile", f"FROM ./{gguf_file}"]
+    stops = []
+    if chat_template and "<|im_start|>" in chat_template:
+        lines.append(f'TEMPLATE """{CHATML_TEMPLATE}"""')
+        stops += ["<|im_start|>", "<|im_end|>"]
+    if eos and eos not in stops:
+        stops.append(eos)
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
