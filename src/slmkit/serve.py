@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,6 +90,7 @@ class Batcher:
     def __init__(self, backend: Backend, max_batch: int, window_s: float):
         self.backend, self.max_batch, self.window_s = backend, max_batch, window_s
         self.queue: queue.Queue = queue.Queue()
+        self.batch_sizes: Counter = Counter()  # size -> how many batches had it
         self.thread = threading.Thread(target=self._loop, name=f"batcher-{backend.name}", daemon=True)
         self.thread.start()
 
@@ -124,6 +126,7 @@ class Batcher:
                     live.append((req, fut))
             if not live:
                 continue
+            self.batch_sizes[len(live)] += 1
             try:
                 results = self.backend.run([req for req, _ in live])
             except Exception as e:  # a bug or a bad request that slipped through: fail them all
