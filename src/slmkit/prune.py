@@ -1,0 +1,577 @@
+"""Cut a smaller model out of the teacher by measured importance: whole layers (depth) and
+attention heads / KV groups, MLP channels and hidden channels (width). The result is a standard
+checkpoint of the same architecture with a plain, homogeneous config.
+
+    slm prune default --target 0.5 --calib data.jsonl --out pruned          # half the parameters
+    slm prune default --target 60M --method depth --calib data.jsonl --out pruned
+    slm prune default --layers 24 --ffn 1024 --task summarize --out pruned   # an explicit shape
+    slm prune default --target 0.5 --dry-run                                 # print the plan only
+
+Importance comes from forward passes over calibration text (no gradients):
+  - depth: Block Influence of each layer, 1 - cos(layer input, layer output) averaged over tokens
+    (ShortGPT, arXiv 2403.03853); the layers that change the residual stream least go first;
+  - width (Minitron, arXiv 2407.14679): a head by the L2 norm of its output (the input of o_proj,
+    split per head), an MLP channel by its |activation| (the input of down_proj / fc2), a hidden
+    channel by the |output| of every RMSNorm/LayerNorm that reads the residual stream; each is
+    averaged over the sequence, then aggregated as an L2 norm over the batch. A KV group scores
+    the sum of its heads.
+
+Budget rule (`--target`): parameters are counted exactly from the weight shapes.
+  - depth: the most layers that fit the budget;
+  - width: one ratio r, ffn = r*ffn and hidden = sqrt(r)*hidden (hidden shrinks less, as in
+    Minitron's 4B, whose hidden went 4096 -> 3072 while its MLP went 14336 -> 9216), rounded
+    down to multiples of 32 (8 for dimensions under 256) so GGUF block quantisation still applies;
+    heads are kept; the largest r that fits is chosen (the closest candidate from below);
+  - both: first remove up to a quarter of the layers (ShortGPT drops ~25% with modest loss);
+    when that alone does not reach the budget, the width rule shrinks the rest.
+head_dim never changes: config.head_dim is written explicitly, so hidden need not equal
+heads * head_dim (as in Llama-3.1-Minitron-4B-Width: hidden 3072, 32 heads of 128).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import re
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from slmkit import models
+from slmkit.errors import UsageError
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
+METHODS = ("depth", "width", "both")
+DEPTH_CAP = 0.25
+"""`both`: the most layers (as a fraction of all) removed before width pruning starts."""
+
+# module name -> what the rows (output) and columns (input) of its weight index. 1-D parameters
+# (biases, norm weights) follow the rows. q = query heads x head_dim, kv = KV groups x head_dim,
+# qkv = Phi-3's fused [q; k; v], ffn2 = Phi-3's fused [gate; up].
+AXES = {
+    "embed_tokens": (None, "hidden"), "lm_head": (None, "hidden"),
+    "q_proj": ("q", "hidden"), "k_proj": ("kv", "hidden"), "v_proj": ("kv", "hidden"),
+    "qkv_proj": ("qkv", "hidden"), "o_proj": ("hidden", "q"), "dense": ("hidden", "q"),
+    "gate_proj": ("ffn", "hidden"), "up_proj": ("ffn", "hidden"), "gate_up_proj": ("ffn2", "hidden"),
+    "down_proj": ("hidden", "ffn"), "fc1": ("ffn", "hidden"), "fc2": ("hidden", "ffn"),
+    "input_layernorm": ("hidden",), "post_attention_layernorm": ("hidden",),
+    "norm": ("hidden",), "final_layernorm": ("hidden",),
+    "q_norm": (None,), "k_norm": (None,),  # Qwen3: per head_dim, shared by all heads
+}
+LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+
+
+# --------------------------------------------------------------------------- shapes and counts
+
+def source_shape(cfg: dict) -> Shape:
+    heads = cfg["num_attention_heads"]
+    return Shape(layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"],
+                 ffn=cfg["intermediate_size"], heads=heads,
+                 kv_heads=cfg.get("num_key_value_heads") or heads)
+
+
+def head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def check_arch(cfg: dict, where: str) -> None:
+    arch = cfg.get("model_type")
+    if arch not in ARCHS:
+        raise UsageError(f"{where}: slm prune does not support architecture `{arch}`; "
+                         f"supported: {', '.join(ARCHS)}")
+    if arch == "phi" and cfg.get("qk_layernorm"):
+        raise UsageError(f"{where}: Phi with qk_layernorm is not supported by slm prune "
+                         "(its q/k norms are sized hidden/heads)")
+
+
+def axes(key: str, ndim: int) -> tuple:
+    module = key.split(".")[-2]
+    if module not in AXES:
+        raise UsageError(f"slm prune does not know how to prune parameter `{key}`; "
+                         f"supported architectures: {', '.join(ARCHS)}")
+    return AXES[module][:ndim]
+
+
+def layer_of(key: str) -> int | None:
+    m = LAYER_RE.search(key)
+    return int(m.group(1)) if m else None
+
+
+def axis_sizes(shape: Shape, hd: int) -> dict[str, int]:
+    return {"hidden": shape.hidden, "q": shape.heads * hd, "kv": shape.kv_heads * hd,
+            "qkv": (shape.heads + 2 * shape.kv_heads) * hd, "ffn": shape.ffn, "ffn2": 2 * shape.ffn}
+
+
+def count_params(cfg: dict, shapes: dict[str, list[int]], dst: Shape) -> int:
+    """Exact parameter count of the model `dst` would give, from the source's weight shapes
+    (safetensors headers; no weights loaded). Tied embeddings count once."""
+    sizes = axis_sizes(dst, head_dim(cfg))
+    new = {}
+    for key, shape in shapes.items():
+        layer = layer_of(key)
+        if layer is not None and layer >= dst.layers:  # layers are homogeneous: any dst.layers do
+            continue
+        new[key] = [sizes[a] if a else d for a, d in zip(axes(key, len(shape)), shape)]
+    return models.describe_shapes(cfg, new)["parameters"]
+
+
+def header_shapes(folder: Path) -> dict[str, list[int]]:
+    shapes = {}
+    for shard in models.weight_files(folder):
+        for name, meta in models.safetensors_header(shard).items():
+            if name != "__metadata__":
+                shapes[name] = meta["shape"]
+    return shapes
+
+
+def check_shape(src: Shape, dst: Shape) -> None:
+    """Raise a UsageError naming the flag when `dst` cannot be cut out of `src`."""
+    for flag, new, old in (("--layers", dst.layers, src.layers), ("--hidden", dst.hidden, src.hidden),
+                           ("--ffn", dst.ffn, src.ffn), ("--kv-heads", dst.kv_heads, src.kv_heads),
+                           ("--heads", dst.heads, src.heads)):
+        if not 1 <= new <= old:
+            raise UsageError(f"{flag} {new}: must be between 1 and the model's {old} "
+                             "(pruning only removes)")
+    if dst.heads % dst.kv_heads:
+        raise UsageError(f"--heads {dst.heads} is not divisible by --kv-heads {dst.kv_heads}; "
+                         "every KV group must keep the same number of query heads")
+    per_group = src.heads // src.kv_heads
+    if dst.heads // dst.kv_heads > per_group:
+        raise UsageError(f"--heads {dst.heads} with --kv-heads {dst.kv_heads} needs "
+                         f"{dst.heads // dst.kv_heads} heads per KV group but the model has "
+                         f"{per_group}; use --heads <= {dst.kv_heads * per_group}")
+
+
+def explicit_shape(src: Shape, layers=None, hidden=None, ffn=None, heads=None, kv_heads=None) -> Shape:
+    """Fill unspecified dimensions from the source. For GQA, --kv-heads alone keeps the heads per
+    group; --heads alone keeps the KV groups. For MHA (heads == kv heads) they move together."""
+    per_group = src.heads // src.kv_heads
+    if heads is None and kv_heads is not None:
+        heads = kv_heads * per_group
+    if kv_heads is None and heads is not None:
+        kv_heads = heads if per_group == 1 else src.kv_heads
+    dst = Shape(layers=layers or src.layers, hidden=hidden or src.hidden, ffn=ffn or src.ffn,
+                heads=heads or src.heads, kv_heads=kv_heads or src.kv_heads)
+    for flag, v in (("--layers", layers), ("--hidden", hidden), ("--ffn", ffn), ("--heads", heads),
+                    ("--kv-heads", kv_heads)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} {v}: must be a positive number")
+    check_shape(src, dst)
+    return dst
+
+
+def parse_target(text, total: int) -> int:
+    """`0.5` (fraction of the parameters), `60M`, `1.2B`, `800K` or a plain count -> parameters."""
+    s = str(text).strip().upper().replace("_", "").replace(",", "")
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(s[-1:], None)
+    try:
+        value = float(s[:-1] if scale else s)
+    except ValueError:
+        raise UsageError(f"--target {text}: give a fraction of the parameters (0.5) or a count "
+                         "(60M, 1.2B, 800K, 60000000)") from None
+    fraction = scale is None and ("." in s or value < 1)  # 0.5 and 1.0 are fractions, 60000000 a count
+    n = round(value * total) if fraction else round(value * (scale or 1))
+    if n <= 0:
+        raise UsageError(f"--target {text}: must be positive")
+    if n >= total:
+        raise UsageError(f"--target {text}: {n:,} parameters is not smaller than the model "
+                         f"({total:,}); give a fraction below 1 or a smaller count")
+    return n
+
+
+def align_down(x: float, full: int) -> int:
+    step = 32 if full >= 256 else 8
+    return max(step, int(x) // step * step) if full > step else full
+
+
+def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
+    """The shape the budget rule (module docstring) picks; `count(shape) -> parameters`."""
+    if method not in METHODS:
+        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
+
+    def by_depth(max_removed: int) -> Shape | None:
+        for n in range(1, max_removed + 1):
+            shape = replace(src, layers=src.layers - n)
+            if count(shape) <= target:
+                return shape
+        return None
+
+    def by_width(base: Shape) -> Shape | None:
+        for step in range(1, 1000):
+            r = 1 - step / 1000
+            shape = replace(base, ffn=align_down(r * src.ffn, src.ffn),
+                            hidden=align_down(math.sqrt(r) * src.hidden, src.hidden))
+            if count(shape) <= target:
+                return shape
+        return None
+
+    if method == "depth":
+        shape = by_depth(src.layers - 1)
+    elif method == "width":
+        shape = by_width(src)
+    else:
+        cap = max(1, int(src.layers * DEPTH_CAP))
+        shape = by_depth(cap) or by_width(replace(src, layers=src.layers - cap))
+    if shape is None:
+        raise UsageError(f"--target: {target:,} parameters cannot be reached with --method "
+                         f"{method} (the smallest such model has {count(_smallest(src, method)):,}); "
+                         "use --method both or a larger target")
+    return shape
+
+
+def _smallest(src: Shape, method: str) -> Shape:
+    if method == "depth":
+        return replace(src, layers=1)
+    layers = src.layers if method == "width" else src.layers - max(1, int(src.layers * DEPTH_CAP))
+    return replace(src, layers=layers, ffn=align_down(0, src.ffn), hidden=align_down(0, src.hidden))
+
+
+# --------------------------------------------------------------------------- calibration
+
+def calibration_texts(calib=None, task: str | None = None) -> list[str]:
+    """Texts from a .txt/.jsonl file, else from a task preset's shipped examples."""
+    from slmkit import data, tasks
+
+    if calib is not None:
+        return data.calibration_texts(calib)
+    if task is not None:
+        examples = data.load_examples(tasks.preset_data(task), task=tasks.get_task(task))
+        texts = ["\n".join(t for t in (ex.prompt, ex.answer, ex.text) if t) for ex in examples]
+        return [t for t in texts if t.strip()]
+    raise UsageError("give calibration data: --calib FILE (.txt or .jsonl) or --task PRESET")
+
+
+def calibration_batch(tokenizer, texts: list[str], num_samples: int, seq_len: int, seed: int = 0):
+    """Shuffle the texts (seeded), tokenise them with EOS between, and cut the stream into
+    `num_samples` rows of `seq_len` tokens (fewer when the data run out; no padding anywhere).
+    Returns a LongTensor (N, T)."""
+    import torch
+
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    need = num_samples * seq_len
+    stream: list[int] = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in order:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        if len(stream) >= need:
+            break
+    if len(stream) <= len(eos):
+        raise UsageError("the calibration data hold no tokens; give a file with text")
+    if len(stream) < seq_len:
+        return torch.tensor([stream])
+    n = min(num_samples, len(stream) // seq_len)
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+# --------------------------------------------------------------------------- importance
+
+def _modules(model):
+    """(decoder layers, [(attention output proj, MLP down proj, [norms]) per layer], final norm)."""
+    base = model.model
+    phi = model.config.model_type == "phi"
+    parts = []
+    for layer in base.layers:
+        attn_out = layer.self_attn.dense if phi else layer.self_attn.o_proj
+        down = layer.mlp.fc2 if phi else layer.mlp.down_proj
+        norms = [layer.input_layernorm] if phi else [layer.input_layernorm, layer.post_attention_layernorm]
+        parts.append((attn_out, down, norms))
+    return base.layers, parts, (base.final_layernorm if phi else base.norm)
+
+
+def measure_importance(model, ids, batch_size: int = 8, device=None) -> dict:
+    """Forward passes over `ids` (N, T) with hooks; returns float32 CPU tensors:
+    block_influence (L,), heads (L, H), ffn (L, F), hidden (L, D) summed over each layer's norms,
+    and final_hidden (D,) from the final norm."""
+    import torch
+    from tqdm import tqdm
+
+    cfg = model.config
+    device = device or next(model.parameters()).device
+    layers, parts, final_norm = _modules(model)
+    L, H, hd = len(layers), cfg.num_attention_heads, model.model.layers[0].self_attn.head_dim
+    sq = {"heads": torch.zeros(L, H), "ffn": torch.zeros(L, cfg.intermediate_size),
+          "hidden": torch.zeros(L, cfg.hidden_size), "final_hidden": torch.zeros(cfg.hidden_size)}
+    bi_sum, tokens = torch.zeros(L), [0]
+
+    def add(name, i, x):  # x (B, D): per-sequence means; squares summed = L2 over the batch later
+        x = x.float().cpu().pow(2).sum(0)
+        if i is None:
+            sq[name] += x
+        else:
+            sq[name][i] += x
+
+    hooks = []
+    for i, (attn_out, down, norms) in enumerate(parts):
+        hooks.append(attn_out.register_forward_pre_hook(
+            lambda m, a, i=i: add("heads", i, a[0].unflatten(-1, (H, hd)).norm(dim=-1).mean(1))))
+        hooks.append(down.register_forward_pre_hook(
+            lambda m, a, i=i: add("ffn", i, a[0].abs().mean(1))))
+        for norm in norms:
+            hooks.append(norm.register_forward_hook(
+                lambda m, a, out, i=i: add("hidden", i, out.abs().mean(1))))
+
+        def block(m, args, kwargs, out, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # (B, T)
+            bi_sum[i] += (1 - cos).sum().cpu()
+            if i == 0:
+                tokens[0] += cos.numel()
+        hooks.append(layers[i].register_forward_hook(block, with_kwargs=True))
+    hooks.append(final_norm.register_forward_hook(
+        lambda m, a, out: add("final_hidden", None, out.abs().mean(1))))
+    try:
+        with torch.no_grad(), models.autocast(device):
+            for start in tqdm(range(0, len(ids), batch_size), desc="importance", unit="batch",
+                              file=sys.stderr, total=math.ceil(len(ids) / batch_size)):
+                # the base model only: importance needs no logits, and skipping lm_head saves time
+                model.model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    scores = {k: v.sqrt() for k, v in sq.items()}
+    scores["block_influence"] = bi_sum / max(tokens[0], 1)
+    return scores
+
+
+def _top(scores, k: int) -> list[int]:
+    """Indices of the k largest scores, in ascending index order (order is what weights need)."""
+    import torch
+
+    return sorted(torch.topk(scores.float(), k).indices.tolist())
+
+
+def select(scores: dict, src: Shape, dst: Shape) -> dict:
+    """What to keep, from importance scores (higher = more important):
+    layers (L',), hidden (D',), and per kept layer: kv_groups (K',), heads (H',) ordered group by
+    group, ffn (F',). Pass random scores for a random baseline of the same shape."""
+    import torch
+
+    layers = _top(scores["block_influence"], dst.layers)
+    hidden_score = scores["hidden"][layers].sum(0) + scores["final_hidden"]
+    keep = {"layers": layers, "hidden": _top(hidden_score, dst.hidden),
+            "kv_groups": [], "heads": [], "ffn": []}
+    per_group, new_per_group = src.heads // src.kv_heads, dst.heads // dst.kv_heads
+    for layer in layers:
+        heads = scores["heads"][layer].view(src.kv_heads, per_group)  # (K, H/K): heads by group
+        groups = _top(heads.sum(1), dst.kv_heads)
+        keep["kv_groups"].append(groups)
+        keep["heads"].append([g * per_group + h for g in groups for h in _top(heads[g], new_per_group)])
+        keep["ffn"].append(_top(scores["ffn"][layer], dst.ffn))
+    return keep
+
+
+# --------------------------------------------------------------------------- surgery
+
+def _index(keep: dict, j: int, src: Shape, hd: int) -> dict:
+    """Row/column indices of every axis kind for kept layer number j (LongTensors)."""
+    import torch
+
+    def expand(units):  # head index -> its head_dim rows
+        return (torch.tensor(units)[:, None] * hd + torch.arange(hd)).flatten()
+
+    q, kv = expand(keep["heads"][j]), expand(keep["kv_groups"][j])
+    ffn = torch.tensor(keep["ffn"][j])
+    return {"hidden": torch.tensor(keep["hidden"]), "q": q, "kv": kv, "ffn": ffn,
+            "qkv": torch.cat([q, src.heads * hd + kv, (src.heads + src.kv_heads) * hd + kv]),
+            "ffn2": torch.cat([ffn, src.ffn + ffn])}
+
+
+def prune_state_dict(state: dict, keep: dict, src: Shape, hd: int) -> dict:
+    """Slice every tensor to the kept layers / heads / channels; layers are renumbered 0..L'-1."""
+    position = {layer: j for j, layer in enumerate(keep["layers"])}
+    outer = _index(keep, 0, src, hd) if keep["layers"] else {}  # hidden is the same everywhere
+    new = {}
+    for key, t in state.items():
+        layer = layer_of(key)
+        index = outer
+        if layer is not None:
+            if layer not in position:
+                continue
+            index = _index(keep, position[layer], src, hd)
+            key = key.replace(f".layers.{layer}.", f".layers.{position[layer]}.", 1)
+        for dim, axis in enumerate(axes(key, t.dim())):
+            if axis:
+                t = t.index_select(dim, index[axis])
+        new[key] = t.contiguous()
+    return new
+
+
+def pruned_config(config, keep: dict, dst: Shape, hd: int):
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = dst.layers, dst.hidden, dst.ffn
+    cfg.num_attention_heads, cfg.num_key_value_heads = dst.heads, dst.kv_heads
+    cfg.head_dim = hd  # kept fixed; hidden may now differ from heads * head_dim
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [config.layer_types[i] for i in keep["layers"]]
+    if getattr(cfg, "max_window_layers", None) is not None:
+        cfg.max_window_layers = sum(i < config.max_window_layers for i in keep["layers"])
+    return cfg
+
+
+def apply_plan(model, keep: dict, dst: Shape):
+    """A new model of the same class holding only what `keep` names (see select())."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config.to_dict()
+    src, hd = source_shape(cfg), model.model.layers[0].self_attn.head_dim
+    state = prune_state_dict(model.state_dict(), keep, src, hd)
+    new = AutoModelForCausalLM.from_config(pruned_config(model.config, keep, dst, hd),
+                                           dtype=next(model.parameters()).dtype)
+    new.load_state_dict(state, strict=True)
+    if model.config.tie_word_embeddings:
+        new.tie_weights()
+    new.generation_config = copy.deepcopy(model.generation_config)
+    return new.to(next(model.parameters()).device).eval()
+
+
+# --------------------------------------------------------------------------- the command
+
+def _digest(values) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
+
+
+def format_plan(plan: dict) -> str:
+    a, b = plan["shape_before"], plan["shape_after"]
+    rows = [f"prune plan for {plan['source']} ({plan['architecture']}, method {plan['method']})"]
+    rows += [f"  {k:<9}{a[k]:>8} -> {b[k]}" for k in a]
+    rows.append(f"  params   {plan['parameters_before']:>12,} -> {plan['parameters_after']:,} "
+                f"({100 * plan['fraction']:.1f}%)")
+    if plan.get("target_parameters"):
+        rows.append(f"  target   {plan['target_parameters']:>12,} ({plan['rule']})")
+    return "\n".join(rows)
+
+
+def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: str = "both",
+          calib=None, task: str | None = None, num_samples: int | None = None, seq_len: int = 256,
+          dry_run: bool = False, seed: int = 0, device=None) -> dict:
+    """Cut a smaller model out of `teacher` (a MODEL spec) and save it to `out`; return the plan.
+
+    Arguments:
+        target: a parameter budget, `0.5` (fraction), `"60M"` or a count; or give `shape`.
+        shape: {layers, hidden, ffn, heads, kv_heads}, missing keys keep the teacher's value.
+        method: depth | width | both, how a `target` is met (see the module docstring).
+        calib: a .txt/.jsonl calibration file; else `task` names a preset whose examples are used.
+        num_samples, seq_len: calibration rows x tokens; num_samples defaults to 256 on CUDA and
+            32 on CPU (a 135M model scores ~3k tokens a minute on two busy cores).
+        dry_run: print and return the plan (shape and parameter counts) without loading weights.
+    """
+    import torch
+
+    folder = models.resolve(teacher)
+    cfg = models.read_config(folder)
+    check_arch(cfg, f"{folder}/config.json")
+    shapes = header_shapes(folder)
+    src = source_shape(cfg)
+    total = models.describe_shapes(cfg, shapes)["parameters"]
+    if count_params(cfg, shapes, src) != total:  # the counting rules must cover every tensor
+        raise UsageError(f"{folder}: unexpected weights for a {cfg['model_type']} model; "
+                         "slm prune cannot account for all of them")
+    if (target is None) == (shape is None):
+        raise UsageError("give either --target (a parameter budget) or an explicit shape "
+                         "(--layers/--hidden/--ffn/--heads/--kv-heads), not both or neither")
+    target_n = None
+    if target is not None:
+        target_n = parse_target(target, total)
+        dst = plan_shape(src, lambda s: count_params(cfg, shapes, s), target_n, method)
+    else:
+        unknown = set(shape) - {"layers", "hidden", "ffn", "heads", "kv_heads"}
+        if unknown:
+            raise UsageError(f"shape: unknown key(s) {', '.join(sorted(unknown))}; "
+                             "use layers, hidden, ffn, heads, kv_heads")
+        dst = explicit_shape(src, **shape)
+        if dst == src:
+            raise UsageError("the shape equals the model's; give a smaller --layers/--hidden/"
+                             "--ffn/--heads/--kv-heads or a --target")
+        method = "shape"
+    if not dry_run and out is None:
+        raise UsageError("give --out FOLDER for the pruned model (or --dry-run)")
+    if (num_samples is not None and num_samples < 1) or seq_len < 2:
+        raise UsageError("--num-samples must be >= 1 and --seq-len >= 2")
+    texts = calibration_texts(calib, task)  # read (and validated) before any heavy work
+    after = count_params(cfg, shapes, dst)
+    plan = {
+        "source": str(teacher), "architecture": cfg.get("architectures", [cfg["model_type"]])[0],
+        "method": method, "target_parameters": target_n,
+        "rule": "explicit shape" if target is None else f"{method}: largest model <= target",
+        "shape_before": asdict(src), "shape_after": asdict(dst), "head_dim": head_dim(cfg),
+        "parameters_before": total, "parameters_after": after, "fraction": after / total,
+    }
+    print(format_plan(plan))
+    if dry_run:
+        return plan
+
+    device = models.pick_device(device)
+    num_samples = num_samples or (256 if device.type == "cuda" else 32)
+    model, tok = models.load_folder(folder, device=device)
+    ids = calibration_batch(tok, texts, num_samples, seq_len, seed=seed)
+    scores = measure_importance(model, ids, device=device)
+    keep = select(scores, src, dst)
+    pruned = apply_plan(model, keep, dst)
+    got = models.count_parameters(pruned)
+    if got != after:
+        raise RuntimeError(f"pruned model has {got:,} parameters, the plan said {after:,}")
+    plan["calibration"] = {
+        "file": str(calib) if calib is not None else None, "task": task if calib is None else None,
+        "sha256": _calib_hash(calib, task), "sequences": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]), "seed": seed}
+    plan["kept"] = keep
+    plan["importance"] = {
+        "block_influence": [round(v, 6) for v in scores["block_influence"].tolist()],
+        "heads": [[round(v, 5) for v in row] for row in scores["heads"].tolist()],
+        "hidden": [round(v, 5) for v in (scores["hidden"][keep["layers"]].sum(0)
+                                         + scores["final_hidden"]).tolist()],
+        # (L, F) floats are large; the kept indices above are exact, the scores are summarised
+        "ffn_sha256": hashlib.sha256(scores["ffn"].numpy().tobytes()).hexdigest(),
+        "ffn_mean_per_layer": [round(v, 5) for v in scores["ffn"].mean(1).tolist()],
+    }
+    with torch.no_grad():
+        models.save_model(pruned, tok, out, extra={"prune_plan.json": plan})
+    print(f"wrote {out}: {got:,} parameters ({100 * got / total:.1f}% of {total:,})")
+    return plan
+
+
+def _calib_hash(calib, task) -> str:
+    from slmkit import data, tasks
+
+    return data.file_hash(calib if calib is not None else tasks.preset_data(task))
+
+
+def add_arguments(p):
+    p.add_argument("model", help="the teacher: HF folder, .gguf file, or `default`")
+    p.add_argument("--out", help="folder for the pruned model (a standard HF checkpoint)")
+    p.add_argument("--target", help="parameter budget: a fraction (0.5) or a count (60M, 1.2B)")
+    p.add_argument("--method", choices=METHODS, default="both",
+                   help="how a --target is met: layers, width, or layers then width (default)")
+    for flag in ("layers", "hidden", "ffn", "heads", "kv-heads"):
+        p.add_argument(f"--{flag}", type=int, help=f"explicit shape: {flag} to keep")
+    p.add_argument("--calib", help="calibration text: .jsonl (string fields joined) or .txt")
+    p.add_argument("--task", help="use this task preset's examples as calibration data")
+    p.add_argument("--num-samples", type=int, help="calibration rows (default 256 on CUDA, 32 on CPU)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the calibration texts")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; load no weights, write nothing")
+
+
+def run(args) -> int:
+    shape = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "kv_heads")
+             if getattr(args, k) is not None} or None
+    prune(args.model, args.out, target=args.target, shape=shape, method=args.method,
+          calib=args.calib, task=args.task, num_samples=args.num_samples, seq_len=args.seq_len,
+          dry_run=args.dry_run, seed=args.seed, device=args.device)
+    return 0

@@ -1,0 +1,283 @@
+"""slm prune on the tiny fixtures (4 layers, hidden 32, ffn 64, 4 heads of 8, 2 KV groups; Phi has
+4 KV heads). The pruned model must compute exactly what the original computes with the removed
+parts masked to zero."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmkit import models
+from slmkit import prune as P
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: two threads spin against each other (~100x slower
+    under load); one thread is plenty."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_keep(model, dst: P.Shape, seed=0) -> dict:
+    """What to keep, chosen by random importance scores (so no calibration is needed)."""
+    cfg = model.config
+    src = P.source_shape(cfg.to_dict())
+    g = torch.Generator().manual_seed(seed)
+    L, D = src.layers, src.hidden
+    scores = {"block_influence": torch.rand(L, generator=g), "heads": torch.rand(L, src.heads, generator=g),
+              "ffn": torch.rand(L, src.ffn, generator=g), "hidden": torch.rand(L, D, generator=g),
+              "final_hidden": torch.rand(D, generator=g)}
+    return P.select(scores, src, dst)
+
+
+def masked_reference(model, keep: dict):
+    """The original model with removed layers, heads and MLP channels masked to zero: a removed
+    layer writes nothing to the residual stream (o_proj/down_proj and their biases zeroed, so the
+    block is the identity); a removed head's and channel's outputs are zeroed where they enter
+    o_proj / down_proj."""
+    ref = copy.deepcopy(model)
+    _, parts, _ = P._modules(ref)
+    H, F_ = ref.config.num_attention_heads, ref.config.intermediate_size
+    hd = ref.model.layers[0].self_attn.head_dim
+    with torch.no_grad():
+        for i, (attn_out, down, _) in enumerate(parts):
+            if i not in keep["layers"]:
+                for lin in (attn_out, down):
+                    lin.weight.zero_()
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+                continue
+            j = keep["layers"].index(i)
+            heads = torch.zeros(H)
+            heads[keep["heads"][j]] = 1
+            attn_out.weight.mul_(heads.repeat_interleave(hd))
+            channels = torch.zeros(F_)
+            channels[keep["ffn"][j]] = 1
+            down.weight.mul_(channels)
+    return ref
+
+
+class KeptChannelNorm(torch.nn.Module):
+    """Reference for hidden-channel pruning. RMSNorm/LayerNorm are not invariant to dropping
+    channels (the mean of squares is over D' channels, not D), so masking alone cannot reproduce
+    a hidden-pruned model. This norm normalises over the kept channels only and outputs 0 in the
+    removed ones; everything else stays the original model with masked weights."""
+
+    def __init__(self, norm, kept):
+        super().__init__()
+        self.norm, self.kept = norm, torch.tensor(kept)
+
+    def forward(self, x):
+        xs, k = x[..., self.kept], self.kept
+        if isinstance(self.norm, torch.nn.LayerNorm):
+            ys = F.layer_norm(xs, (len(k),), self.norm.weight[k], self.norm.bias[k], self.norm.eps)
+        else:  # RMSNorm, as transformers computes it (in float32)
+            var = xs.float().pow(2).mean(-1, keepdim=True)
+            ys = self.norm.weight[k] * (xs.float() * torch.rsqrt(var + self.norm.variance_epsilon))
+        y = torch.zeros_like(x)
+        y[..., k] = ys.to(x.dtype)
+        return y
+
+
+def hidden_reference(model, keep: dict):
+    """masked_reference() plus removed hidden channels: zeroed in the embedding and in every
+    weight and bias that writes to the residual stream, with KeptChannelNorm for every norm."""
+    ref = masked_reference(model, keep)
+    D = ref.config.hidden_size
+    gone = torch.ones(D, dtype=torch.bool)
+    gone[keep["hidden"]] = False
+    phi = ref.config.model_type == "phi"
+    with torch.no_grad():
+        ref.get_input_embeddings().weight[:, gone] = 0
+        for layer in ref.model.layers:
+            for lin in ((layer.self_attn.dense, layer.mlp.fc2) if phi
+                        else (layer.self_attn.o_proj, layer.mlp.down_proj)):
+                lin.weight[gone] = 0
+                if lin.bias is not None:
+                    lin.bias[gone] = 0
+            for name in (("input_layernorm",) if phi else ("input_layernorm", "post_attention_layernorm")):
+                setattr(layer, name, KeptChannelNorm(getattr(layer, name), keep["hidden"]))
+        final = "final_layernorm" if phi else "norm"
+        setattr(ref.model, final, KeptChannelNorm(getattr(ref.model, final), keep["hidden"]))
+    return ref
+
+
+def logits(model, seed=1):
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def small_shape(arch, hidden=32) -> P.Shape:
+    heads, kv = (3, 3) if arch == "phi" else (2, 1)  # GQA: one whole KV group goes
+    return P.Shape(layers=3, hidden=hidden, ffn=40, heads=heads, kv_heads=kv)
+
+
+def test_pruned_equals_masked(tiny_model):
+    """Layers, a KV group with its heads, and MLP channels removed == masked to zero."""
+    model, _ = models.load_model(tiny_model)
+    dst = small_shape(model.config.model_type)
+    keep = random_keep(model, dst)
+    pruned = P.apply_plan(model, keep, dst)
+    ref = masked_reference(model, keep)
+    diff = (logits(pruned) - logits(ref)).abs().max().item()
+    assert diff < 1e-5, diff
+    assert (logits(ref) - logits(model)).abs().max() > 1e-2  # the masks did change something
+
+
+def test_heads_within_groups_equal_masked(tiny_llama):
+    """GQA: keep both groups but one head in each (heads per group 2 -> 1)."""
+    model, _ = models.load_model(tiny_llama)
+    dst = P.Shape(layers=4, hidden=32, ffn=64, heads=2, kv_heads=2)
+    keep = random_keep(model, dst, seed=3)
+    assert keep["kv_groups"][0] == [0, 1] and len(keep["heads"][0]) == 2
+    pruned = P.apply_plan(model, keep, dst)
+    assert (logits(pruned) - logits(masked_reference(model, keep))).abs().max() < 1e-5
+
+
+def test_hidden_pruning_equals_reference(tiny_model):
+    """Everything at once, hidden channels too (hidden 24 with heads*head_dim = 16 or 24:
+    head_dim stays 8, config.head_dim says so)."""
+    model, _ = models.load_model(tiny_model)
+    dst = small_shape(model.config.model_type, hidden=24)
+    keep = random_keep(model, dst, seed=5)
+    pruned = P.apply_plan(model, keep, dst)
+    assert pruned.config.head_dim == 8 and pruned.config.hidden_size == 24
+    diff = (logits(pruned) - logits(hidden_reference(model, keep))).abs().max().item()
+    assert diff < 1e-5, diff
+    # the plain mask (no norm fix) is not equivalent, which is why the reference needs it
+    assert (logits(pruned) - logits(masked_reference(model, keep))).abs().max() > 1e-3
+
+
+def test_importance_finds_dead_parts(tiny_llama):
+    """Parts made inert (a layer that writes nothing, a KV group with zero values, an MLP channel
+    with a zero up projection, a hidden channel nobody writes) score lowest and are cut first."""
+    model, tok = models.load_model(tiny_llama)
+    with torch.no_grad():
+        layer = model.model.layers[2]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[8:16] = 0  # KV group 1 (heads 2, 3) outputs zero
+            layer.mlp.up_proj.weight[5] = 0
+            layer.self_attn.o_proj.weight[7] = 0
+            layer.mlp.down_proj.weight[7] = 0
+        model.get_input_embeddings().weight[:, 7] = 0
+    ids = P.calibration_batch(tok, ["The quick brown fox jumps over the lazy dog."] * 8, 4, 8)
+    scores = P.measure_importance(model, ids)
+    assert scores["block_influence"][2] < 1e-6 < scores["block_influence"][[0, 1, 3]].min()
+    src = P.source_shape(model.config.to_dict())
+    keep = P.select(scores, src, P.Shape(layers=3, hidden=31, ffn=63, heads=2, kv_heads=1))
+    assert keep["layers"] == [0, 1, 3] and 7 not in keep["hidden"]
+    assert all(g == [0] for g in keep["kv_groups"]) and all(5 not in c for c in keep["ffn"])
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from conftest import CORPUS
+
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    path.write_text("".join(json.dumps({"dialogue": t, "summary": t[:20]}) + "\n" for t in CORPUS))
+    return path
+
+
+def test_cli_end_to_end(tiny_model, calib_file, tmp_path, cli):
+    """A budget through the CLI: the folder loads with plain transformers and its parameter count
+    is the plan's."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    code, stdout, err = cli("prune", tiny_model, "--target", "0.6", "--calib", calib_file,
+                            "--out", out, "--num-samples", "4", "--seq-len", "16")
+    assert code == 0, err
+    assert "prune plan" in stdout
+    plan = json.loads((out / "prune_plan.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    n = models.count_parameters(plain)
+    assert n == plan["parameters_after"] == models.describe(out)["parameters"]
+    assert n <= plan["target_parameters"] < plan["parameters_before"]
+    assert plan["calibration"]["sha256"] and len(plan["kept"]["layers"]) == plain.config.num_hidden_layers
+    assert len(plan["importance"]["block_influence"]) == 4
+    assert logits(plain).shape[-1] == plain.config.vocab_size
+    assert not list(tmp_path.glob(".pruned*")), "temporary folder left behind"
+
+
+def test_cli_explicit_shape(tiny_models, calib_file, tmp_path, cli):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "shaped"
+    code, _, err = cli("prune", tiny_models["qwen2"], "--layers", "2", "--hidden", "24", "--ffn",
+                       "48", "--heads", "2", "--calib", calib_file, "--out", out,
+                       "--num-samples", "2", "--seq-len", "16")
+    assert code == 0, err
+    cfg = AutoModelForCausalLM.from_pretrained(out).config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim) == (2, 24, 48, 2, 2, 8)
+
+
+def test_budget_depth_is_the_most_layers_that_fit(tiny_models, calib_file):
+    cfg = models.read_config(tiny_models["mistral"])
+    shapes = P.header_shapes(tiny_models["mistral"])
+    plan = P.prune(tiny_models["mistral"], target=0.8, method="depth", calib=calib_file, dry_run=True)
+    dst = P.Shape(**plan["shape_after"])
+    assert plan["parameters_after"] <= plan["target_parameters"]
+    assert P.count_params(cfg, shapes, P.Shape(**{**plan["shape_after"], "layers": dst.layers + 1})) \
+        > plan["target_parameters"]
+
+
+def test_budget_both_removes_layers_then_width(tiny_models, calib_file):
+    plan = P.prune(tiny_models["mistral"], target=0.5, method="both", calib=calib_file, dry_run=True)
+    after = plan["shape_after"]
+    assert after["layers"] == 3  # a quarter of 4 layers, then width
+    assert after["ffn"] < 64 and plan["parameters_after"] <= plan["target_parameters"]
+
+
+def test_dry_run_writes_nothing(tiny_llama, calib_file, tmp_path, cli):
+    out = tmp_path / "never"
+    code, stdout, _ = cli("prune", tiny_llama, "--target", "0.5", "--calib", calib_file,
+                          "--out", out, "--dry-run")
+    assert code == 0 and "->" in stdout and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads", "8"], "--heads 8"),
+    (["--heads", "3"], "not divisible"),
+    (["--kv-heads", "3"], "--kv-heads 3"),
+    (["--hidden", "64"], "--hidden 64"),
+    (["--layers", "0"], "--layers 0"),
+    (["--target", "1.0"], "not smaller"),
+    (["--target", "2G"], "--target 2G"),
+    (["--target", "10", "--method", "depth"], "cannot be reached"),
+    (["--target", "0.5", "--layers", "2"], "not both"),
+    ([], "not both or neither"),
+])
+def test_bad_shapes_exit_2(tiny_llama, calib_file, tmp_path, cli, args, message):
+    out = tmp_path / "out"
+    code, _, err = cli("prune", tiny_llama, "--calib", calib_file, "--out", out, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bad_data_and_arch_exit_2(tiny_llama, tmp_path, cli):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    code, _, err = cli("prune", tiny_llama, "--target", "0.5", "--calib", empty, "--out", tmp_path / "o")
+    assert code == 2 and "no text" in err
+    code, _, err = cli("prune", tiny_llama, "--target", "0.5", "--out", tmp_path / "o")
+    assert code == 2 and "--calib" in err
+
+    alien = tmp_path / "alien"
+    shutil.copytree(tiny_llama, alien)
+    cfg = json.loads((alien / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (alien / "config.json").write_text(json.dumps(cfg))
+    code, _, err = cli("prune", alien, "--target", "0.5", "--calib", empty, "--out", tmp_path / "o")
+    assert code == 2 and "does not support architecture `gpt2`" in err
+    assert not (tmp_path / "o").exists()
