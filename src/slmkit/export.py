@@ -282,7 +282,9 @@ def write_metadata(writer, cfg: dict, arch: str, quant: str, name: str) -> None:
     rope = cfg.get("rope_parameters") or {}
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
-    writer.add_name(name)
+    # transformers' GGUF loader reads general.name == "mistral" (exactly) as a Mistral-arch file
+    # and then fails to map its tensors; any other spelling is just a name.
+    writer.add_name("Mistral" if name == "mistral" else name)
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])

@@ -1,0 +1,205 @@
+"""`slm export`: GGUF files that llama.cpp and transformers read back as the same model.
+
+Tolerances (tiny random fixtures, logits of magnitude ~10; measured max |diff| in brackets is
+what these fixtures gave when the tests were written):
+- f16 in llama.cpp vs f32 transformers: max |logit diff| < 0.05, the same 32 greedy tokens.
+- q8_0 in llama.cpp vs f32 transformers: max |logit diff| < 0.5, the same 32 greedy tokens.
+- f32 read back by transformers' GGUF loader: max |logit diff| < 1e-4.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slmkit import models
+from slmkit.export import export_gguf, rotary_permute
+
+ARCHS = ("llama", "mistral", "qwen2")
+TEXTS = ["Summarize the conversation between the two friends.",
+         "numbers 0 1 22 333 and punctuation , . ! ? \"quoted\" (x) - #",
+         "  two spaces\nnew line\n\n tabs\tend",
+         "Grammar correction: he have three cat."]
+F16_TOL, Q8_TOL, F32_TOL = 0.05, 0.5, 1e-4
+N_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tiny_models, tmp_path_factory):
+    """(arch, quant) -> exported file, made on first use."""
+    root = tmp_path_factory.mktemp("gguf")
+    made = {}
+
+    def get(arch, quant):
+        if (arch, quant) not in made:
+            made[arch, quant] = export_gguf(tiny_models[arch], root / arch / f"{arch}.{quant}.gguf", quant)
+        return made[arch, quant]
+    return get
+
+
+def prompt_ids(tok) -> list[int]:
+    chat = tok.apply_chat_template([{"role": "user", "content": TEXTS[0]}], tokenize=False,
+                                   add_generation_prompt=True)
+    return tok(chat).input_ids
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def llama(path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
+
+
+def cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+# --------------------------------------------------------------------------- without llama.cpp
+
+def test_rotary_permute_turns_rotate_half_into_adjacent_pairs():
+    """HF rope rotates (i, i + d/2); llama.cpp's llama graph rotates (2i, 2i + 1). Permuting the
+    projection rows must commute with rope: permute(rope_hf(q)) == rope_pairs(permute(q))."""
+    heads, d, pos = 3, 8, 5.0
+    theta = pos / 10000.0 ** (np.arange(d // 2) * 2 / d)
+    cos, sin = np.cos(theta), np.sin(theta)
+    q = np.random.default_rng(0).normal(size=(heads * d, 7))  # a projection weight [rows, in]
+
+    def rope_hf(x):
+        x = x.reshape(heads, d, -1)
+        a, b = x[:, : d // 2], x[:, d // 2:]
+        c, s = cos[None, :, None], sin[None, :, None]
+        return np.concatenate([a * c - b * s, b * c + a * s], axis=1).reshape(heads * d, -1)
+
+    def rope_pairs(x):
+        x = x.reshape(heads, d // 2, 2, -1)
+        a, b = x[:, :, 0], x[:, :, 1]
+        c, s = cos[None, :, None], sin[None, :, None]
+        return np.stack([a * c - b * s, b * c + a * s], axis=2).reshape(heads * d, -1)
+
+    assert np.allclose(rotary_permute(rope_hf(q), heads), rope_pairs(rotary_permute(q, heads)))
+    assert not np.allclose(rotary_permute(q, heads), q)
+
+
+def test_metadata_tensors_and_modelfile(gguf_files, tiny_models, tokenizer):
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+
+    from conftest import CHAT_TEMPLATE
+
+    path = gguf_files("llama", "q8_0")
+    r = GGUFReader(str(path))
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    cfg = json.loads((tiny_models["llama"] / "config.json").read_text())
+    assert (f["general.architecture"], f["llama.block_count"], f["llama.embedding_length"],
+            f["llama.feed_forward_length"], f["llama.attention.head_count"],
+            f["llama.attention.head_count_kv"], f["llama.context_length"], f["llama.vocab_size"],
+            f["general.file_type"]) == ("llama", 4, 32, 64, 4, 2, 128, cfg["vocab_size"], 7)
+    assert f["llama.rope.freq_base"] == 10000.0 and f["llama.rope.dimension_count"] == 8
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(f["tokenizer.ggml.tokens"]) == cfg["vocab_size"] and f["tokenizer.ggml.merges"]
+    assert f["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert f["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert f["tokenizer.ggml.add_bos_token"] is False  # the fixture tokenizer adds no BOS
+    assert f["tokenizer.ggml.token_type"][tokenizer.eos_token_id] == 3  # CONTROL
+    assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
+    assert len(types) == 1 + 4 * 9 + 1
+    assert types["blk.3.attn_norm.weight"] == Q.F32 and types["output_norm.weight"] == Q.F32
+    assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["token_embd.weight"] == Q.Q8_0
+
+    modelfile = (path.parent / "Modelfile").read_text()
+    assert f"FROM ./{path.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "{{ .Content }}<|im_end|>" in modelfile
+    assert sorted(p.name for p in path.parent.iterdir()) == ["Modelfile", path.name]  # no temp files
+
+
+def test_q4_0_keeps_output_q8_0_and_qwen2_biases(gguf_files):
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+
+    types = {t.name: t.tensor_type for t in GGUFReader(str(gguf_files("mistral", "q4_0"))).tensors}
+    assert types["output.weight"] == Q.Q8_0 and types["blk.2.ffn_down.weight"] == Q.Q4_0
+    assert types["token_embd.weight"] == Q.Q4_0
+    r = GGUFReader(str(gguf_files("qwen2", "f16")))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert r.fields["general.architecture"].contents() == "qwen2"
+    assert types["blk.0.attn_q.bias"] == Q.F32 and types["blk.0.attn_v.weight"] == Q.F16
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_transformers_reads_f32_back(arch, gguf_files, tiny_models, tmp_path, monkeypatch):
+    """transformers' GGUF loader undoes our permutation independently; the logits must agree
+    (the llama case is tests/test_models.py::test_gguf_converted_once_and_cached)."""
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    ref, tok = models.load_model(tiny_models[arch])
+    back, tok_back = models.load_model(gguf_files(arch, "f32"))
+    ids = prompt_ids(tok)
+    assert tok_back(TEXTS[1]).input_ids == tok(TEXTS[1]).input_ids
+    assert np.abs(hf_logits(ref, ids) - hf_logits(back, ids)).max() < F32_TOL
+
+
+def test_unsupported_arch_exits_2(cli, tiny_models, tmp_path):
+    out = tmp_path / "phi.gguf"
+    code, _, err = cli("export", tiny_models["phi"], "--out", out)
+    assert code == 2 and "phi" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_bad_out_name_exits_2(cli, tiny_models, tmp_path):
+    code, _, err = cli("export", tiny_models["llama"], "--out", tmp_path / "model.bin")
+    assert code == 2 and ".gguf" in err
+
+
+# --------------------------------------------------------------------------- with llama.cpp
+
+def test_llamacpp_tokenizes_like_transformers(gguf_files, tokenizer):
+    llm = llama(gguf_files("llama", "f16"))
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text).input_ids
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], tokenize=False)
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tokenizer(chat).input_ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llamacpp_f16_matches_transformers(arch, gguf_files, tiny_models):
+    llm = llama(gguf_files(arch, "f16"))
+    model, tok = models.load_model(tiny_models[arch])
+    ids = prompt_ids(tok)
+    new = hf_greedy(model, ids, N_NEW)
+    assert cpp_greedy(llm, ids, N_NEW) == new
+    diff = np.abs(cpp_logits(llm, ids + new) - hf_logits(model, ids + new)).max()
+    assert diff < F16_TOL, f"{arch}: max |logit diff| {diff:.4f}"
+
+
+def test_llamacpp_q8_0_stays_close(gguf_files, tiny_models):
+    llm = llama(gguf_files("llama", "q8_0"))
+    model, tok = models.load_model(tiny_models["llama"])
+    ids = prompt_ids(tok)
+    new = hf_greedy(model, ids, N_NEW)
+    assert cpp_greedy(llm, ids, N_NEW) == new
+    diff = np.abs(cpp_logits(llm, ids + new) - hf_logits(model, ids + new)).max()
+    assert diff < Q8_TOL, f"max |logit diff| {diff:.4f}"
