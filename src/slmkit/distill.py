@@ -1,0 +1,635 @@
+"""Train a student on the teacher's token distributions (logit distillation) and on the data.
+
+    slm distill --student pruned/ --teacher default --data train.jsonl --task summarize --out student/
+    slm distill --student default --data train.jsonl --alpha-ce 1 --out tuned/       # plain fine-tune
+    slm distill --teacher default --data train.jsonl --task summarize --cache-teacher topk.safetensors
+    slm distill --student pruned/ --teacher-cache topk.safetensors --data train.jsonl \\
+        --task summarize --out student/                                            # offline teacher
+    slm distill ... --resume                          # continue from OUT.work/checkpoint exactly
+    accelerate launch --num_processes 2 --cpu -m slmkit distill ...   # same command, DDP
+
+Loss = (1 - alpha_ce) * KD + alpha_ce * CE, means over answer tokens (prompt and padding masked;
+plain text: every token). KD is forward KL at tau = 1 unless --loss/--temperature say otherwise
+(see slmkit.losses). The token budget (--max-tokens) counts every non-padding token the student
+reads, prompt and answer; the schedule length is estimated from the mean example length.
+
+Files: OUT/ is the student (HF folder) with training_record.json and metrics.jsonl. While
+training, OUT.work/ holds metrics.jsonl and checkpoint/ (model, optimizer, scheduler, RNG states
+of every process, trainer_state.json with step, tokens and the run fingerprint); it is removed
+once OUT is written.
+
+Teacher cache (--cache-teacher FILE, read with --teacher-cache FILE): one safetensors file.
+For the example on data line N: `L{N}.tokens` int32 (T,) the input ids, `L{N}.ids` int32 (M, k)
+and `L{N}.logprobs` float16 (M, k), the teacher's top-k next-token ids and log-probs (tau = 1) at
+the M answer positions in order (position t predicts token t + 1). Metadata: format
+`slmkit-topk-v1`, k, tokenizer (hash of the vocabulary), data (sha256 of the file), task,
+max_length, teacher. Any writer (e.g. `slm generate`) that follows this layout works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmkit.errors import UsageError
+
+CACHE_FORMAT = "slmkit-topk-v1"
+
+
+def _f(default, help, type=None, **kw):
+    """A config field whose help text is shown by `slm distill --help` (the one place it lives)."""
+    return field(default=default, metadata={"help": help, "type": type}, **kw)
+
+
+@dataclass
+class DistillConfig:
+    """Everything one distillation run needs; CLI flags are these names with dashes."""
+
+    student: str = _f(None, "student MODEL: HF folder, .gguf or `default` (usually `slm prune` output)")
+    teacher: str | None = _f(None, "teacher MODEL (same tokenizer); none = CE-only fine-tuning (--alpha-ce 1)")
+    data: str = _f(None, "training JSONL (pairs, chat messages, plain text or task fields); "
+                   "lines with \"split\": \"eval\" are held out, else --eval-fraction")
+    task: str | None = _f(None, "task preset whose fields the data uses (e.g. summarize)")
+    out: str = _f(None, "output folder for the student")
+    loss: str = _f("forward_kl", "KD divergence: forward_kl, reverse_kl or jsd")
+    beta: float = _f(0.5, "JSD beta: 0 = forward KL, 1 = reverse KL (GKD)")
+    temperature: float = _f(1.0, "softmax temperature of both models (loss scaled by tau^2)")
+    alpha_ce: float = _f(0.0, "weight of cross-entropy on the data: loss = (1-a) KD + a CE")
+    max_steps: int | None = _f(None, "optimizer steps (default: one epoch)", int)
+    max_tokens: int | None = _f(None, "token budget: prompt + answer tokens read by the student", int)
+    batch_size: int = _f(8, "examples per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (simulates a bigger batch)")
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.05, "fraction of steps with linear warmup; cosine decay to 0 after")
+    clip: float = _f(1.0, "gradient norm clipping")
+    max_length: int = _f(1024, "max tokens per example (prompts cut from the left)")
+    eval_every: int = _f(50, "evaluate on the held-out split every N steps")
+    eval_fraction: float = _f(0.05, "held-out fraction when no line says \"split\": \"eval\"")
+    eval_max: int = _f(200, "at most this many held-out examples")
+    save_every: int = _f(100, "checkpoint every N steps")
+    seed: int = _f(0, "random seed (data order, sampling)")
+    dtype: str = _f("float32", "weights dtype: float32, bfloat16 or float16")
+    bf16: bool = _f(True, "bf16 autocast where the GPU/CPU supports it (--no-bf16 to disable)")
+    device: str | None = _f(None, "cpu or cuda (default: CUDA when present)")
+    teacher_cache: str | None = _f(None, "offline teacher: top-k file from --cache-teacher")
+    on_policy: float = _f(0.0, "GKD lambda: fraction of batches whose answers the student samples")
+    max_new_tokens: int = _f(128, "longest on-policy sample")
+    chunk: int = _f(512, "loss positions processed at once (bounds float32 vocab-size copies)")
+    resume: bool | str = _f(False, "continue from OUT.work/checkpoint (or the given checkpoint folder)")
+    stop_after: int | None = _f(None, "stop after this many steps leaving a checkpoint, as if killed", int)
+    trust_remote_code: bool = _f(False, "allow code from model folders")
+
+    def __post_init__(self):
+        from slmkit.losses import KINDS
+
+        for name in ("student", "data", "out"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required")
+        if self.loss not in KINDS:
+            raise UsageError(f"--loss {self.loss}: choose one of {', '.join(KINDS)}")
+        checks = [("beta", 0 <= self.beta <= 1, "between 0 and 1"),
+                  ("alpha_ce", 0 <= self.alpha_ce <= 1, "between 0 and 1"),
+                  ("on_policy", 0 <= self.on_policy <= 1, "between 0 and 1"),
+                  ("temperature", self.temperature > 0, "positive"),
+                  ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+                  ("eval_fraction", 0 < self.eval_fraction < 1, "in (0, 1)")]
+        checks += [(n, getattr(self, n) >= 1, "at least 1") for n in
+                   ("batch_size", "grad_accum", "eval_every", "save_every", "max_length", "chunk")]
+        checks += [(n, getattr(self, n) is None or getattr(self, n) >= 1, "at least 1")
+                   for n in ("max_steps", "max_tokens", "stop_after")]
+        for name, ok, what in checks:
+            if not ok:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {what}")
+        if self.teacher and self.teacher_cache:
+            raise UsageError("give --teacher (online) or --teacher-cache (offline), not both")
+        if self.alpha_ce < 1 and not (self.teacher or self.teacher_cache):
+            raise UsageError("distillation needs --teacher MODEL or --teacher-cache FILE; "
+                             "for plain fine-tuning on the data pass --alpha-ce 1")
+        if self.on_policy > 0 and not self.teacher:
+            raise UsageError("--on-policy needs an online --teacher to score the student's samples")
+        if self.teacher_cache and self.temperature != 1:
+            raise UsageError("--teacher-cache holds log-probs at temperature 1; drop --temperature "
+                             "or use an online --teacher")
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    mask: list[int]
+    """1 on tokens that count (answer tokens; all tokens of plain text)."""
+    key: str
+    """`L{line}`: the example's key in a teacher cache."""
+    where: str
+
+
+def split_rows(path, task, eval_fraction: float, eval_max: int):
+    """(train examples, eval examples): lines marked "split": "eval" are held out; without any,
+    a fixed fraction chosen by a fixed seed (the same for every run on this file)."""
+    from slmkit.data import read_jsonl, to_example
+
+    rows = read_jsonl(path)
+    examples = [(n, to_example(row, f"{path}:{n}", task, need_answer=True)) for n, row in rows]
+    marked = [row.get("split") == "eval" for _, row in rows]
+    if any(marked):
+        train = [e for e, m in zip(examples, marked) if not m]
+        held = [e for e, m in zip(examples, marked) if m]
+    else:
+        order = list(range(len(examples)))
+        random.Random(1234).shuffle(order)
+        n_eval = min(eval_max, max(1, round(eval_fraction * len(examples)))) if len(examples) > 1 else 0
+        held_idx = set(order[:n_eval])
+        train = [e for i, e in enumerate(examples) if i not in held_idx]
+        held = [e for i, e in enumerate(examples) if i in held_idx]
+    if not train:
+        raise UsageError(f"`{path}` has no training examples (every line is \"split\": \"eval\")")
+    return train, held[:eval_max]
+
+
+def encode_all(examples, tokenizer, max_length: int) -> list[Encoded]:
+    from slmkit.data import encode
+
+    out = []
+    for line, ex in examples:
+        ids, mask = encode(ex, tokenizer, max_length=max_length)
+        if sum(mask[1:]) == 0:  # the first token has no prediction, so it cannot count
+            raise UsageError(f"{ex.where}: no answer tokens left after masking (empty answer, or "
+                             f"the example is cut to --max-length {max_length}); fix or remove the line")
+        out.append(Encoded(ids, mask, f"L{line}", ex.where))
+    return out
+
+
+def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length bucketing: shuffle, sort windows of 16 global batches by length, cut into global
+    batches, shuffle those. Deterministic in (seed, epoch), so the data position is one number."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = global_batch * 16
+    batches = []
+    for w in range(0, len(order), window):
+        part = sorted(order[w:w + window], key=lambda i: lengths[i])
+        batches += [part[i:i + global_batch] for i in range(0, len(part) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items: list[Encoded], pad_id: int):
+    """Left-padded batch: (ids, attention, mask), each (B, W) long. Left padding puts every
+    answer at the right edge, so the logits of the last K columns cover all of them."""
+    import torch
+
+    width = max(len(e.ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(items), width), dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e.ids)
+        ids[i, width - n:] = torch.tensor(e.ids)
+        att[i, width - n:] = 1
+        mask[i, width - n:] = torch.tensor(e.mask)
+    return ids, att, mask
+
+
+# --------------------------------------------------------------------------- models
+
+def vocab_hash(tokenizer) -> str:
+    return hashlib.sha1(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_vocab(student, s_tok, teacher, t_tok, cfg) -> None:
+    sv, tv = student.config.vocab_size, teacher.config.vocab_size
+    if sv != tv or vocab_hash(s_tok) != vocab_hash(t_tok):
+        raise UsageError(
+            f"teacher `{cfg.teacher}` and student `{cfg.student}` have different vocabularies "
+            f"({tv} vs {sv} logits, tokenizers {'equal' if vocab_hash(s_tok) == vocab_hash(t_tok) else 'differ'}); "
+            "logit distillation compares them token by token, so both need the same tokenizer: "
+            "use a student pruned from this teacher (`slm prune`), or fine-tune on the data alone "
+            "(no --teacher, --alpha-ce 1)")
+
+
+def logits_window(model, ids, att, mask):
+    """Run `model` and return (logits (B, K, V), labels (B, K), mask (B, K)) aligned so logits[:, i]
+    predicts labels[:, i], for the K columns from the first counted position on. Logits of the
+    prompt columns before it are never computed (`logits_to_keep`)."""
+    import torch
+
+    width = ids.shape[1]
+    target = mask[:, 1:].bool()                         # column c predicts token c + 1
+    first = int(target.any(0).nonzero()[0])
+    keep = width - first                                # columns first .. width-1
+    pos = (att.cumsum(-1) - 1).clamp(min=0)             # positions ignore the left padding
+    out = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=keep,
+                use_cache=False)
+    logits = out.logits[:, :-1]                         # the last column predicts nothing
+    return logits, ids[:, first + 1:], target[:, first:]
+
+
+def teacher_rows(cache, items, device):
+    """The cached top-k rows of `items`, concatenated in batch order: ((M, k) float, (M, k) long)."""
+    import torch
+
+    lps, idss = [], []
+    for e in items:
+        try:
+            lp, ids = cache.get_tensor(f"{e.key}.logprobs"), cache.get_tensor(f"{e.key}.ids")
+        except Exception:  # safetensors raises its own error for a missing key
+            raise UsageError(f"{e.where}: not in the teacher cache; remake it with --cache-teacher") from None
+        if lp.shape[0] != sum(e.mask[1:]):
+            raise UsageError(f"{e.where}: the teacher cache has {lp.shape[0]} answer positions, the "
+                             f"data {sum(e.mask[1:])}; remake it with --cache-teacher")
+        lps.append(lp)
+        idss.append(ids)
+    return torch.cat(lps).to(device).float(), torch.cat(idss).to(device).long()
+
+
+def open_cache(path, tokenizer, data_path, cfg):
+    from safetensors import safe_open
+
+    from slmkit.data import file_hash
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--teacher-cache `{path}` does not exist; make it with "
+                         "`slm distill --teacher MODEL --data ... --cache-teacher FILE`")
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for a bad file
+        raise UsageError(f"--teacher-cache `{path}` is not a readable safetensors file ({e})") from None
+    meta = f.metadata() or {}
+    if meta.get("format") != CACHE_FORMAT:
+        raise UsageError(f"--teacher-cache `{path}`: not a `{CACHE_FORMAT}` file")
+    for key, want in (("tokenizer", vocab_hash(tokenizer)), ("data", file_hash(data_path)),
+                      ("max_length", str(cfg.max_length)), ("task", str(cfg.task))):
+        if meta.get(key) != want:
+            raise UsageError(f"--teacher-cache `{path}` was made with another {key} "
+                             f"({meta.get(key)} vs {want}); remake it with --cache-teacher")
+    return f
+
+
+# --------------------------------------------------------------------------- run identity
+
+FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature", "alpha_ce",
+                    "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
+                    "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
+                    "dtype", "teacher_cache", "on_policy", "max_new_tokens")
+
+
+def fingerprint(cfg: DistillConfig, world: int) -> dict:
+    """What must match for a checkpoint to continue this run exactly."""
+    from slmkit.data import file_hash
+
+    fp = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+    fp["data_sha256"] = file_hash(cfg.data)
+    fp["global_batch"] = cfg.batch_size * cfg.grad_accum * world
+    return fp
+
+
+def schedule(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- on-policy
+
+def sample_answers(model, items: list[Encoded], tokenizer, max_new_tokens: int, device, autocast):
+    """GKD on-policy: replace each answer by the student's own sample (temperature 1) after the
+    same prompt; the teacher then scores those tokens. Examples with no prompt are kept."""
+    import torch
+
+    from slmkit.data import pad_batch
+
+    prompts = [e.ids[:e.mask.index(1)] for e in items]
+    todo = [i for i, p in enumerate(prompts) if p]
+    if not todo:
+        return items
+    ids, att = pad_batch([prompts[i] for i in todo], tokenizer.pad_token_id, side="left")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast:
+        out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    new = list(items)
+    for row, i in enumerate(todo):
+        gen = out[row, ids.shape[1]:].tolist()
+        if tokenizer.eos_token_id in gen:
+            gen = gen[:gen.index(tokenizer.eos_token_id) + 1]
+        new[i] = Encoded(prompts[i] + gen, [0] * len(prompts[i]) + [1] * len(gen), items[i].key,
+                         items[i].where)
+    return new
+
+
+# --------------------------------------------------------------------------- the loop
+
+def distill(cfg: DistillConfig) -> Path:
+    """Train the student; returns the student folder (cfg.out). With `stop_after`, returns the
+    checkpoint folder after that many steps instead, as if the run had been killed."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    from slmkit import losses, models
+    from slmkit.tasks import get_task
+
+    out = Path(cfg.out)
+    work = out.with_name(out.name + ".work")
+    ckpt = Path(cfg.resume) if isinstance(cfg.resume, str) else work / "checkpoint"
+    acc = Accelerator(cpu=cfg.device == "cpu")
+    world, main = acc.num_processes, acc.is_main_process
+    device = acc.device
+    fp = fingerprint(cfg, world)
+    if cfg.resume and (out / "training_record.json").is_file():
+        done = json.loads((out / "training_record.json").read_text())
+        if done.get("fingerprint") == fp:
+            return out  # finished already with these settings
+    if cfg.resume and isinstance(cfg.resume, str) and not (ckpt / "trainer_state.json").is_file():
+        raise UsageError(f"--resume `{ckpt}` is not a checkpoint folder (no trainer_state.json)")
+    resuming = bool(cfg.resume) and (ckpt / "trainer_state.json").is_file()
+    if resuming:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        diff = [k for k in fp if state["fingerprint"].get(k) != fp[k]]
+        if diff:
+            raise UsageError(f"--resume: checkpoint `{ckpt}` is from another run ({', '.join(diff)} "
+                             f"differ, e.g. {diff[0]} {state['fingerprint'].get(diff[0])!r} there vs "
+                             f"{fp[diff[0]]!r} now); rerun with the same settings or drop --resume")
+    set_seed(cfg.seed)
+
+    # models
+    student, tokenizer = models.load_model(cfg.student, dtype=cfg.dtype, device=device,
+                                           trust_remote_code=cfg.trust_remote_code)
+    student.train()
+    student.config.use_cache = False
+    teacher = None
+    if cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
+        teacher, t_tok = models.load_model(cfg.teacher, dtype=cfg.dtype, device=device,
+                                           trust_remote_code=cfg.trust_remote_code)
+        check_vocab(student, tokenizer, teacher, t_tok, cfg)
+        teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
+    cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
+    autocast = models.autocast(device, enabled=cfg.bf16)
+
+    # data
+    task = get_task(cfg.task) if cfg.task else None
+    train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
+    train = encode_all(train_ex, tokenizer, cfg.max_length)
+    held = encode_all(eval_ex, tokenizer, cfg.max_length)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    if len(train) < global_batch:
+        raise UsageError(f"{cfg.data}: {len(train)} training examples, fewer than one global batch "
+                         f"({global_batch} = --batch-size x --grad-accum x processes); lower them")
+    lengths = [len(e.ids) for e in train]
+    per_epoch = len(train) // global_batch
+    if cfg.max_steps:
+        total = cfg.max_steps
+    elif cfg.max_tokens:
+        total = max(1, math.ceil(cfg.max_tokens / (sum(lengths) / len(lengths) * global_batch)))
+    else:
+        total = per_epoch
+    warmup = int(cfg.warmup_ratio * total)
+
+    decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
+    model, optimizer = acc.prepare(student, optimizer)
+    acc.register_for_checkpointing(scheduler)  # not prepared: it must step once per optimizer step
+
+    step, tokens, elapsed = 0, 0, 0.0
+    if resuming:
+        acc.load_state(str(ckpt))
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+    elif main and work.exists():
+        shutil.rmtree(work)
+    acc.wait_for_everyone()
+    metrics_path = work / "metrics.jsonl"
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        keep = []  # a killed run may have logged steps past its last checkpoint
+        if resuming and metrics_path.is_file():
+            keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+        with models.atomic_write(metrics_path) as f:
+            f.write("".join(l + "\n" for l in keep))
+
+    def forward(items, with_grad=True):
+        """Summed (KD, CE) and the number of counted tokens for one micro-batch."""
+        ids, att, mask = (t.to(device) for t in collate(items, tokenizer.pad_token_id))
+        with autocast:
+            logits, labels, tmask = logits_window(model if with_grad else acc.unwrap_model(model),
+                                                  ids, att, mask)
+            t_logits = topk = None
+            if teacher is not None and cfg.alpha_ce < 1:
+                with torch.no_grad():
+                    t_logits, _, _ = logits_window(teacher, ids, att, mask)
+            elif cache is not None and cfg.alpha_ce < 1:
+                topk = teacher_rows(cache, items, device)
+        return losses.loss_sums(logits, labels, tmask, teacher_logits=t_logits, teacher_topk=topk,
+                                kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature,
+                                chunk=cfg.chunk)
+
+    def evaluate() -> dict:
+        model.eval()
+        kd = ce = n = 0.0
+        with torch.no_grad():
+            for i in range(0, len(held), cfg.batch_size):
+                k, c, m = forward(held[i:i + cfg.batch_size], with_grad=False)
+                kd, ce, n = kd + float(k), ce + float(c), n + m
+        model.train()
+        if not n:
+            return {}
+        res = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_tokens": int(n)}
+        if teacher is not None or cache is not None:
+            res["eval_kd"] = kd / n
+        return res
+
+    def log(row: dict) -> None:
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_checkpoint() -> None:
+        tmp = work / ".checkpoint.tmp"
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every process writes its RNG states
+        acc.wait_for_everyone()
+        if main:
+            with models.atomic_write(tmp / "trainer_state.json") as f:
+                json.dump({"step": step, "tokens": tokens, "elapsed": elapsed, "total_steps": total,
+                           "fingerprint": fp}, f, indent=1)
+            models.replace_dir(tmp, work / "checkpoint")
+        acc.wait_for_everyone()
+
+    rank = acc.process_index
+    bar = tqdm(total=total, initial=step, disable=not main, file=sys.stderr, unit="step",
+               desc="distill", dynamic_ncols=True)
+    last_eval: dict = {}
+    row: dict = {}
+    if step == 0 and main:
+        log({"step": 0, "tokens": 0} | evaluate())  # the starting point, for comparison
+    t0 = time.perf_counter() - elapsed
+    while step < total and not (cfg.max_tokens and tokens >= cfg.max_tokens):
+        epoch, index = divmod(step, per_epoch)
+        batch = epoch_batches(lengths, global_batch, cfg.seed, epoch)[index]
+        mine = [train[i] for i in batch[rank::world]]  # each process its share of the global batch
+        if cfg.on_policy and random.Random(cfg.seed * 7919 + step).random() < cfg.on_policy:
+            mine = sample_answers(acc.unwrap_model(model), mine, tokenizer, cfg.max_new_tokens,
+                                  device, autocast)
+        # normalise by the global count of counted tokens, so the loss and its gradient do not
+        # depend on how the batch is split over micro-batches and processes
+        counts = torch.tensor([sum(sum(e.mask[1:]) for e in mine), sum(len(e.ids) for e in mine)],
+                              dtype=torch.float64, device=device)
+        n_global, read = (float(x) for x in acc.reduce(counts, reduction="sum"))
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        micro = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
+        for m, items in enumerate(micro):
+            sync = acc.no_sync(model) if m < len(micro) - 1 else nullcontext()
+            with sync:
+                kd, ce, _ = forward(items)
+                loss = losses.mix(kd, ce, cfg.alpha_ce) * (world / n_global)  # DDP averages grads
+                acc.backward(loss)
+            sums += torch.stack([kd.detach(), ce.detach()]).double()
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += int(read)
+        kd_sum, ce_sum = (float(x) for x in acc.reduce(sums, reduction="sum"))
+        elapsed = time.perf_counter() - t0
+        row = {"step": step, "tokens": tokens, "loss": float(losses.mix(
+            torch.tensor(kd_sum / n_global), torch.tensor(ce_sum / n_global), cfg.alpha_ce)),
+               "kd": kd_sum / n_global, "ce": ce_sum / n_global, "lr": scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
+               "elapsed_s": round(elapsed, 3)}
+        if step % cfg.eval_every == 0 or step == total:
+            if main:
+                last_eval = evaluate()
+                row |= last_eval
+            acc.wait_for_everyone()
+        log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        if step % cfg.save_every == 0 or step == cfg.stop_after:
+            save_checkpoint()
+        if step == cfg.stop_after:
+            bar.close()
+            return work / "checkpoint"
+    bar.close()
+
+    if main:
+        if not last_eval:
+            last_eval = evaluate()
+        unwrapped = acc.unwrap_model(model)
+        record = {"config": dataclasses.asdict(cfg), "fingerprint": fp, "steps": step,
+                  "total_steps": total, "tokens": tokens, "processes": world, "device": str(device),
+                  "time_s": round(time.perf_counter() - t0, 2), "final_train": row,
+                  "final_eval": last_eval, "parameters": models.count_parameters(unwrapped)}
+        unwrapped.config.use_cache = True
+        models.save_model(unwrapped, tokenizer, out, extra={"training_record.json": record})
+        shutil.copy(metrics_path, out / "metrics.jsonl")
+        shutil.rmtree(work, ignore_errors=True)
+    acc.wait_for_everyone()
+    return out
+
+
+# --------------------------------------------------------------------------- offline teacher
+
+def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
+    """Write the teacher's top-k log-probs on every answer position of cfg.data (both splits) to
+    one safetensors file (layout in the module docstring). Needs cfg.teacher."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from slmkit import models
+    from slmkit.data import file_hash
+    from slmkit.tasks import get_task
+
+    if not cfg.teacher:
+        raise UsageError("--cache-teacher needs --teacher MODEL")
+    dest = Path(dest)
+    device = models.pick_device(cfg.device)
+    teacher, tokenizer = models.load_model(cfg.teacher, dtype=cfg.dtype, device=device,
+                                           trust_remote_code=cfg.trust_remote_code)
+    task = get_task(cfg.task) if cfg.task else None
+    train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
+    items = encode_all(train_ex + eval_ex, tokenizer, cfg.max_length)
+    items.sort(key=lambda e: len(e.ids))  # similar lengths per batch: little padding
+    tensors = {}
+    autocast = models.autocast(device, enabled=cfg.bf16)
+    for i in tqdm(range(0, len(items), cfg.batch_size), desc="teacher top-k", file=sys.stderr):
+        batch = items[i:i + cfg.batch_size]
+        ids, att, mask = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+        with torch.no_grad(), autocast:
+            logits, _, tmask = logits_window(teacher, ids, att, mask)
+            rows, cols = tmask.nonzero(as_tuple=True)
+            lp, top = F.log_softmax(logits[rows, cols].float(), -1).topk(k, dim=-1)
+        start = 0
+        for e in batch:
+            m = sum(e.mask[1:])
+            tensors[f"{e.key}.tokens"] = torch.tensor(e.ids, dtype=torch.int32)
+            tensors[f"{e.key}.ids"] = top[start:start + m].int().cpu().contiguous()
+            tensors[f"{e.key}.logprobs"] = lp[start:start + m].half().cpu().contiguous()
+            start += m
+    meta = {"format": CACHE_FORMAT, "k": str(k), "tokenizer": vocab_hash(tokenizer),
+            "data": file_hash(cfg.data), "task": str(cfg.task), "max_length": str(cfg.max_length),
+            "teacher": str(cfg.teacher)}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    for f in dataclasses.fields(DistillConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"]
+        if f.name == "resume":
+            parser.add_argument(flag, nargs="?", const=True, default=False, metavar="CKPT", help=help_)
+        elif f.name == "bf16":
+            parser.add_argument("--no-bf16", dest="bf16", action="store_false", help=help_)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=help_)
+        else:
+            typ = f.metadata["type"] or (type(f.default) if f.default is not None else str)
+            parser.add_argument(flag, type=typ, default=f.default, help=help_)
+    parser.add_argument("--cache-teacher", metavar="FILE", default=None,
+                        help="instead of training, write the teacher's top-k log-probs to FILE")
+    parser.add_argument("--top-k", type=int, default=32, help="k for --cache-teacher")
+
+
+def run(args) -> int:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)}
+    if args.cache_teacher:
+        values["out"] = values["out"] or args.cache_teacher
+        values["student"] = values["student"] or values["teacher"]
+        path = cache_teacher(DistillConfig(**values), args.cache_teacher, k=args.top_k)
+        print(path)
+        return 0
+    print(distill(DistillConfig(**values)))
+    return 0
