@@ -137,6 +137,7 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
                 w = rotary_permute(w, t.permute_heads)
             writer.write_tensor_data(encode(w, t.qtype))
         writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is for sharing
         os.replace(tmp, out)
     except BaseException:
         writer.close()
@@ -144,6 +145,7 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
         raise
     with models.atomic_write(out.parent / "Modelfile") as f:
         f.write(modelfile(out.name, tok["chat_template"], tok["eos_text"]))
+    os.chmod(out.parent / "Modelfile", 0o644)
     return out
 
 
