@@ -1,0 +1,538 @@
+"""Score models side by side: task quality, benchmarks, perplexity, safety and cost.
+
+The first MODEL is the reference (usually the teacher); every other model is reported as
+"% of reference" for quality and "x" (its value / the reference's) for speed and memory.
+
+  slm eval default runs/demo/student --task summarize --data dialogsum-dev.jsonl --limit 100 \\
+      --speed --out runs/demo/report
+  slm eval default student --bench arc.jsonl:5 gsm.jsonl:3 --safety toxigen.json --names teacher,student
+
+Benchmark files are JSONL (see the README's `slm eval` section):
+  multiple choice  {"question": ..., "choices": [...], "gold": 0, "group": "optional"}
+  generation       {"question": ..., "answer": ..., "type": "gen", "rationale": "optional", "group": ...}
+A file name may end in `:K` for K-shot prompting (examples drawn from the same file, fixed seed).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from slmkit.errors import UsageError
+
+ENGINES = ("torch", "llamacpp")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("models", nargs="+", metavar="MODEL",
+                        help="models to compare; the first is the reference (HF folder, .gguf, `default`)")
+    parser.add_argument("--names", help="comma-separated display names, one per MODEL")
+    parser.add_argument("--task", help="task preset whose metric scores --data (summarize, grammar, reply, qa)")
+    parser.add_argument("--data", help="task JSONL (default: the preset's shipped eval examples)")
+    parser.add_argument("--split", default="eval", help="use lines whose `split` is this (default eval; "
+                        "lines without `split` always count); `all` for every line")
+    parser.add_argument("--limit", type=int, help="score only the first N examples")
+    parser.add_argument("--bench", nargs="+", metavar="FILE[:K]", help="benchmark JSONL files, K-shot")
+    parser.add_argument("--shots", type=int, default=0, help="shots for --bench files without `:K` (default 0)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples")
+    parser.add_argument("--ppl", metavar="FILE", help="text (.txt or JSONL) to measure perplexity on")
+    parser.add_argument("--stride", type=int, default=512, help="perplexity sliding-window stride in tokens")
+    parser.add_argument("--safety", metavar="FILE", help="ToxiGen-style JSON list for the safety score")
+    parser.add_argument("--speed", action="store_true", help="measure latency, tokens/s, memory, energy")
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="speed engine for .gguf models (HF folders always use torch)")
+    parser.add_argument("--harness", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit for --task")
+    parser.add_argument("--cot-tokens", type=int, default=256,
+                        help="generation length limit for chain-of-thought benchmark answers")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    parser.add_argument("--out", help="folder for report.html, report.md, metrics.json, predictions/")
+
+
+def run(args) -> int:
+    from slmkit import report
+
+    names = args.names.split(",") if args.names else None
+    metrics = evaluate(args.models, names=names, task=args.task, data=args.data,
+                       split=None if args.split == "all" else args.split, limit=args.limit,
+                       bench=args.bench, shots=args.shots, seed=args.seed, ppl=args.ppl,
+                       stride=args.stride, safety=args.safety, speed=args.speed, engine=args.engine,
+                       harness=args.harness, out=args.out, max_new_tokens=args.max_new_tokens,
+                       cot_tokens=args.cot_tokens, batch_size=args.batch_size, device=args.device)
+    print(report.scorecard(metrics))
+    if args.out:
+        print(f"\nreport: {Path(args.out) / 'report.html'}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+def evaluate(models: list[str], *, names: list[str] | None = None, task: str | None = None,
+             data: str | None = None, split: str | None = "eval", limit: int | None = None,
+             bench: list[str] | None = None, shots: int = 0, seed: int = 1234, ppl: str | None = None,
+             stride: int = 512, safety: str | None = None, speed: bool = False, engine: str = "torch",
+             harness: str | None = None, out: str | None = None, max_new_tokens: int = 64,
+             cot_tokens: int = 256, batch_size: int = 16, device=None) -> dict:
+    """Evaluate every model; returns the metrics dict (also written to OUT/metrics.json with the
+    report when `out` is given). Per model: name, path, parameters, bytes_on_disk, `task`
+    (e.g. rouge1/rouge2/rougeL, agreement with the reference's outputs), `benchmarks`,
+    `perplexity`, `safety`, `speed` (decode_tokens_per_s, ...) and `relative` to models[0]."""
+    from slmkit import models as M
+    from slmkit import report
+    from slmkit.data import load_examples
+    from slmkit.tasks import get_task, preset_data
+
+    if not models:
+        raise UsageError("give at least one MODEL")
+    names = _names(models, names)
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: give a positive number of examples")
+    if not (task or data or bench or ppl or safety or speed or harness):
+        raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, --speed or --harness")
+    # Check every input before loading any model: a typo should cost seconds, not minutes.
+    task_obj = get_task(task) if task else None
+    examples = []
+    if task_obj or data:
+        data = data or str(preset_data(task_obj.name))
+        examples = load_examples(data, task_obj, split=split, need_answer=True, limit=limit)
+    benches = [load_benchmark(*_bench_spec(b, shots)) for b in bench or []]
+    if safety:
+        from slmkit import safety as S
+
+        S.load_items(safety)
+    if ppl:
+        from slmkit.data import calibration_texts
+
+        ppl_text = "\n\n".join(calibration_texts(ppl))
+    folders = [M.resolve(m) for m in models]
+    if examples:  # task prompts are user messages: an instruct model needs its chat template
+        for spec, folder in zip(models, folders):
+            if not M.has_chat_template(folder):
+                raise UsageError(f"{folder / 'tokenizer_config.json'}: the tokenizer of `{spec}` has no chat "
+                                 f"template, which task `{task_obj.name if task_obj else 'input/output'}` "
+                                 "needs (its prompts are chat messages); use an instruct model or add a "
+                                 "chat_template.jinja to the folder")
+    if engine == "llamacpp" and speed:
+        from slmkit import speed as SP
+
+        SP.require_llamacpp()
+    dev = M.pick_device(device)
+    out_dir = Path(out) if out else None
+
+    metrics: dict = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference": names[0],
+        "task": task_obj.name if task_obj else None,
+        "metric": (task_obj.metric if task_obj else "rouge") if examples else None,
+        "data": data, "split": split, "n_examples": len(examples),
+        "settings": {"max_new_tokens": max_new_tokens, "cot_tokens": cot_tokens, "batch_size": batch_size,
+                     "device": str(dev),
+                     "greedy": True, "seed": seed, "stride": stride, "engine": engine},
+        "models": [],
+    }
+    reference_predictions = None
+    for spec, folder, name in zip(models, folders, names):
+        info = M.describe(spec)
+        entry = {"name": name, "source": str(spec), "path": str(folder),
+                 **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
+                                         "hidden_size", "heads", "kv_heads", "mlp_size")}}
+        print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
+        model, tok = M.load_folder(folder, device=dev)
+        if examples:
+            preds = generate(model, tok, [e.prompt if e.prompt is not None else e.messages for e in examples],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{name}: task")
+            entry["task"] = score_task(metrics["metric"], examples, preds, task_obj)
+            if reference_predictions is None:
+                reference_predictions = preds
+            else:
+                from slmkit.metrics import agreement
+
+                entry["task"]["agreement"] = agreement(preds, reference_predictions)
+            if out_dir:
+                _write_predictions(out_dir / "predictions" / f"{_slug(name)}.jsonl", examples, preds)
+        if benches:
+            entry["benchmarks"] = {b["name"]: run_benchmark(model, tok, b, seed=seed, batch_size=batch_size,
+                                                            max_new_tokens=cot_tokens)
+                                   for b in benches}
+            entry["benchmark_average"] = sum(r["score"] for r in entry["benchmarks"].values()) / len(benches)
+        if ppl:
+            entry["perplexity"] = perplexity(model, tok, ppl_text, stride=stride)
+        if safety:
+            entry["safety"] = S.evaluate_safety(model, tok, safety, batch_size=batch_size)
+        del model
+        if harness:
+            entry["harness"] = run_harness(folder, harness, dev, limit, batch_size)
+        if speed:
+            from slmkit import speed as SP
+
+            use = "llamacpp" if engine == "llamacpp" and _gguf_path(spec) else "torch"
+            entry["speed"] = SP.measure_in_subprocess(_gguf_path(spec) if use == "llamacpp" else folder,
+                                                      engine=use, device=str(dev))
+        metrics["models"].append(entry)
+    report.add_relative(metrics)
+    if out_dir:
+        report.write_report(metrics, out_dir)
+    return metrics
+
+
+def _names(models: list[str], names: list[str] | None) -> list[str]:
+    if names is None:
+        names = [Path(str(m)).stem if str(m) != "default" else "default" for m in models]
+    elif len(names) != len(models):
+        raise UsageError(f"--names has {len(names)} name(s) for {len(models)} model(s); give one per MODEL")
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        n = n.strip() or "model"
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return unique
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _gguf_path(spec) -> Path | None:
+    from slmkit import models as M
+
+    if str(spec) == M.DEFAULT:
+        return M.default_gguf()
+    return Path(spec) if str(spec).endswith(".gguf") else None
+
+
+def _write_predictions(path: Path, examples, preds) -> None:
+    from slmkit.models import atomic_write
+
+    with atomic_write(path) as f:
+        for e, p in zip(examples, preds):
+            f.write(json.dumps({"where": e.where, "prediction": p, "references": e.references}) + "\n")
+
+
+# --------------------------------------------------------------------------- generation
+
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_size: int = 16,
+             desc: str = "generate", chat: bool = True) -> list[str]:
+    """Greedy continuations, batched with left padding, stopping at end-of-sequence.
+    prompts: user messages (rendered through the chat template when `chat`), or message lists."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    from slmkit.data import chat_prompt
+    from slmkit.models import autocast
+
+    texts = []
+    for p in prompts:
+        if isinstance(p, list):  # {"messages": ...} lines: everything before the last answer
+            upto = max((i for i, m in enumerate(p) if m["role"] == "assistant"), default=len(p))
+            texts.append(tokenizer.apply_chat_template(p[:upto], tokenize=False, add_generation_prompt=True))
+        else:
+            texts.append(chat_prompt(tokenizer, p) if chat else p)
+    eos = [tokenizer.eos_token_id]
+    cfg_eos = model.generation_config.eos_token_id
+    eos += cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=sorted({e for e in eos if e is not None}),
+                               pad_token_id=tokenizer.pad_token_id)
+    context = getattr(model.config, "max_position_embeddings", None) or 4096
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    device = next(model.parameters()).device
+    # longest first: batches of similar length waste less compute on padding
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    outputs: list[str] = [""] * len(texts)
+    with tqdm(total=len(texts), desc=desc, unit="ex", file=sys.stderr, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False, truncation=True,
+                            max_length=max(context - max_new_tokens, context // 2)).to(device)
+            with torch.no_grad(), autocast(device):
+                gen = model.generate(**enc, generation_config=gen_cfg)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(idx, new):
+                outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            bar.update(len(idx))
+    return outputs
+
+
+def score_task(metric: str, examples, predictions: list[str], task=None) -> dict:
+    """The task's metric(s) on a set; all scores in [0, 1]."""
+    from slmkit import metrics as Q
+
+    refs = [e.references for e in examples]
+    if metric == "rouge":
+        return Q.rouge(predictions, refs) | {"n": len(examples)}
+    if metric == "gleu":
+        # JFLEG text is tokenised (spaces around punctuation); model outputs are not
+        sources = [_source(e, task) for e in examples]
+        width = max(len(r) for r in refs)
+        padded = [r + [r[-1]] * (width - len(r)) for r in refs]  # gleu.py needs equal counts
+        return {"gleu": Q.gleu([tokenize(s) for s in sources], [tokenize(p) for p in predictions],
+                               [[tokenize(r) for r in rs] for rs in padded]),
+                "n": len(examples)}
+    return Q.short_answer(predictions, refs) | {"n": len(examples)}
+
+
+def _source(example, task=None) -> str:
+    """The text a correction task changes: the task's first template field (JFLEG's `input`)."""
+    value = example.row.get(task.fields()[0] if task else "input")
+    return value if isinstance(value, str) else (example.prompt or "")
+
+
+def tokenize(text: str) -> str:
+    """Split words from punctuation like the JFLEG references ("develop ." / "do n't")."""
+    text = re.sub(r"([.,!?;:()\"])", r" \1 ", text)
+    text = re.sub(r"(\w)(n't)\b", r"\1 \2", text)
+    text = re.sub(r"(\w)('(s|re|ve|ll|d|m))\b", r"\1 \2", text)
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+def _bench_spec(spec: str, shots: int) -> tuple[Path, int]:
+    m = re.fullmatch(r"(.+?):(\d+)", spec)
+    if m and not Path(spec).exists():
+        return Path(m.group(1)), int(m.group(2))
+    return Path(spec), shots
+
+
+def load_benchmark(path: Path, shots: int = 0) -> dict:
+    """A validated benchmark: {"name", "path", "kind": "mc"|"gen", "shots", "items"}."""
+    from slmkit.data import read_jsonl
+
+    if not path.is_file():
+        raise UsageError(f"--bench: file `{path}` does not exist")
+    items, kind = [], None
+    for line, row in read_jsonl(path):
+        where = f"{path}:{line}"
+        this = "gen" if row.get("type") == "gen" else "mc"
+        if kind is not None and this != kind:
+            raise UsageError(f"{where}: a benchmark file is either all multiple choice or all "
+                             "`\"type\": \"gen\"`; split it into two files")
+        kind = this
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise UsageError(f"{where}: key `question` missing or empty")
+        if "group" in row and not isinstance(row["group"], str):
+            raise UsageError(f"{where}: key `group` must be text")
+        if kind == "gen":
+            if not isinstance(row.get("answer"), (str, int, float)) or isinstance(row.get("answer"), bool):
+                raise UsageError(f"{where}: key `answer` missing (a generation item needs its answer)")
+        else:
+            choices = row.get("choices")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise UsageError(f"{where}: key `choices` must be a list of at least two strings")
+            gold = row.get("gold")
+            if isinstance(gold, bool) or not isinstance(gold, int):
+                raise UsageError(f"{where}: key `gold` must be the index of the right choice (an integer)")
+            if not 0 <= gold < len(choices):
+                raise UsageError(f"{where}: `gold` {gold} is out of range for {len(choices)} choices "
+                                 f"(0..{len(choices) - 1})")
+        items.append(row | {"where": where})
+    if shots < 0 or shots >= len(items):
+        raise UsageError(f"--bench {path}:{shots}: {shots}-shot needs at least {shots + 1} items "
+                         f"(the file has {len(items)})")
+    return {"name": path.stem, "path": str(path), "kind": kind, "shots": shots, "items": items}
+
+
+def fewshot(items: list[dict], i: int, k: int, seed: int) -> list[dict]:
+    """k examples other than item i, the same for a given (seed, i) on every run and model."""
+    if k == 0:
+        return []
+    rng = random.Random(seed * 1_000_003 + i)
+    return rng.sample([it for j, it in enumerate(items) if j != i], k)
+
+
+def mc_context(item: dict, shots: list[dict]) -> str:
+    """lm-evaluation-harness's plain format: `Question: ...\\nAnswer:`; shots answered in full."""
+    parts = [f"Question: {s['question']}\nAnswer: {s['choices'][s['gold']]}" for s in shots]
+    return "\n\n".join(parts + [f"Question: {item['question']}\nAnswer:"])
+
+
+COT = "Let's think step by step."
+
+
+def gen_prompt(item: dict, shots: list[dict]) -> str:
+    """Chain-of-thought prompt: worked shots (rationale when given), then the question."""
+    parts = []
+    for s in shots:
+        why = f" {s['rationale'].strip()}" if isinstance(s.get("rationale"), str) else ""
+        parts.append(f"Question: {s['question']}\nAnswer: {COT}{why} The answer is {s['answer']}.")
+    return "\n\n".join(parts + [f"Question: {item['question']}\nAnswer: {COT}"])
+
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str:
+    """The final answer of a chain of thought: after the last "answer is", else the last number,
+    else the first line."""
+    text = text.split("\nQuestion:")[0]  # the model may start inventing the next shot
+    found = re.findall(r"answer is:?\s*([^\n]+)", text, flags=re.IGNORECASE)
+    if found:
+        answer = found[-1]
+    else:
+        numbers = _NUMBER.findall(text)
+        answer = numbers[-1] if numbers else (text.strip().splitlines() or [""])[0]
+    return answer.strip().rstrip(".").strip()
+
+
+def _as_number(text) -> float | None:
+    m = _NUMBER.search(str(text))
+    if not m:
+        return None
+    try:
+        return float(m.group().replace("$", "").replace(",", ""))
+    except ValueError:
+        return None
+
+
+def answer_correct(predicted: str, gold) -> bool:
+    """Numbers compare as numbers (commas and $ ignored); text by SQuAD-normalised equality."""
+    from slmkit.metrics import exact_match
+
+    g = _as_number(gold) if re.fullmatch(r"\s*" + _NUMBER.pattern + r"\s*", str(gold)) else None
+    if g is not None:
+        p = _as_number(predicted)
+        return p is not None and abs(p - g) < 1e-6
+    return bool(exact_match(predicted, [str(gold)]))
+
+
+def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
+    """Summed log-probability of each continuation given its context, as lm-evaluation-harness
+    computes it: trailing spaces of the context move to the continuation, the pair is encoded
+    whole, and the continuation is the tokens after the context's own encoding."""
+    import torch
+
+    from slmkit.data import pad_batch
+
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    requests = []
+    for context, continuation in pairs:
+        n = len(context) - len(context.rstrip(" "))
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        ctx_len = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+        cont = whole[ctx_len:]
+        if not cont:
+            raise ValueError(f"continuation {continuation!r} adds no tokens to its context")
+        seq = whole[-(limit + 1):]  # keep the end: the continuation must be scored in full
+        requests.append((seq[:-1], seq[-len(cont):]))
+    device = next(model.parameters()).device
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+    scores = [0.0] * len(requests)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, att = pad_batch([requests[i][0] for i in idx], tokenizer.pad_token_id or 0)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=att.to(device))
+                                     .logits.float(), dim=-1)  # (B, T, V)
+        for row, i in enumerate(idx):
+            inp, cont = requests[i]
+            # position t predicts token t+1: the continuation's tokens are the last len(cont)
+            # targets of the unpadded sequence, predicted at positions len(inp)-len(cont)..len(inp)-1
+            pos = torch.arange(len(inp) - len(cont), len(inp), device=logp.device)
+            scores[i] = logp[row, pos, torch.tensor(cont, device=logp.device)].sum().item()
+    return scores
+
+
+def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size: int = 16,
+                  max_new_tokens: int = 256) -> dict:
+    """{"score", "n", "shots", "kind", "groups": {group: {...}}, plus acc/acc_norm or accuracy}.
+    `score` averages the groups' accuracies (each group counts once, as Phi-2's tables average
+    benchmarks), or is the plain accuracy when the file has no groups."""
+    from slmkit.metrics import choice_accuracy
+
+    items, k = bench["items"], bench["shots"]
+    shots = [fewshot(items, i, k, seed) for i in range(len(items))]
+    if bench["kind"] == "mc":
+        pairs = [(mc_context(it, sh), " " + c) for it, sh in zip(items, shots) for c in it["choices"]]
+        flat = loglikelihoods(model, tokenizer, pairs, batch_size)
+        lls, pos = [], 0
+        for it in items:
+            lls.append(flat[pos:pos + len(it["choices"])])
+            pos += len(it["choices"])
+
+        def score(sel):
+            return choice_accuracy([lls[i] for i in sel], [items[i]["choices"] for i in sel],
+                                   [items[i]["gold"] for i in sel])
+        headline = "acc"
+    else:
+        outs = generate(model, tokenizer, [gen_prompt(it, sh) for it, sh in zip(items, shots)],
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=bench["name"], chat=False)
+        right = [answer_correct(extract_answer(o), it["answer"]) for o, it in zip(outs, items)]
+
+        def score(sel):
+            return {"accuracy": sum(right[i] for i in sel) / len(sel)}
+        headline = "accuracy"
+    result = score(range(len(items))) | {"n": len(items), "shots": k, "kind": bench["kind"]}
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        if "group" in it:
+            groups.setdefault(it["group"], []).append(i)
+    result["groups"] = {g: score(sel) | {"n": len(sel)} for g, sel in sorted(groups.items())}
+    result["score"] = (sum(g[headline] for g in result["groups"].values()) / len(groups)
+                       if groups else result[headline])
+    return result
+
+
+# --------------------------------------------------------------------------- perplexity
+
+def perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int = 512) -> float:
+    """Perplexity of a long text with a sliding window (transformers' "Perplexity of fixed-length
+    models"): windows of `max_length` tokens (default: the model's context) advance by `stride`;
+    each scores only the tokens it has not scored before, with the rest as context. The mean is
+    over the tokens actually predicted (the first token of the text has no prediction)."""
+    import math
+
+    import torch
+    from tqdm import tqdm
+
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]  # (1, N)
+    n = ids.shape[1]
+    if n < 2:
+        raise UsageError("--ppl: the text has fewer than two tokens")
+    max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 1024
+    stride = max(1, min(stride, max_length))
+    device = next(model.parameters()).device
+    nll_sum, count, prev_end = 0.0, 0, 0
+    for begin in tqdm(range(0, n, stride), desc="perplexity", file=sys.stderr, leave=False):
+        end = min(begin + max_length, n)
+        new = end - prev_end  # tokens this window scores (the stride, less at the end)
+        inp = ids[:, begin:end].to(device)
+        labels = inp.clone()
+        labels[:, :-new] = -100
+        with torch.no_grad():
+            logp = torch.log_softmax(model(inp).logits.float(), dim=-1)[:, :-1]  # (1, T-1, V)
+        target = labels[:, 1:]
+        mask = target != -100
+        picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        nll_sum -= (picked * mask).sum().item()
+        count += int(mask.sum())
+        prev_end = end
+        if end == n:
+            break
+    return math.exp(nll_sum / count)
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+def run_harness(folder: Path, tasks: str, device, limit: int | None, batch_size: int) -> dict:
+    """Pass tasks through to lm-evaluation-harness (optional dependency) and keep its results."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise UsageError("--harness needs lm-evaluation-harness, which is not installed: "
+                         "`pip install lm-eval` (it may download task data from the Hub)") from None
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise UsageError("--harness: give task names, e.g. --harness arc_easy,hellaswag")
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
+                                  tasks=names, device=str(device), limit=limit, batch_size=batch_size)
+    return json.loads(json.dumps(res["results"], default=str))
