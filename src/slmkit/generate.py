@@ -19,8 +19,9 @@ Filters and their thresholds (all stated in the summary printed at the end):
                source (character similarity >= 0.6)
   --threshold  best candidate's score (mean of ROUGE-L F vs the reference and the judge score,
                each in [0, 1]) must reach it
-  dedup        MinHash LSH (128 permutations, word 3-shingles of input + answer), estimated
-               Jaccard >= --dedup-threshold (0.8) against anything kept before is a duplicate
+  dedup        MinHash LSH (128 permutations, word 3-shingles of the input fields): an input
+               whose estimated Jaccard similarity to a kept example's input is >= --dedup-threshold
+               (0.8) is a duplicate; checked before generation and again when keeping
   decontam     share of an input's (or answer's) word 8-grams found in the eval set
                >= --decontam-threshold (0.2) is contaminated; inputs are checked before any
                generation, answers after
@@ -96,7 +97,8 @@ class GenerateConfig:
     threshold: float = 0.2
     """Drop an input whose best candidate scores below this (scores are in [0, 1])."""
     dedup_threshold: float = 0.8
-    """Estimated Jaccard similarity (MinHash LSH) at which an example counts as a near-duplicate."""
+    """Estimated Jaccard similarity (MinHash LSH) at which an example counts as a near-duplicate
+    (1 = off)."""
     decontaminate: str | None = None
     """Eval JSONL to keep out of the data (lines with split=train are ignored)."""
     decontam_threshold: float = 0.2
@@ -113,6 +115,10 @@ class GenerateConfig:
     """Use only the first LIMIT inputs (a rerun without it goes on from there)."""
     concurrency: int = 8
     """openai backend: requests in flight at once."""
+    retries: int = 5
+    """openai backend: tries after the first on 429 / 5xx / timeouts / refused connections."""
+    tokenizer: str | None = None
+    """MODEL whose tokenizer an openai teacher uses; needed to write its top-k log-probs as ids."""
 
     def __post_init__(self):
         for name, lo in (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("inputs_per_topic", 1),
@@ -127,12 +133,19 @@ class GenerateConfig:
         for name in ("dedup_threshold", "decontam_threshold", "threshold", "top_p"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
+        if self.dedup_threshold <= 0 or self.decontam_threshold <= 0 or self.top_p <= 0:
+            raise UsageError("--dedup-threshold, --decontam-threshold and --top-p must be above 0")
         if self.temperature < 0:
             raise UsageError("--temperature must be >= 0")
         if self.on_missing_logprobs not in MISSING_LOGPROBS:
             raise UsageError(f"--on-missing-logprobs must be one of {', '.join(MISSING_LOGPROBS)}")
         if self.inputs and self.topics:
             raise UsageError("give --inputs or --topics, not both")
+        if self.retries < 0:
+            raise UsageError("--retries must be 0 or more")
+        if self.topk_logprobs and self.teacher.startswith("openai:") and not self.tokenizer:
+            raise UsageError("--topk-logprobs with an openai teacher needs --tokenizer MODEL (a local "
+                             "model with the teacher's tokenizer) to turn its tokens into ids")
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -208,13 +221,15 @@ def validate(task: Task, row: dict, answer: str) -> str | None:
 
 class NearDup:
     """MinHash LSH over word 3-shingles; `seen(key, text)` is True when a near-duplicate of text
-    (estimated Jaccard >= threshold) was added before, else it adds text and returns False."""
+    (estimated Jaccard >= threshold) was added before, else it adds text and returns False.
+    threshold 1 turns it off."""
 
     def __init__(self, threshold: float):
         from datasketch import MinHashLSH
 
         self.threshold = threshold
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+        # LSH needs >= 2 bands: above 0.95 it only proposes candidates, the estimate decides
+        self.lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=NUM_PERM)
         self.mh: dict = {}
 
     @staticmethod
@@ -227,14 +242,21 @@ class NearDup:
         m.update_batch([s.encode() for s in shingles])
         return m
 
-    def seen(self, key: str, text: str) -> bool:
+    def has(self, text: str) -> bool:
+        """Whether a near-duplicate of text was added before (adds nothing)."""
+        if self.threshold >= 1:
+            return False
         m = self.minhash(text)
         # LSH candidates are approximate; confirm with the MinHash estimate itself
-        if any(self.mh[k].jaccard(m) >= self.threshold for k in self.lsh.query(m)):
+        return any(self.mh[k].jaccard(m) >= self.threshold for k in self.lsh.query(m))
+
+    def seen(self, key: str, text: str) -> bool:
+        """has(text); when it is new, add it under `key`."""
+        if self.has(text):
             return True
-        if key not in self.mh:
-            self.lsh.insert(key, m)
-            self.mh[key] = m
+        if self.threshold < 1 and key not in self.mh:
+            self.mh[key] = self.minhash(text)
+            self.lsh.insert(key, self.mh[key])
         return False
 
 
@@ -385,7 +407,7 @@ def topic_inputs(cfg: GenerateConfig, task: Task, backend, topics: list[str], ba
               file=bar_file or sys.stderr, dynamic_ncols=True) as bar:
         for chunk in batches(todo, cfg.batch_size):
             msgs = [[{"role": "user", "content": writer.format(topic=topics[i])}] for i in chunk]
-            comps = backend.generate(msgs, n=cfg.inputs_per_topic, max_tokens=max(256, cfg.max_new_tokens),
+            comps = backend.generate(msgs, n=cfg.inputs_per_topic, max_tokens=max(16, 4 * cfg.max_new_tokens),
                                      temperature=max(cfg.temperature, 0.7), top_p=cfg.top_p, seed=cfg.seed)
             for k, i in enumerate(chunk):
                 for j in range(cfg.inputs_per_topic):
@@ -453,7 +475,7 @@ class Judge:
         if not self.rating:
             comps = self.backend.generate([prompts[i] for i in idx], max_tokens=1, temperature=0.0,
                                           logprobs=20)
-            if all(c.logprobs is None for c in comps):
+            if all(c.logprobs is None and c.finish_reason != "error" for c in comps):
                 print("slm generate: the teacher returns no log-probs; judging by a 1-5 rating instead",
                       file=sys.stderr)
                 self.rating = True
@@ -493,7 +515,7 @@ def teacher_backend(cfg: GenerateConfig):
     if cfg.teacher.startswith("openai:"):
         from slmkit.backends.openai import OpenAIBackend
 
-        return OpenAIBackend.from_spec(cfg.teacher, concurrency=cfg.concurrency)
+        return OpenAIBackend.from_spec(cfg.teacher, concurrency=cfg.concurrency, retries=cfg.retries)
     from slmkit.backends import load_backend
 
     return load_backend(cfg.teacher)
@@ -529,7 +551,7 @@ def generate(cfg: GenerateConfig) -> dict:
     dedup = NearDup(cfg.dedup_threshold)
     for r in kept_log.rows:  # what earlier runs kept still counts for near-duplicates
         if all(isinstance(r.get(f), str) for f in task.fields()) and isinstance(r.get(task.target), str):
-            dedup.seen(str(r.get("id")), input_text(task, r) + "\n" + r[task.target])
+            dedup.seen(str(r.get("id")), input_text(task, r))
 
     backend = teacher_backend(cfg)
     if topics:
@@ -556,6 +578,8 @@ def generate(cfg: GenerateConfig) -> dict:
             for it in chunk:
                 if eval_index and eval_index.overlap(input_text(task, it.row)) >= cfg.decontam_threshold:
                     reject(it, "contaminated_input")
+                elif dedup.has(input_text(task, it.row)):
+                    reject(it, "duplicate")
                 elif not fits(user(task.prompt(it.row)), cfg.max_new_tokens):
                     reject(it, "prompt_too_long")
                 else:
@@ -569,6 +593,8 @@ def generate(cfg: GenerateConfig) -> dict:
                                      top_p=cfg.top_p, seed=cfg.seed, logprobs=cfg.topk_logprobs)
             gen_seconds += time.perf_counter() - t0
             tokens += sum(c.completion_tokens for c in comps)
+            if all(c.finish_reason == "error" for c in comps):  # a systematic problem, not one prompt
+                raise UsageError(f"the teacher refused every request of a batch: {backend.last_error}")
             if cfg.topk_logprobs and any(c.logprobs is None for c in comps):
                 msg = (f"the teacher `{cfg.teacher}` returned no log-probs although "
                        f"--topk-logprobs {cfg.topk_logprobs} asked for them")
@@ -585,7 +611,8 @@ def generate(cfg: GenerateConfig) -> dict:
             for k, it in enumerate(ready):
                 seen_texts, mine, reasons = set(), [], Counter()
                 for c in comps[k * cfg.n:(k + 1) * cfg.n]:
-                    reason = validate(task, it.row, c.text)
+                    # `error`: the endpoint refused this request (e.g. the prompt is too long for it)
+                    reason = "teacher_error" if c.finish_reason == "error" else validate(task, it.row, c.text)
                     if reason is None and c.text.strip() in seen_texts:
                         reason = "same_as_other_candidate"
                     if reason:
@@ -616,7 +643,7 @@ def generate(cfg: GenerateConfig) -> dict:
                     reject(it, "below_threshold", score=round(score, 4))
                 elif eval_index and eval_index.overlap(answer) >= cfg.decontam_threshold:
                     reject(it, "contaminated_output")
-                elif dedup.seen(it.id, input_text(task, it.row) + "\n" + answer):
+                elif dedup.seen(it.id, input_text(task, it.row)):  # a near-copy earlier in this batch
                     reject(it, "duplicate")
                 else:
                     row = {k: v for k, v in it.row.items() if k not in ("split", "unusable", "topic_index")}
@@ -641,7 +668,13 @@ def generate(cfg: GenerateConfig) -> dict:
         kept_log.close()
         rejected_log.close()
 
-    return {
+    topk = {}
+    if cfg.topk_logprobs:
+        from slmkit import models
+
+        tok = models.load_tokenizer(models.resolve(cfg.tokenizer or cfg.teacher))
+        topk = write_topk_cache(out, cfg.task, tok, cfg.teacher)
+    return topk | {
         "out": str(out), "inputs": len(items), "done_before": len(items) - len(todo),
         "kept": kept, "dropped": dict(dropped), "candidates_rejected": dict(rejected_cands),
         "kept_total": len(JsonlLog(out).rows), "tokens": tokens,
@@ -655,12 +688,97 @@ def generate(cfg: GenerateConfig) -> dict:
 
 
 def topk_record(c) -> dict:
-    """The teacher's top-k per answer token: ids (-1 when the endpoint gives only text), token
-    texts and log-probs, most likely first."""
-    return {"tokens": [t.token for t in c.logprobs],
-            "ids": [[j for j, _, _ in t.top] for t in c.logprobs],
-            "texts": [[s for _, s, _ in t.top] for t in c.logprobs],
-            "logprobs": [[round(v, 5) for _, _, v in t.top] for t in c.logprobs]}
+    """The teacher's top-k per generated token, kept in the output line until the cache is
+    written: generated token ids (None for an HTTP teacher, which gives only text), their texts,
+    and per token the alternatives' ids (-1 from HTTP), texts and log-probs, most likely first."""
+    http = any(t.id < 0 for t in c.logprobs)
+    rec = {"token_ids": None if http else [t.id for t in c.logprobs],
+           "tokens": [t.token for t in c.logprobs],
+           "ids": None if http else [[j for j, _, _ in t.top] for t in c.logprobs],
+           "logprobs": [[round(v, 4) for _, _, v in t.top] for t in c.logprobs]}
+    if http:
+        rec["texts"] = [[s for _, s, _ in t.top] for t in c.logprobs]
+    return rec
+
+
+def write_topk_cache(out: Path, task_arg, tokenizer, teacher: str, max_length: int | None = None) -> dict:
+    """Write distill's offline teacher cache (`slmkit-topk-v1`, see slmkit.distill) for every
+    line of `out` that carries `teacher_topk`, to OUT.topk.safetensors.
+
+    distill reads, for data line N, `L{N}.tokens` (T,) = data.encode(example), and `L{N}.ids` /
+    `L{N}.logprobs` (M, k) at the M answer positions (answer tokens + EOS). The teacher's own
+    top-k rows are used when its generated tokens re-tokenise to exactly the answer's tokens
+    (`aligned`); otherwise, and for the final EOS position (which a generation never reports),
+    a one-hot row puts all mass on the token in the data (log-prob 0, the rest -30)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from slmkit.data import encode, file_hash, read_jsonl, to_example
+    from slmkit.distill import CACHE_FORMAT, DistillConfig, vocab_hash
+
+    max_length = max_length or DistillConfig.__dataclass_fields__["max_length"].default
+    task = task_arg if isinstance(task_arg, Task) else get_task(task_arg)
+    by_text = None  # decoded text -> id, for teachers that report only text
+    tensors, k, aligned, total = {}, None, 0, 0
+    for n, row in read_jsonl(out):
+        rec = row.get("teacher_topk")
+        if not rec:
+            continue
+        ids, mask = encode(to_example(row, f"{out}:{n}", task, need_answer=True), tokenizer, max_length)
+        answer = [ids[t + 1] for t in range(len(ids) - 1) if mask[t + 1]]  # tokens to predict
+        k = k or max(len(r) for r in rec["logprobs"])
+        gen_ids, alt_ids = rec["token_ids"], rec["ids"]
+        if gen_ids is None:
+            if by_text is None:
+                by_text = {}
+                for i in range(len(tokenizer)):
+                    by_text.setdefault(tokenizer.decode([i]), i)
+            gen_ids = [by_text.get(t, -1) for t in rec["tokens"]]
+            alt_ids = [[by_text.get(t, -1) for t in ts] for ts in rec["texts"]]
+        # the answer was stripped: leave out whitespace-only tokens at either end
+        keep = [i for i, t in enumerate(rec["tokens"]) if t.strip()]
+        lo, hi = (keep[0], keep[-1] + 1) if keep else (0, 0)
+        total += 1
+        rows_ids = torch.zeros((len(answer), k), dtype=torch.int32)
+        rows_lp = torch.full((len(answer), k), -30.0)
+        if gen_ids[lo:hi] == answer[:hi - lo] and hi - lo == len(answer) - 1:
+            aligned += 1
+            for r, i in enumerate(range(lo, hi)):
+                pairs = [(j, v) for j, v in zip(alt_ids[i], rec["logprobs"][i]) if j >= 0][:k]
+                for c, (j, v) in enumerate(pairs):
+                    rows_ids[r, c], rows_lp[r, c] = j, v
+                fill_ids(rows_ids[r], len(pairs))
+            start = hi - lo
+        else:
+            start = 0
+        for r in range(start, len(answer)):  # one-hot on the data's own token
+            rows_ids[r, 0], rows_lp[r, 0] = answer[r], 0.0
+            fill_ids(rows_ids[r], 1)
+        tensors[f"L{n}.tokens"] = torch.tensor(ids, dtype=torch.int32)
+        tensors[f"L{n}.ids"] = rows_ids.contiguous()
+        tensors[f"L{n}.logprobs"] = rows_lp.half().contiguous()
+    if not tensors:
+        return {"topk_cache": None, "topk_aligned": 0, "topk_lines": 0}
+    dest = side_path(out, "topk").with_suffix(".safetensors")
+    meta = {"format": CACHE_FORMAT, "k": str(k), "tokenizer": vocab_hash(tokenizer),
+            "data": file_hash(out), "task": str(task_arg), "max_length": str(max_length),
+            "teacher": teacher}
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, dest)
+    return {"topk_cache": str(dest), "topk_aligned": aligned, "topk_lines": total}
+
+
+def fill_ids(row, used: int) -> None:
+    """Give a row's unused slots (log-prob -30, i.e. no mass) distinct ids not already in it, so
+    the student's probabilities of the top-k ids are not counted twice."""
+    taken = set(row[:used].tolist())
+    nxt = 0
+    for c in range(used, len(row)):
+        while nxt in taken:
+            nxt += 1
+        row[c] = nxt
+        taken.add(nxt)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -693,6 +811,9 @@ def add_arguments(p):
     p.add_argument("--inputs-per-topic", type=int, default=d["inputs_per_topic"].default)
     p.add_argument("--concurrency", type=int, default=d["concurrency"].default,
                    help="openai teacher: requests in flight")
+    p.add_argument("--retries", type=int, default=d["retries"].default,
+                   help="openai teacher: retries on 429/5xx/timeouts, with exponential backoff")
+    p.add_argument("--tokenizer", help="openai teacher with --topk-logprobs: a local MODEL with its tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first LIMIT inputs")
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
@@ -713,5 +834,9 @@ def run(args) -> int:
         print(f"  candidates rejected {count:>5}  {reason}")
     if stats["tokens_per_s"]:
         print(f"generated {stats['tokens']} tokens at {stats['tokens_per_s']} tokens/s")
+    if stats.get("topk_cache"):
+        print(f"teacher top-k for {stats['topk_lines']} lines in {stats['topk_cache']} "
+              f"({stats['topk_aligned']} aligned token by token; read it with "
+              "`slm distill --teacher-cache`)")
     print(f"thresholds: {json.dumps(stats['thresholds'])}")
     return 0

@@ -8,8 +8,10 @@ hosted APIs. MODEL is `openai:NAME@URL`; the key comes from SLM_API_KEY or OPENA
 Chat prompts go to /v1/chat/completions, plain strings to /v1/completions. Requests run on a
 thread pool of `concurrency`; each is retried on 429, 5xx, timeouts and refused connections with
 exponential backoff (0.5 s, 1 s, 2 s ... capped at 20 s, or the server's Retry-After), then fails
-with a one-line UsageError naming the URL. The API returns token text, not ids: TokenLogprobs.id
-is -1 and `top` holds (-1, text, logprob).
+with a one-line UsageError naming the URL. A request the server refuses for itself (HTTP 400,
+e.g. a prompt longer than its context) comes back as an empty Completion with finish_reason
+`error` and the server's message in `backend.last_error`, so one bad prompt does not end a batch.
+The API returns token text, not ids: TokenLogprobs.id is -1 and `top` holds (-1, text, logprob).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class OpenAIBackend(Backend):
         self.context_length = context_length  # unknown to the client; only informative
         self.missing_logprobs = False
         """Set once the server answered a request for log-probs without them."""
+        self.last_error: str | None = None
+        """The server's message for the last request it refused (finish_reason `error`)."""
 
     @classmethod
     def from_spec(cls, spec: str, **kw) -> "OpenAIBackend":
@@ -93,15 +97,19 @@ class OpenAIBackend(Backend):
             body |= {"logprobs": True, "top_logprobs": req.logprobs} if chat else {"logprobs": req.logprobs}
         path = "/chat/completions" if chat else "/completions"
         try:
-            data = self._post(path, body, req.deadline)
+            try:
+                data = self._post(path, body, req.deadline)
+            except _BadRequest as e:
+                if not req.logprobs or "logprob" not in str(e).lower():
+                    raise
+                # a server that refuses the logprobs parameter: ask again without it
+                self.missing_logprobs = True
+                for k in ("logprobs", "top_logprobs"):
+                    body.pop(k, None)
+                data = self._post(path, body, req.deadline)
         except _BadRequest as e:
-            if not req.logprobs or "logprob" not in str(e).lower():
-                raise UsageError(f"teacher {self.base_url}{path} rejected the request: {e}") from None
-            # a server that refuses the logprobs parameter: ask again without it
-            self.missing_logprobs = True
-            for k in ("logprobs", "top_logprobs"):
-                body.pop(k, None)
-            data = self._post(path, body, req.deadline)
+            self.last_error = f"{self.base_url}{path}: {e}"
+            return Completion("", "error", 0, 0, seconds=time.monotonic() - start)
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
