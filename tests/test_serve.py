@@ -192,6 +192,30 @@ def test_errors_are_openai_shaped_and_server_keeps_serving(server, client):
     assert r.choices[0].finish_reason in ("length", "stop")
 
 
+def test_kept_alive_connection_survives_errors(server):
+    import http.client
+
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    good = json.dumps({"model": "llama", "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+    for key, path, want in [("wrong", "/v1/completions", 401), (KEY, "/v1/nope", 404),
+                            (KEY, "/v1/completions", 200)]:
+        conn.request("POST", path, body=good, headers={"Authorization": f"Bearer {key}",
+                                                       "Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert r.status == want, body
+    assert body["usage"]["completion_tokens"] >= 1
+    # a streaming client that hangs up early does not break the server
+    conn.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                 body=json.dumps({"model": "llama", "prompt": "Hi", "max_tokens": 60, "stream": True}))
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    conn.close()
+    status, body = post(server.url + "/v1/completions", good.encode())
+    assert status == 200
+
+
 def test_timeout_gives_504(backend):
     with start_server([backend], timeout=1e-4) as s:  # reuses the loaded model
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)

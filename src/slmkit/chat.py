@@ -27,7 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="PyTorch device (default: cuda when present)")
     p.add_argument("--dtype", default="float32", help="PyTorch dtype: float32, bfloat16, float16")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for llama.cpp or PyTorch (default: theirs)")
 
 
 def run(args) -> int:

@@ -311,15 +311,20 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY` with "
                            "the key given to `slm serve --api-key`", code="invalid_api_key")
 
-    def _body(self) -> dict:
+    def _read(self) -> bytes:
+        """The raw body, read before anything can fail so a kept-alive connection stays in step."""
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
+            self.close_connection = True  # we cannot know where the next request starts
             raise APIError(411, "a JSON body with a Content-Length header is required")
         if int(length) > self.service.limits.max_body_bytes:
             self.close_connection = True  # the unread body would poison the connection
             raise APIError(413, f"the body is larger than {self.service.limits.max_body_bytes} bytes",
                            code="too_large")
-        raw = self.rfile.read(int(length))
+        return self.rfile.read(int(length))
+
+    @staticmethod
+    def _json_body(raw: bytes) -> dict:
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -373,11 +378,12 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(404, f"no route GET {path}", code="not_found")
 
     def _post(self):
+        raw = self._read()
         path = self.path.split("?")[0]
         if path not in ("/v1/chat/completions", "/v1/completions"):
             raise APIError(404, f"no route POST {path}", code="not_found")
         self._auth()
-        body = self._body()
+        body = self._json_body(raw)
         chat = path == "/v1/chat/completions"
         name, backend = self.service.backend(body)
         prompts = [parse_messages(body)] if chat else parse_prompts(body)
@@ -580,7 +586,8 @@ def add_arguments(p) -> None:
                    help="wait this long for more requests before starting a batch")
     p.add_argument("--device", default=None, help="PyTorch device (default: cuda when present)")
     p.add_argument("--dtype", default="float32", help="PyTorch dtype: float32, bfloat16, float16")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for llama.cpp and PyTorch (default: theirs)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
 
 

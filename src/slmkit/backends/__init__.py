@@ -154,7 +154,8 @@ def model_name(spec: str) -> str:
 
 def load_backend(spec: str, name: str | None = None, device: str | None = None,
                  dtype: str = "float32", n_threads: int | None = None) -> Backend:
-    """A `.gguf` file -> llama.cpp (CPU); a Hugging Face folder or `default` -> PyTorch."""
+    """A `.gguf` file -> llama.cpp (CPU); a Hugging Face folder or `default` -> PyTorch.
+    n_threads: CPU threads of llama.cpp, or of PyTorch (process-wide) for the PyTorch backend."""
     name = name or model_name(spec)
     if str(spec).endswith(".gguf"):
         if not Path(spec).is_file():
@@ -165,6 +166,11 @@ def load_backend(spec: str, name: str | None = None, device: str | None = None,
         return LlamaCppBackend(spec, name=name, n_threads=n_threads)
     from slmkit.backends.hf import HFBackend
 
+    if n_threads:
+        import torch
+
+        # process-wide; fewer threads than cores is faster on a CPU shared with other work
+        torch.set_num_threads(n_threads)
     return HFBackend(spec, name=name, device=device, dtype=dtype)
 
 
