@@ -251,6 +251,7 @@ def test_dry_run_writes_nothing(tiny_llama, calib_file, tmp_path, cli):
     (["--heads", "3"], "not divisible"),
     (["--kv-heads", "3"], "--kv-heads 3"),
     (["--hidden", "64"], "--hidden 64"),
+    (["--hidden", "30"], "not divisible by --heads 4"),
     (["--layers", "0"], "--layers 0"),
     (["--target", "1.0"], "not smaller"),
     (["--target", "2G"], "--target 2G"),

@@ -18,14 +18,17 @@ Importance comes from forward passes over calibration text (no gradients):
 
 Budget rule (`--target`): parameters are counted exactly from the weight shapes.
   - depth: the most layers that fit the budget;
-  - width: one ratio r, ffn = r*ffn and hidden = sqrt(r)*hidden (hidden shrinks less, as in
-    Minitron's 4B, whose hidden went 4096 -> 3072 while its MLP went 14336 -> 9216), rounded
-    down to multiples of 32 (8 for dimensions under 256) so GGUF block quantisation still applies;
-    heads are kept; the largest r that fits is chosen (the closest candidate from below);
+  - width: candidates are every hidden size on a grid of 32 (8 for dimensions under 256, so GGUF
+    block quantisation still tiles the rows), with every valid head count that divides it (KV
+    groups x heads per group, as many KV groups as possible), and the largest MLP on its grid of
+    32 that fits. The rule shrinks hidden, heads and MLP as evenly as possible: it picks the
+    candidate whose smallest kept fraction is largest, then the one closest to the target from
+    below;
   - both: first remove up to a quarter of the layers (ShortGPT drops ~25% with modest loss);
     when that alone does not reach the budget, the width rule shrinks the rest.
 head_dim never changes: config.head_dim is written explicitly, so hidden need not equal
-heads * head_dim (as in Llama-3.1-Minitron-4B-Width: hidden 3072, 32 heads of 128).
+heads * head_dim (as in Llama-3.1-Minitron-4B-Width: hidden 3072, 32 heads of 128); hidden must
+still be a multiple of the head count, which transformers' LlamaConfig checks.
 """
 
 from __future__ import annotations
@@ -144,6 +147,9 @@ def check_shape(src: Shape, dst: Shape) -> None:
         if not 1 <= new <= old:
             raise UsageError(f"{flag} {new}: must be between 1 and the model's {old} "
                              "(pruning only removes)")
+    if dst.hidden % dst.heads:
+        raise UsageError(f"--hidden {dst.hidden} is not divisible by --heads {dst.heads}; "
+                         "transformers requires hidden_size to be a multiple of the head count")
     if dst.heads % dst.kv_heads:
         raise UsageError(f"--heads {dst.heads} is not divisible by --kv-heads {dst.kv_heads}; "
                          "every KV group must keep the same number of query heads")
@@ -191,9 +197,41 @@ def parse_target(text, total: int) -> int:
     return n
 
 
-def align_down(x: float, full: int) -> int:
-    step = 32 if full >= 256 else 8
-    return max(step, int(x) // step * step) if full > step else full
+def step_of(full: int) -> int:
+    """Width dimensions move in multiples of 32 (8 for dimensions under 256), so GGUF's 32-value
+    quantisation blocks still tile every row."""
+    return 32 if full >= 256 else 8
+
+
+def head_counts(src: Shape) -> list[tuple[int, int]]:
+    """Valid (heads, kv_heads) pairs: kv groups x heads per group, neither above the source's;
+    for each head count the pair with the most KV groups."""
+    per_group = src.heads // src.kv_heads
+    pairs = {}
+    for kv in range(1, src.kv_heads + 1):
+        for p in range(1, per_group + 1):
+            pairs[kv * p] = max(pairs.get(kv * p, 0), kv)
+    return sorted(pairs.items(), reverse=True)
+
+
+def width_candidates(src: Shape, layers: int, count, target: int) -> list[Shape]:
+    """Every hidden size on the step grid, with every valid head count that divides it, and the
+    largest MLP (on its grid) that still fits the budget."""
+    out = []
+    h_step, f_step = step_of(src.hidden), step_of(src.ffn)
+    for hidden in range(src.hidden, 0, -h_step):
+        for heads, kv in head_counts(src):
+            if hidden % heads:
+                continue
+            base = Shape(layers=layers, hidden=hidden, ffn=f_step, heads=heads, kv_heads=kv)
+            if count(base) > target:
+                continue
+            lo, hi = 1, src.ffn // f_step  # largest k with count(ffn = k * f_step) <= target
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if count(replace(base, ffn=mid * f_step)) <= target else (lo, mid - 1)
+            out.append(replace(base, ffn=lo * f_step))
+    return out
 
 
 def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
@@ -208,34 +246,24 @@ def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
                 return shape
         return None
 
-    def by_width(base: Shape) -> Shape | None:
-        for step in range(1, 1000):
-            r = 1 - step / 1000
-            shape = replace(base, ffn=align_down(r * src.ffn, src.ffn),
-                            hidden=align_down(math.sqrt(r) * src.hidden, src.hidden))
-            if count(shape) <= target:
-                return shape
-        return None
+    def by_width(layers: int) -> Shape | None:
+        # shrink hidden, heads and MLP as evenly as possible: maximise the smallest kept
+        # fraction; among equals, the most parameters (the candidate closest from below)
+        def key(s):
+            return (min(s.hidden / src.hidden, s.heads / src.heads, s.ffn / src.ffn), count(s))
+        return max(width_candidates(src, layers, count, target), key=key, default=None)
 
     if method == "depth":
         shape = by_depth(src.layers - 1)
     elif method == "width":
-        shape = by_width(src)
+        shape = by_width(src.layers)
     else:
         cap = max(1, int(src.layers * DEPTH_CAP))
-        shape = by_depth(cap) or by_width(replace(src, layers=src.layers - cap))
+        shape = by_depth(cap) or by_width(src.layers - cap)
     if shape is None:
         raise UsageError(f"--target: {target:,} parameters cannot be reached with --method "
-                         f"{method} (the smallest such model has {count(_smallest(src, method)):,}); "
-                         "use --method both or a larger target")
+                         f"{method}; use --method both or a larger target")
     return shape
-
-
-def _smallest(src: Shape, method: str) -> Shape:
-    if method == "depth":
-        return replace(src, layers=1)
-    layers = src.layers if method == "width" else src.layers - max(1, int(src.layers * DEPTH_CAP))
-    return replace(src, layers=layers, ffn=align_down(0, src.ffn), hidden=align_down(0, src.hidden))
 
 
 # --------------------------------------------------------------------------- calibration
@@ -467,7 +495,7 @@ def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: 
         method: depth | width | both, how a `target` is met (see the module docstring).
         calib: a .txt/.jsonl calibration file; else `task` names a preset whose examples are used.
         num_samples, seq_len: calibration rows x tokens; num_samples defaults to 256 on CUDA and
-            32 on CPU (a 135M model scores ~3k tokens a minute on two busy cores).
+            16 on CPU (a 135M model scores only ~2-8k tokens a minute on two shared cores).
         dry_run: print and return the plan (shape and parameter counts) without loading weights.
     """
     import torch
@@ -502,7 +530,8 @@ def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: 
         raise UsageError("give --out FOLDER for the pruned model (or --dry-run)")
     if (num_samples is not None and num_samples < 1) or seq_len < 2:
         raise UsageError("--num-samples must be >= 1 and --seq-len >= 2")
-    texts = calibration_texts(calib, task)  # read (and validated) before any heavy work
+    # read (and validated) before any heavy work; a dry run needs none but checks what it is given
+    texts = calibration_texts(calib, task) if (calib or task or not dry_run) else []
     after = count_params(cfg, shapes, dst)
     plan = {
         "source": str(teacher), "architecture": cfg.get("architectures", [cfg["model_type"]])[0],
@@ -516,7 +545,7 @@ def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: 
         return plan
 
     device = models.pick_device(device)
-    num_samples = num_samples or (256 if device.type == "cuda" else 32)
+    num_samples = num_samples or (256 if device.type == "cuda" else 16)
     model, tok = models.load_folder(folder, device=device)
     ids = calibration_batch(tok, texts, num_samples, seq_len, seed=seed)
     scores = measure_importance(model, ids, device=device)
@@ -561,7 +590,7 @@ def add_arguments(p):
         p.add_argument(f"--{flag}", type=int, help=f"explicit shape: {flag} to keep")
     p.add_argument("--calib", help="calibration text: .jsonl (string fields joined) or .txt")
     p.add_argument("--task", help="use this task preset's examples as calibration data")
-    p.add_argument("--num-samples", type=int, help="calibration rows (default 256 on CUDA, 32 on CPU)")
+    p.add_argument("--num-samples", type=int, help="calibration rows (default 256 on CUDA, 16 on CPU)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
     p.add_argument("--seed", type=int, default=0, help="shuffles the calibration texts")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
