@@ -241,6 +241,27 @@ def test_cli_errors_exit_2(cli, tiny_llama):
     assert code == 2 and "--name" in err
 
 
+def test_cli_serve_subprocess(tiny_llama):
+    import re
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", str(tiny_llama), "--port", "0",
+                          "--name", "tiny"], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:  # progress bars first, then the line with the address
+            if m := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line):
+                break
+        url = m.group(1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        r = c.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
 def test_gguf_model_served_by_llamacpp(tiny_llama, tmp_path):
     pytest.importorskip("llama_cpp")
     export = pytest.importorskip("slmkit.export")
