@@ -126,12 +126,11 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
 def _train(ctx: Context, opts: dict, *, student: str, teacher: str | None, out: Path, **wired):
     from slmkit.distill import DistillConfig, distill
 
-    resume = (out.parent / f"{out.name}.ckpt").exists() or any(out.parent.glob(f"{out.name}*ckpt*"))
+    # a killed training stage left OUT.work/checkpoint behind: continue from it exactly
+    resume = (out.parent / f"{out.name}.work" / "checkpoint").is_dir()
     cfg = DistillConfig(student=student, teacher=teacher, data=ctx.data, task=ctx.task_arg,
-                        out=str(out), device=ctx.recipe.device,
+                        out=str(out), device=ctx.recipe.device, resume=resume,
                         **{"seed": ctx.recipe.seed, **wired, **opts})
-    if resume and "resume" in DistillConfig.__dataclass_fields__:
-        cfg.resume = True
     return str(distill(cfg))
 
 

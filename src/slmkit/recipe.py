@@ -129,8 +129,9 @@ def stage_options(stage: str) -> dict[str, object]:
         wired = {"teacher", "task", "inputs", "out", "decontaminate"}
     else:
         fn = _stage_function(stage)
+        # options are the parameters with a default (the positional ones are the model paths)
         opts = {n: p.default for n, p in inspect.signature(fn).parameters.items()
-                if p.kind == p.KEYWORD_ONLY}
+                if p.default is not p.empty or p.kind == p.KEYWORD_ONLY}
         wired = {"out", "task", "data", "names", "device", "calib", "teacher", "model", "split"}
     return {k: v for k, v in opts.items() if k not in wired}
 
