@@ -282,3 +282,14 @@ def test_bad_data_and_arch_exit_2(tiny_llama, tmp_path, cli):
     code, _, err = cli("prune", alien, "--target", "0.5", "--calib", empty, "--out", tmp_path / "o")
     assert code == 2 and "does not support architecture `gpt2`" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_task_preset_as_calibration(tiny_models, tmp_path):
+    from slmkit import data, tasks
+
+    plan = P.prune(tiny_models["phi3"], tmp_path / "p", shape={"layers": 2, "ffn": 32},
+                   task="summarize", num_samples=2, seq_len=16)
+    assert plan["calibration"]["task"] == "summarize"
+    assert plan["calibration"]["sha256"] == data.file_hash(tasks.preset_data("summarize"))
+    assert plan["calibration"]["sequences"] == 2 and plan["method"] == "shape"
+    assert models.describe(tmp_path / "p")["parameters"] == plan["parameters_after"]

@@ -65,6 +65,12 @@ AXES = {
     "q_norm": (None,), "k_norm": (None,),  # Qwen3: per head_dim, shared by all heads
 }
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+RULES = {  # how the shape was chosen, as written into prune_plan.json
+    "shape": "explicit shape",
+    "depth": "depth: the most layers that fit the target",
+    "width": "width: hidden, heads and ffn shrunk as evenly as possible, closest to the target from below",
+    "both": f"both: up to {DEPTH_CAP:.0%} of the layers first, then width (shrunk as evenly as possible)",
+}
 
 
 @dataclass(frozen=True)
@@ -433,7 +439,7 @@ def prune_state_dict(state: dict, keep: dict, src: Shape, hd: int) -> dict:
             key = key.replace(f".layers.{layer}.", f".layers.{position[layer]}.", 1)
         for dim, axis in enumerate(axes(key, t.dim())):
             if axis:
-                t = t.index_select(dim, index[axis])
+                t = t.index_select(dim, index[axis].to(t.device))
         new[key] = t.contiguous()
     return new
 
@@ -468,10 +474,6 @@ def apply_plan(model, keep: dict, dst: Shape):
 
 
 # --------------------------------------------------------------------------- the command
-
-def _digest(values) -> str:
-    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
-
 
 def format_plan(plan: dict) -> str:
     a, b = plan["shape_before"], plan["shape_after"]
@@ -536,7 +538,7 @@ def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: 
     plan = {
         "source": str(teacher), "architecture": cfg.get("architectures", [cfg["model_type"]])[0],
         "method": method, "target_parameters": target_n,
-        "rule": "explicit shape" if target is None else f"{method}: largest model <= target",
+        "rule": RULES[method],
         "shape_before": asdict(src), "shape_after": asdict(dst), "head_dim": head_dim(cfg),
         "parameters_before": total, "parameters_after": after, "fraction": after / total,
     }
