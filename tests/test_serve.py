@@ -156,6 +156,7 @@ def test_concurrent_requests_are_batched_and_equal_to_single(server, client, bac
     assert got == singles  # left padding and dropping finished rows change nothing
     after = sum(n * k for n, k in server.service.batchers["llama"].batch_sizes.items() if n > 1)
     assert after > before, "no request shared a batch"
+    assert server.httpd.request_queue_size >= 64  # dozens of clients may connect at once
 
 
 def test_errors_are_openai_shaped_and_server_keeps_serving(server, client):

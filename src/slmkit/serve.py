@@ -505,10 +505,17 @@ def response(rid: str, name: str, done: list[Completion], chat: bool, logprobs: 
             "usage": usage_of(done, n)}
 
 
+class HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog of 5 drops connections when dozens of clients arrive at
+    # once (their connect then times out); the kernel caps this at net.core.somaxconn
+    request_queue_size = 1024
+
+
 class Server:
     """A running server: `.url`, `.model_names`, `.backends`, `.close()`."""
 
-    def __init__(self, httpd: ThreadingHTTPServer, service: Service):
+    def __init__(self, httpd: HTTPServer, service: Service):
         self.httpd, self.service = httpd, service
         host, port = httpd.server_address[:2]
         self.url = f"http://{host}:{port}"
@@ -557,10 +564,9 @@ def start_server(models: list, host: str = "127.0.0.1", port: int = 0, api_key: 
     service = Service(backends, Limits(**limits), api_key)
     handler = type("BoundHandler", (Handler,), {"service": service, "quiet": not verbose})
     try:
-        httpd = ThreadingHTTPServer((host, port), handler)
+        httpd = HTTPServer((host, port), handler)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
-    httpd.daemon_threads = True
     return Server(httpd, service)
 
 
