@@ -100,6 +100,10 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
     if task_obj or data:
         data = data or str(preset_data(task_obj.name))
         examples = load_examples(data, task_obj, split=split, need_answer=True, limit=limit)
+        plain = next((e for e in examples if e.text is not None), None)
+        if plain is not None:
+            raise UsageError(f"{plain.where}: a `text` line has no answer to score; give "
+                             "`input`/`output` or `messages` lines, or the fields of --task")
     benches = [load_benchmark(*_bench_spec(b, shots)) for b in bench or []]
     if safety:
         from slmkit import safety as S
@@ -325,8 +329,9 @@ def load_benchmark(path: Path, shots: int = 0) -> dict:
                 raise UsageError(f"{where}: key `answer` missing (a generation item needs its answer)")
         else:
             choices = row.get("choices")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise UsageError(f"{where}: key `choices` must be a list of at least two strings")
+            if (not isinstance(choices, list) or len(choices) < 2
+                    or not all(isinstance(c, str) and c.strip() for c in choices)):
+                raise UsageError(f"{where}: key `choices` must be a list of at least two non-empty strings")
             gold = row.get("gold")
             if isinstance(gold, bool) or not isinstance(gold, int):
                 raise UsageError(f"{where}: key `gold` must be the index of the right choice (an integer)")
@@ -408,6 +413,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     computes it: trailing spaces of the context move to the continuation, the pair is encoded
     whole, and the continuation is the tokens after the context's own encoding."""
     import torch
+    from tqdm import tqdm
 
     from slmkit.data import pad_batch
 
@@ -427,7 +433,8 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     device = next(model.parameters()).device
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     scores = [0.0] * len(requests)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="log-likelihoods", unit="batch",
+                      file=sys.stderr, leave=False):
         idx = order[start:start + batch_size]
         ids, att = pad_batch([requests[i][0] for i in idx], tokenizer.pad_token_id or 0)
         with torch.no_grad():
