@@ -79,8 +79,6 @@ def test_hf_end_to_end_with_provenance_and_topk_cache(cli, long_llama, inputs, t
     assert stats["judge"] == "P(Yes)"
 
     # the cache is distill's offline format: it opens and lines up with distill's own encoding
-    from safetensors import safe_open
-
     from slmkit import models
     from slmkit.data import encode, to_example
     from slmkit.distill import DistillConfig, open_cache
@@ -196,6 +194,8 @@ def test_near_dup_and_eval_index_units(tmp_path):
     assert not d.seen("c", " ".join(f"thing{i}" for i in range(60)))
     idx = gen.EvalIndex(write_jsonl(tmp_path / "e.jsonl", [{"input": text}]))
     assert idx.overlap(text) == 1.0 and idx.overlap("nothing like it at all in here") == 0.0
+    short = gen.EvalIndex(write_jsonl(tmp_path / "s.jsonl", [{"input": "He go home."}]))
+    assert short.overlap("he go HOME") == 1.0 and short.overlap("go") == 0.0  # whole text only
     half = " ".join(f"word{i}" for i in range(30)) + " " + " ".join(f"new{i}" for i in range(30))
     assert 0.3 < idx.overlap(half) < 0.5
 

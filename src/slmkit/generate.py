@@ -39,7 +39,7 @@ import string
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.errors import UsageError
@@ -262,7 +262,7 @@ class NearDup:
 
 class EvalIndex:
     """Word 8-grams of an eval set; `overlap(text)` is the share of text's 8-grams found in it
-    (texts shorter than 8 words: 1.0 when the whole text appears in the eval set)."""
+    (texts shorter than 8 words: 1.0 when they equal a whole eval text, word for word)."""
 
     def __init__(self, path: str | Path, task: Task | None = None):
         from slmkit.data import read_jsonl
@@ -284,7 +284,7 @@ class EvalIndex:
         toks = words(text)
         if len(toks) < NGRAM:
             joined = " ".join(toks)
-            return 1.0 if joined and any(joined in s for s in self.short) else 0.0
+            return 1.0 if joined and joined in self.short else 0.0
         grams = ngrams(toks, NGRAM)
         return sum(g in self.grams for g in grams) / len(grams)
 

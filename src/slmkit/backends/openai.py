@@ -60,8 +60,6 @@ class OpenAIBackend(Backend):
         self.timeout = timeout  # seconds per HTTP request
         self.retries = retries  # extra tries after the first
         self.context_length = context_length  # unknown to the client; only informative
-        self.missing_logprobs = False
-        """Set once the server answered a request for log-probs without them."""
         self.last_error: str | None = None
         """The server's message for the last request it refused (finish_reason `error`)."""
 
@@ -102,8 +100,8 @@ class OpenAIBackend(Backend):
             except _BadRequest as e:
                 if not req.logprobs or "logprob" not in str(e).lower():
                     raise
-                # a server that refuses the logprobs parameter: ask again without it
-                self.missing_logprobs = True
+                # a server that refuses the logprobs parameter: ask again without it (the
+                # Completion then has logprobs None, which the caller reports)
                 for k in ("logprobs", "top_logprobs"):
                     body.pop(k, None)
                 data = self._post(path, body, req.deadline)
@@ -117,8 +115,6 @@ class OpenAIBackend(Backend):
             raise UsageError(f"teacher {self.base_url}{path}: unexpected reply "
                              f"{json.dumps(data)[:200]}; is it an OpenAI-compatible endpoint?") from None
         lps = parse_logprobs(choice.get("logprobs"), chat) if req.logprobs else None
-        if req.logprobs and lps is None:
-            self.missing_logprobs = True
         usage = data.get("usage") or {}
         comp = Completion(text=text or "", finish_reason=choice.get("finish_reason") or "stop",
                           prompt_tokens=usage.get("prompt_tokens", 0),
