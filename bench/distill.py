@@ -36,7 +36,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def write_split(src: Path, dest: Path, eval_n: int) -> None:
     rows = [row for _, row in data.read_jsonl(src)]
-    with open(dest, "w") as f:
+    with models.atomic_write(dest) as f:  # rows may run in parallel processes that read it
         for i, row in enumerate(rows):
             keep = {"dialogue": row["dialogue"], "summary": row["summary"]}
             f.write(json.dumps(keep | ({"split": "eval"} if i >= len(rows) - eval_n else {})) + "\n")
@@ -97,6 +97,9 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy box)")
+    ap.add_argument("--only", default="teacher,pruned,a,b,c",
+                    help="rows to compute now (comma list); the table shows every row computed so "
+                         "far in --work, so rows can run in parallel processes")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "slmkit-bench-distill"),
                     help="folder for the runs (finished arms are reused on rerun)")
     args = ap.parse_args()
@@ -136,7 +139,7 @@ def main() -> int:
 
     common = dict(data=str(train_file), task="summarize", max_tokens=args.tokens, lr=args.lr,
                   batch_size=args.batch_size, max_length=args.max_length, warmup_ratio=0.1,
-                  eval_every=10**9, save_every=10**9, eval_max=4, device="cpu", resume=True)
+                  eval_every=10**9, save_every=10**9, eval_max=2, device="cpu", resume=True)
     # the loop's own eval (4 held-out lines, at start and end) is only a sanity check; the table
     # below scores all --eval-n held-out dialogues the same way for every model
     arms = {
@@ -147,20 +150,32 @@ def main() -> int:
         "(c) KD, random init": DistillConfig(student=str(random_init), teacher="default",
                                              out=str(work / "kd-random"), **common),
     }
-    results = {}
-    for name, folder in (("teacher (default)", "default"), ("pruned init, untrained", str(pruned))):
-        results[name] = score(folder, held_ex, args.max_new_tokens)
-        print(name, json.dumps(results[name]), flush=True)
-    for name, cfg in arms.items():
+    only = set(args.only.split(","))
+    rows_dir = work / "results"
+    rows_dir.mkdir(exist_ok=True)
+    for key, name, folder in (("teacher", "teacher (default)", "default"),
+                              ("pruned", "pruned init, untrained", str(pruned))):
+        if key in only:
+            row = score(folder, held_ex, args.max_new_tokens)
+            (rows_dir / f"{key}.json").write_text(json.dumps({"name": name} | row))
+            print(name, json.dumps(row), flush=True)
+    for key, (name, cfg) in zip("abc", arms.items()):
+        if key not in only:
+            continue
         t0 = time.perf_counter()
         out = distill(cfg)
         record = json.loads((out / "training_record.json").read_text())
-        results[name] = score(out, held_ex, args.max_new_tokens) | {
+        row = score(out, held_ex, args.max_new_tokens) | {
             "train_tokens": record["tokens"], "steps": record["steps"],
             "train_s": record["time_s"], "wall_s": round(time.perf_counter() - t0, 1)}
-        print(name, json.dumps(results[name]), flush=True)
+        (rows_dir / f"{key}.json").write_text(json.dumps({"name": name} | row))
+        print(name, json.dumps(row), flush=True)
 
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results = {}
+    for k in ("teacher", "pruned", "a", "b", "c"):
+        if (rows_dir / f"{k}.json").is_file():
+            r = json.loads((rows_dir / f"{k}.json").read_text())
+            results[r["name"]] = r
     print(f"\n{len(held_ex)} held-out dialogues, {args.tokens:,} training tokens per arm, "
           f"lr {args.lr}, batch {args.batch_size}, threads {torch.get_num_threads()}\n")
     print("| model | params | answer ppl | ROUGE-L | train tokens | train s |")
