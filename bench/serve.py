@@ -7,10 +7,11 @@ vs teacher. Run it once, on a quiet machine if you can:
 1. Load: --clients concurrent clients (official openai client) x --requests each against the
    server serving --teacher with the PyTorch backend (static batching); errors, p50/p95 latency,
    aggregate completion tokens/s, and the batch sizes the server formed.
-2. Single stream: decode tokens/s (tokens after the first / time after the first) of our server
-   serving a GGUF with llama.cpp, streamed over HTTP, against llama-cpp-python called directly
-   on the same file with the same threads; runs interleaved, median of --reps. The GGUF is
-   `default` exported to q8_0 by `slmkit.export` when that works, else the embedded Q4_1 file.
+2. Single stream: decode tokens/s (tokens after the first / time after the first) of `slm serve`
+   (its own process) serving a GGUF with llama.cpp, streamed over HTTP, against llama-cpp-python
+   called directly on the same file with the same threads; also whole non-streamed requests
+   (prefill included). Runs interleaved, median of --reps. The GGUF is `default` exported to
+   q8_0 by `slmkit.export` when that works, else the embedded Q4_1 file.
 3. Student vs teacher (with --student): single-stream latency and decode tokens/s of each over
    the same prompts, both served by one server with the PyTorch backend.
 """
@@ -109,27 +110,58 @@ def direct_decode(llm, prompt: str, max_tokens: int) -> tuple[float, int]:
     return (n - 1) / (last - first), n
 
 
+def serve_subprocess(model: str, *flags: str):
+    """`slm serve MODEL` in its own process (as a user runs it: the client's Python does not
+    share the server's GIL); returns (process, url)."""
+    import re
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "slmkit", "serve", model, "--port", "0", *flags],
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if m := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line):
+            return p, m.group(1)
+    raise RuntimeError(f"slm serve {model} did not start (exit code {p.wait()})")
+
+
+def whole_request(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(completion tokens / total seconds, tokens) of one non-streamed completion."""
+    import openai
+
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    r = c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return r.usage.completion_tokens / (time.perf_counter() - t0), r.usage.completion_tokens
+
+
+def direct_whole(llm, prompt: str, max_tokens: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    r = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0)
+    return r["usage"]["completion_tokens"] / (time.perf_counter() - t0), r["usage"]["completion_tokens"]
+
+
 def bench_gguf(gguf: Path, reps: int, max_tokens: int, threads: int) -> dict:
     from llama_cpp import Llama
 
-    from slmkit.serve import start_server
-
     llm = Llama(model_path=str(gguf), n_ctx=0, n_threads=threads, verbose=False)
-    ours, direct, n_ours, n_direct = [], [], [], []
-    with start_server([str(gguf)], names=["gguf"], n_threads=threads) as s:
-        stream_decode(s.url, "gguf", LONG_PROMPT, 8)  # warm-up both
+    runs = {k: [] for k in ("ours_stream", "direct_stream", "ours_whole", "direct_whole")}
+    tokens = {}
+    proc, url = serve_subprocess(str(gguf), "--name", "gguf", "--threads", str(threads))
+    try:
+        stream_decode(url, "gguf", LONG_PROMPT, 8)  # warm-up both
         direct_decode(llm, LONG_PROMPT, 8)
         for _ in range(reps):  # interleaved so machine load hits both alike
-            tps, n, _ = stream_decode(s.url, "gguf", LONG_PROMPT, max_tokens)
-            ours.append(tps)
-            n_ours.append(n)
-            tps, n = direct_decode(llm, LONG_PROMPT, max_tokens)
-            direct.append(tps)
-            n_direct.append(n)
-    med_o, med_d = statistics.median(ours), statistics.median(direct)
-    return {"gguf": str(gguf), "threads": threads, "tokens": (n_ours[0], n_direct[0]),
-            "ours_tps": med_o, "direct_tps": med_d, "ratio": med_o / med_d,
-            "ours_all": ours, "direct_all": direct}
+            tps, tokens["ours"], _ = stream_decode(url, "gguf", LONG_PROMPT, max_tokens)
+            runs["ours_stream"].append(tps)
+            tps, tokens["direct"] = direct_decode(llm, LONG_PROMPT, max_tokens)
+            runs["direct_stream"].append(tps)
+            runs["ours_whole"].append(whole_request(url, "gguf", LONG_PROMPT, max_tokens)[0])
+            runs["direct_whole"].append(direct_whole(llm, LONG_PROMPT, max_tokens)[0])
+    finally:
+        proc.terminate()
+        proc.wait()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"threads": threads, "tokens": tokens, "median": med, "runs": runs}
 
 
 def export_default(tmp: Path) -> Path:
@@ -188,13 +220,17 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 gguf = Path(args.gguf) if args.gguf else export_default(Path(tmp))
                 g = bench_gguf(gguf, args.reps, args.decode_tokens, args.threads)
-            print(f"\n== single stream decode, {gguf.name}, {g['threads']} threads, "
-                  f"{g['tokens'][0]} / {g['tokens'][1]} tokens, median of {args.reps}")
-            print(f"slm serve (HTTP, streamed) {g['ours_tps']:.1f} tokens/s   "
-                  f"llama-cpp-python direct {g['direct_tps']:.1f} tokens/s   "
-                  f"ratio {100 * g['ratio']:.1f} % (goal >= 95 %)")
-            print("  runs ours  ", " ".join(f"{x:.1f}" for x in g["ours_all"]))
-            print("  runs direct", " ".join(f"{x:.1f}" for x in g["direct_all"]))
+            m = g["median"]
+            print(f"\n== single stream, {gguf.name}, {g['threads']} llama.cpp threads, "
+                  f"{g['tokens']['ours']} / {g['tokens']['direct']} tokens, median of {args.reps}")
+            print(f"decode (streamed, after the first token): slm serve {m['ours_stream']:.1f} tokens/s, "
+                  f"llama-cpp-python direct {m['direct_stream']:.1f} tokens/s, "
+                  f"ratio {100 * m['ours_stream'] / m['direct_stream']:.1f} % (goal >= 95 %)")
+            print(f"whole request (prefill included):       slm serve {m['ours_whole']:.1f} tokens/s, "
+                  f"llama-cpp-python direct {m['direct_whole']:.1f} tokens/s, "
+                  f"ratio {100 * m['ours_whole'] / m['direct_whole']:.1f} %")
+            for k, v in g["runs"].items():
+                print(f"  {k:14s}", " ".join(f"{x:.1f}" for x in v))
 
     if args.student and "student" not in args.skip:
         with start_server([args.teacher, args.student], names=["teacher", "student"], timeout=900,

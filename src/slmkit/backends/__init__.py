@@ -43,8 +43,6 @@ from typing import Callable, Iterator
 
 from slmkit.errors import UsageError
 
-Prompt = "str | list[dict]"
-
 
 @dataclass
 class TokenLogprobs:
