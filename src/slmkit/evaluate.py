@@ -31,13 +31,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="models to compare; the first is the reference (HF folder, .gguf, `default`)")
     parser.add_argument("--names", help="comma-separated display names, one per MODEL")
-    parser.add_argument("--task", help="task preset whose metric scores --data (summarize, grammar, reply, qa)")
+    parser.add_argument("--task", help="task preset whose metric scores --data "
+                        "(summarize, grammar, reply, qa)")
     parser.add_argument("--data", help="task JSONL (default: the preset's shipped eval examples)")
     parser.add_argument("--split", default="eval", help="use lines whose `split` is this (default eval; "
                         "lines without `split` always count); `all` for every line")
     parser.add_argument("--limit", type=int, help="score only the first N examples")
     parser.add_argument("--bench", nargs="+", metavar="FILE[:K]", help="benchmark JSONL files, K-shot")
-    parser.add_argument("--shots", type=int, default=0, help="shots for --bench files without `:K` (default 0)")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="shots for --bench files without `:K` (default 0)")
     parser.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples")
     parser.add_argument("--ppl", metavar="FILE", help="text (.txt or JSONL) to measure perplexity on")
     parser.add_argument("--stride", type=int, default=512, help="perplexity sliding-window stride in tokens")
@@ -45,7 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--speed", action="store_true", help="measure latency, tokens/s, memory, energy")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="speed engine for .gguf models (HF folders always use torch)")
-    parser.add_argument("--harness", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated)")
+    parser.add_argument("--harness", metavar="TASKS",
+                        help="also run lm-evaluation-harness tasks (comma-separated)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit for --task")
     parser.add_argument("--cot-tokens", type=int, default=256,
                         help="generation length limit for chain-of-thought benchmark answers")
@@ -93,7 +96,8 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: give a positive number of examples")
     if not (task or data or bench or ppl or safety or speed or harness):
-        raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, --speed or --harness")
+        raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, --speed "
+                         "or --harness")
     # Check every input before loading any model: a typo should cost seconds, not minutes.
     task_obj = get_task(task) if task else None
     examples = []

@@ -147,7 +147,8 @@ def short_answer(predictions: list[str], references: list[list[str]]) -> dict[st
 
 # --------------------------------------------------------------------------- multiple choice
 
-def choice_accuracy(logliks: list[list[float]], choices: list[list[str]], gold: list[int]) -> dict[str, float]:
+def choice_accuracy(logliks: list[list[float]], choices: list[list[str]],
+                    gold: list[int]) -> dict[str, float]:
     """lm-evaluation-harness's multiple-choice metrics from summed continuation log-likelihoods:
     `acc` picks the most likely choice, `acc_norm` the most likely per character of the choice."""
     acc = acc_norm = 0

@@ -23,7 +23,8 @@ COST_METRICS = [("parameters", "parameters", False), ("bytes_on_disk", "size on 
                 ("prefill_tokens_per_s", "prefill tokens/s", True),
                 ("decode_tokens_per_s", "decode tokens/s", True),
                 ("batched_decode_tokens_per_s", "decode tokens/s, batch", True),
-                ("latency_p50_s", "request latency p50", False), ("latency_p95_s", "request latency p95", False),
+                ("latency_p50_s", "request latency p50", False),
+                ("latency_p95_s", "request latency p95", False),
                 ("energy_j_per_token", "energy per token", False)]
 
 
@@ -113,7 +114,8 @@ def rows(metrics: dict) -> list[list[str]]:
     all_q = dict(sorted(all_q.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     for keys, kind in ((all_q, "quality"), (all_c, "cost")):
         for k, label in keys.items():
-            if kind == "cost" and k == "energy_j_per_token" and (models[0].get("speed") or {}).get("energy_estimated"):
+            estimated = (models[0].get("speed") or {}).get("energy_estimated")
+            if kind == "cost" and k == "energy_j_per_token" and estimated:
                 label += " (estimate)"
             row = [label]
             for i, m in enumerate(models):

@@ -45,7 +45,8 @@ def load_items(path: str | Path) -> list[dict]:
             raise UsageError(f"{where}: key `toxicity_score` must be a positive number (ToxiGen uses 1-5), "
                              f"got {tox!r}")
         if row.get("label") not in LABELS:
-            raise UsageError(f"{where}: key `label` must be \"hate\" or \"neutral\", got {row.get('label')!r}")
+            raise UsageError(f"{where}: key `label` must be \"hate\" or \"neutral\", "
+                             f"got {row.get('label')!r}")
         groups = row.get("target_groups")
         if not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups):
             raise UsageError(f"{where}: key `target_groups` must be a non-empty list of group names")
