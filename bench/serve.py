@@ -95,7 +95,8 @@ def stream_decode(url: str, model: str, prompt: str, max_tokens: int) -> tuple[f
             first = first or last
         if ch.usage:
             n = ch.usage.completion_tokens
-    return (n - 1) / (last - first), n, time.perf_counter() - t0
+    tps = (n - 1) / (last - first) if n > 1 and last > first else 0.0
+    return tps, n, time.perf_counter() - t0
 
 
 def direct_decode(llm, prompt: str, max_tokens: int) -> tuple[float, int]:
@@ -240,7 +241,7 @@ def main() -> int:
             for name in ("teacher", "student"):
                 stream_decode(s.url, name, PROMPTS[0], 4)  # warm-up
                 runs = [stream_decode(s.url, name, p, args.decode_tokens) for p in PROMPTS]
-                tps = statistics.median(r[0] for r in runs if r[1] > 1)
+                tps = statistics.median([r[0] for r in runs if r[0] > 0] or [0.0])
                 lat = statistics.median(r[2] for r in runs)
                 print(f"{name:8s} decode {tps:.1f} tokens/s   median latency {lat:.2f} s   "
                       f"tokens {sum(r[1] for r in runs)}")
