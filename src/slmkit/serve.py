@@ -448,7 +448,18 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if chat:
                 send(chunk({"role": "assistant", "content": ""}))
-            while (piece := pieces.get()) is not None:
+            ended = False
+            while not ended:
+                piece = pieces.get()
+                if piece is None:
+                    break
+                # when the client reads slower than we decode, send what piled up in one event
+                while not pieces.empty():
+                    more = pieces.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    piece += more
                 send(chunk({"content": piece} if chat else piece))
             try:
                 c = fut.result()

@@ -49,8 +49,9 @@ class LlamaCppBackend(Backend):
 
     def prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            # add_bos=True adds BOS only where the model's metadata asks for it
-            ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+            # add_bos=True adds BOS only where the model's metadata asks for it; special tokens
+            # written in the text are parsed, as transformers and llama-cpp-python do
+            ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         else:  # the template wrote the special tokens itself
             ids = self.llm.tokenize(self.render(prompt).encode("utf-8"), add_bos=False, special=True)
         if not ids:
