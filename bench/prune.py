@@ -94,7 +94,10 @@ def main(argv=None) -> int:
         ("both, importance", "both", scores), ("both, random", "both", rand),
     ]:
         dst = plans[method]
-        pruned = P.apply_plan(model, P.select(s, src, dst), dst)
+        keep = P.select(s, src, dst)
+        # every row gets the same RMSNorm correction, from the measured energies
+        rescale = P.norm_rescale(scores, keep, src) if dst.hidden < src.hidden else None
+        pruned = P.apply_plan(model, keep, dst, rescale)
         n = models.count_parameters(pruned)
         assert n == count(dst), (n, count(dst))
         rows.append((name, dst, n, perplexity(pruned, held)))

@@ -5,6 +5,7 @@ parts masked to zero."""
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -293,3 +294,28 @@ def test_task_preset_as_calibration(tiny_models, tmp_path):
     assert plan["calibration"]["sha256"] == data.file_hash(tasks.preset_data("summarize"))
     assert plan["calibration"]["sequences"] == 2 and plan["method"] == "shape"
     assert models.describe(tmp_path / "p")["parameters"] == plan["parameters_after"]
+
+
+def test_norm_rescale_makes_dead_hidden_channels_free(tiny_models):
+    """Hidden channels that carry nothing (zero embedding column, nothing writes them) still change
+    RMSNorm (D' instead of D in the mean); with norm_rescale the pruned model equals the original
+    up to the norms' eps."""
+    model, tok = models.load_model(tiny_models["qwen3"])
+    dead = [3, 7, 20, 30]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, dead] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    ids = P.calibration_batch(tok, ["The quick brown fox jumps over the lazy dog."] * 8, 4, 8)
+    scores = P.measure_importance(model, ids)
+    src = P.source_shape(model.config.to_dict())
+    dst = replace(src, hidden=28)
+    keep = P.select(scores, src, dst)
+    assert not set(dead) & set(keep["hidden"])
+    rescale = P.norm_rescale(scores, keep, src)
+    assert rescale["final"] == pytest.approx((32 / 28) ** 0.5, rel=1e-5)
+    plain = P.apply_plan(model, keep, dst)
+    fixed = P.apply_plan(model, keep, dst, rescale)
+    assert (logits(fixed) - logits(model)).abs().max() < 1e-4
+    assert (logits(plain) - logits(model)).abs().max() > 1e-2
