@@ -472,7 +472,8 @@ def pruned_config(config, keep: dict, dst: Shape, hd: int):
 def norm_rescale(scores: dict, keep: dict, src: Shape) -> dict:
     """RMSNorm factors for hidden pruning. RMSNorm divides by the root mean square over the
     channels it sees; over D' kept channels that mean is S_kept/D' instead of S/D, so the kept
-    outputs would grow by sqrt(S D' / (S_kept D)). Scaling each norm's weight by
+    outputs would be multiplied by sqrt(S D' / (S_kept D)) (below 1 when the kept channels hold
+    more than their share D'/D of the energy, as important channels do). Scaling each norm's weight by
     sqrt(D/D' * S_kept/S) (S from calibration) restores their scale. Measured on SmolLM2 at half
     size (`both`): held-out perplexity 1052 -> 647 before any retraining.
     Returns {"layers": [[factor per norm] per kept layer], "final": factor}."""
