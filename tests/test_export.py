@@ -1,9 +1,12 @@
 """`slm export`: GGUF files that llama.cpp and transformers read back as the same model.
 
-Tolerances (tiny random fixtures, logits of magnitude ~10; measured max |diff| in brackets is
-what these fixtures gave when the tests were written):
-- f16 in llama.cpp vs f32 transformers: max |logit diff| < 0.05, the same 32 greedy tokens.
-- q8_0 in llama.cpp vs f32 transformers: max |logit diff| < 0.5, the same 32 greedy tokens.
+llama.cpp parity runs on copies of the tiny fixtures trained for a few steps to continue one
+text: a random model's top-2 logits are often within 0.001 of each other, so any rounding flips
+its greedy path, while a trained model makes decisions with a margin (here > 1), as real models do.
+Tolerances, llama.cpp against transformers in f32 (what the fixtures gave when written):
+- f16: the same 32 greedy tokens; max |logit diff| < 0.1 (measured 0.03-0.04).
+- q8_0: the same 32 greedy tokens; max |logit diff| < 2.0 and mean < 0.15 (measured 0.8-1.1 and
+  0.05-0.06, logits spanning about -7..11).
 - f32 read back by transformers' GGUF loader: max |logit diff| < 1e-4.
 """
 
@@ -21,7 +24,7 @@ TEXTS = ["Summarize the conversation between the two friends.",
          "numbers 0 1 22 333 and punctuation , . ! ? \"quoted\" (x) - #",
          "  two spaces\nnew line\n\n tabs\tend",
          "Grammar correction: he have three cat."]
-F16_TOL, Q8_TOL, F32_TOL = 0.05, 0.5, 1e-4
+F16_TOL, Q8_TOL, Q8_MEAN_TOL, F32_TOL = 0.1, 2.0, 0.15, 1e-4
 N_NEW = 32
 
 
@@ -35,6 +38,32 @@ def gguf_files(tiny_models, tmp_path_factory):
         if (arch, quant) not in made:
             made[arch, quant] = export_gguf(tiny_models[arch], root / arch / f"{arch}.{quant}.gguf", quant)
         return made[arch, quant]
+    return get
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory):
+    """arch -> (folder, prompt ids): the fixture trained to continue its prompt with CORPUS text."""
+    pytest.importorskip("llama_cpp")
+    from conftest import CORPUS
+
+    root = tmp_path_factory.mktemp("trained")
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            model, tok = models.load_model(tiny_models[arch])
+            ids = prompt_ids(tok)
+            x = torch.tensor([ids + tok(" ".join(CORPUS)).input_ids[:N_NEW + 4]])
+            torch.manual_seed(0)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+            model.train()
+            for _ in range(30):
+                model(x, labels=x).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            made[arch] = models.save_model(model.eval(), tok, root / arch), ids
+        return made[arch]
     return get
 
 
@@ -182,24 +211,30 @@ def test_llamacpp_tokenizes_like_transformers(gguf_files, tokenizer):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text).input_ids
     chat = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], tokenize=False)
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tokenizer(chat).input_ids
+    llm.close()
+
+
+def parity(folder, ids, quant, tmp_path):
+    """(llama.cpp greedy, transformers greedy, |logit diff| over the transformers sequence)."""
+    model, _ = models.load_model(folder)
+    llm = llama(export_gguf(folder, tmp_path / f"m.{quant}.gguf", quant))
+    try:
+        new = hf_greedy(model, ids, N_NEW)
+        got = cpp_greedy(llm, ids, N_NEW)
+        diff = np.abs(cpp_logits(llm, ids + new) - hf_logits(model, ids + new))
+    finally:
+        llm.close()
+    return got, new, diff
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_llamacpp_f16_matches_transformers(arch, gguf_files, tiny_models):
-    llm = llama(gguf_files(arch, "f16"))
-    model, tok = models.load_model(tiny_models[arch])
-    ids = prompt_ids(tok)
-    new = hf_greedy(model, ids, N_NEW)
-    assert cpp_greedy(llm, ids, N_NEW) == new
-    diff = np.abs(cpp_logits(llm, ids + new) - hf_logits(model, ids + new)).max()
-    assert diff < F16_TOL, f"{arch}: max |logit diff| {diff:.4f}"
+def test_llamacpp_f16_matches_transformers(arch, trained, tmp_path):
+    got, new, diff = parity(*trained(arch), "f16", tmp_path)
+    assert got == new
+    assert diff.max() < F16_TOL, f"{arch}: max |logit diff| {diff.max():.4f}"
 
 
-def test_llamacpp_q8_0_stays_close(gguf_files, tiny_models):
-    llm = llama(gguf_files("llama", "q8_0"))
-    model, tok = models.load_model(tiny_models["llama"])
-    ids = prompt_ids(tok)
-    new = hf_greedy(model, ids, N_NEW)
-    assert cpp_greedy(llm, ids, N_NEW) == new
-    diff = np.abs(cpp_logits(llm, ids + new) - hf_logits(model, ids + new)).max()
-    assert diff < Q8_TOL, f"max |logit diff| {diff:.4f}"
+def test_llamacpp_q8_0_stays_close(trained, tmp_path):
+    got, new, diff = parity(*trained("llama"), "q8_0", tmp_path)
+    assert got == new
+    assert diff.max() < Q8_TOL and diff.mean() < Q8_MEAN_TOL, (diff.max(), diff.mean())
