@@ -203,7 +203,7 @@ def plots(metrics: dict) -> dict[str, bytes]:
         ax.set_xlabel("parameters (millions)")
         ax.set_ylabel(f"% of reference {quality_values(models[0])[head][0]}")
         ax.set_title("Quality kept vs size")
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, 1.25 * max(m["parameters"] for m in models) / 1e6)  # room for the labels
         ax.set_ylim(bottom=0)
         out["kept_vs_size"] = png(fig)
 

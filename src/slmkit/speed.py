@@ -75,6 +75,14 @@ def measure(path, engine: str = "torch", device: str = "cpu", prompt_tokens: int
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM belongs to the current address space; getrusage's
+    ru_maxrss would carry the parent's peak across fork + exec on Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
