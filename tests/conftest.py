@@ -102,6 +102,18 @@ def make_tiny_model(arch: str, out: Path, layers: int = 4, seed: int = 0) -> Pat
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: extra threads only wait on each other.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -13,13 +13,7 @@ from slmkit import losses
 N, V, K = 7, 50, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a shared machine: extra threads only wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(seed, n=N, v=V, scale=3.0):

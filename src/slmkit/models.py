@@ -151,9 +151,8 @@ def gguf_to_folder(gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantised weights are plain float tensors; the GGUF quantization config only stops
     # save_pretrained and would mislead readers of the saved config.
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.hf_quantizer = None
     save_model(model, tokenizer, out)
     return out

@@ -58,7 +58,10 @@ def model_fingerprint(spec: str) -> str:
     if spec.startswith("openai:"):
         return spec
     p = Path(spec)
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else []
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file())
+    else:
+        files = [p] if p.is_file() else []
     return _sha([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files] or spec)
 
 
@@ -179,10 +182,9 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
 def stage_export(ctx: Context, opts: dict) -> dict:
     from slmkit.export import export_gguf
 
-    quant = opts.get("quant", "q8_0")
-    model = ctx.student or ctx.best_teacher
-    out = ctx.run_dir / "export" / f"{ctx.recipe.name}-student-{quant}.gguf"
-    export_gguf(model, str(out), **{"quant": quant, **opts})
+    opts = {"quant": "q8_0", **opts}
+    out = ctx.run_dir / "export" / f"{ctx.recipe.name}-student-{opts['quant']}.gguf"
+    export_gguf(ctx.student or ctx.best_teacher, str(out), **opts)
     return {"gguf": str(out)}
 
 

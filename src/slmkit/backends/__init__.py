@@ -212,5 +212,20 @@ class TextTracker:
         return piece
 
 
+def stop_reason(hit: bool, request: "Request", n_prompt: int, n_out: int,
+                context_length: int) -> str | None:
+    """Why decoding of `request` ends after this token, or None to go on (same rule for every
+    backend): a stop string, the token or context limit, a cancel, or the deadline."""
+    if hit:
+        return "stop"
+    if n_out >= request.max_tokens or n_prompt + n_out >= context_length:
+        return "length"
+    if request.cancel.is_set():
+        return "cancelled"
+    if request.deadline is not None and now() > request.deadline:
+        return "timeout"
+    return None
+
+
 def now() -> float:
     return time.monotonic()

@@ -14,7 +14,8 @@ import random
 import threading
 
 from slmkit import models
-from slmkit.backends import Backend, Completion, Request, TextTracker, TokenLogprobs, now
+from slmkit.backends import (Backend, Completion, Request, TextTracker, TokenLogprobs, now,
+                             stop_reason)
 
 
 class HFBackend(Backend):
@@ -104,15 +105,7 @@ class HFBackend(Backend):
                     if lps[i] is not None:
                         lps[i].append(self._logprobs(logits[row], t, r.logprobs))
                     piece, hit = trackers[i].update(tok.decode(out[i], skip_special_tokens=True))
-                    if hit:
-                        reason = "stop"
-                    elif (len(out[i]) >= r.max_tokens
-                          or len(prompts[i]) + len(out[i]) >= self.context_length):
-                        reason = "length"
-                    elif r.cancel.is_set():
-                        reason = "cancelled"
-                    elif r.deadline is not None and now() > r.deadline:
-                        reason = "timeout"
+                    reason = stop_reason(hit, r, len(prompts[i]), len(out[i]), self.context_length)
                     if reason and reason != "stop":
                         piece += trackers[i].finish()
                 if piece and r.on_text:

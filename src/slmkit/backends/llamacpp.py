@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 import threading
 
-from slmkit.backends import Backend, Completion, Request, TextTracker, TokenLogprobs, now
+from slmkit.backends import (Backend, Completion, Request, TextTracker, TokenLogprobs, now,
+                             stop_reason)
 from slmkit.errors import UsageError
 
 
@@ -86,14 +87,7 @@ class LlamaCppBackend(Backend):
                     lps.append(self._logprobs(t, r.logprobs))
                 raw += self.llm.detokenize([t])
                 piece, hit = tracker.update(raw.decode("utf-8", "replace"))
-                if hit:
-                    reason = "stop"
-                elif len(out) >= r.max_tokens or len(prompt) + len(out) >= self.context_length:
-                    reason = "length"
-                elif r.cancel.is_set():
-                    reason = "cancelled"
-                elif r.deadline is not None and now() > r.deadline:
-                    reason = "timeout"
+                reason = stop_reason(hit, r, len(prompt), len(out), self.context_length)
                 if reason and reason != "stop":
                     piece += tracker.finish()
             if piece and r.on_text:
