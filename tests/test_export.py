@@ -238,3 +238,32 @@ def test_llamacpp_q8_0_stays_close(trained, tmp_path):
     got, new, diff = parity(*trained("llama"), "q8_0", tmp_path)
     assert got == new
     assert diff.max() < Q8_TOL and diff.mean() < Q8_MEAN_TOL, (diff.max(), diff.mean())
+
+
+def llamacpp_quantize(src, dst, ftype: int) -> None:
+    """Quantise `src` with llama.cpp's own quantizer (what `llama-quantize` runs)."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                          ctypes.byref(params)) == 0
+
+
+def test_q8_0_bytes_equal_llamacpp_quantizer(gguf_files, tmp_path):
+    # The strongest check of our Q8_0 writer: llama.cpp, quantising our f32 export itself, writes
+    # the very same bytes for every tensor. (So where q8_0 greedy output drifts from transformers,
+    # that is llama.cpp's 8-bit arithmetic, not our file.)
+    from gguf import GGUFReader
+
+    theirs = tmp_path / "cpp.q8_0.gguf"
+    llamacpp_quantize(gguf_files("llama", "f32"), theirs, ftype=7)  # LLAMA_FTYPE_MOSTLY_Q8_0
+    ours = {t.name: t for t in GGUFReader(str(gguf_files("llama", "q8_0"))).tensors}
+    cpp = {t.name: t for t in GGUFReader(str(theirs)).tensors}
+    assert set(ours) == set(cpp)
+    quantised = [n for n, t in ours.items() if t.tensor_type.name == "Q8_0"]
+    assert len(quantised) >= 7  # every 2-D weight of the fixture's layers
+    for name, t in ours.items():
+        assert t.tensor_type == cpp[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(cpp[name].data)), name
