@@ -235,3 +235,21 @@ def test_harness_missing_is_a_clear_error(tiny_llama):
         pass
     with pytest.raises(UsageError, match="pip install lm-eval"):
         E.evaluate([str(tiny_llama)], harness="arc_easy")
+
+
+def test_speed_measured_once_per_shape(tiny_pair, tmp_path, monkeypatch):
+    # a copy of a model (same shape and size, as a tuned teacher and its original) reuses the
+    # first measurement; a different shape is measured itself
+    from slmkit import speed as SP
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pair["llama"], copy)
+    calls = []
+    monkeypatch.setattr(SP, "measure_in_subprocess",
+                        lambda path, **kw: calls.append(str(path)) or {"decode_tokens_per_s": 10.0 + len(calls)})
+    m = E.evaluate([tiny_pair["llama"], str(copy), tiny_pair["qwen2"]], names=["a", "b", "c"],
+                   speed=True, out=str(tmp_path / "r"))
+    a, b, c = m["models"]
+    assert len(calls) == 2 and calls[1] == str(models.resolve(tiny_pair["qwen2"]))
+    assert b["speed"] == a["speed"] | {"measured_as": "a"} and "measured_as" not in c["speed"]
+    assert "same architecture, shape and size as *a*" in (tmp_path / "r" / "report.md").read_text()

@@ -230,6 +230,10 @@ def details_md(metrics: dict) -> list[str]:
     """Per-group benchmark and safety figures under the scorecard."""
     lines = []
     for m in metrics["models"]:
+        if (m.get("speed") or {}).get("measured_as"):
+            lines.append(f"\n*{m['name']}*: same architecture, shape and size as "
+                         f"*{m['speed']['measured_as']}*, so its speed and memory figures are that "
+                         "measurement's (measured once).")
         for name, res in m.get("benchmarks", {}).items():
             if res.get("groups"):
                 lines.append(f"\n**{m['name']} - {name}** ({res['n']} items, {res['shots']}-shot)\n")
