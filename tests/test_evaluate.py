@@ -244,6 +244,7 @@ def test_speed_measured_once_per_shape(tiny_pair, tmp_path, monkeypatch):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_pair["llama"], copy)
+    (copy / "training_record.json").write_text("{}")  # as a tuned model has: not the weights
     calls = []
     monkeypatch.setattr(SP, "measure_in_subprocess",
                         lambda path, **kw: calls.append(str(path)) or {"decode_tokens_per_s": 10.0 + len(calls)})

@@ -183,9 +183,11 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
             path = _gguf_path(spec) if use == "llamacpp" else folder
             # a dense model's cost follows its shape and bytes, not its weights: a tuned model and
             # its original are measured once (the demo saves a minute this way)
-            shape = (use, path.stat().st_size if use == "llamacpp" else 0,
-                     *(info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
-                                         "hidden_size", "heads", "kv_heads", "mlp_size")))
+            # (weight bytes, not folder bytes: a training record beside the weights changes nothing)
+            weights = path.stat().st_size if use == "llamacpp" else sum(
+                f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+            shape = (use, weights, *(info[k] for k in ("architecture", "parameters", "layers",
+                                                       "hidden_size", "heads", "kv_heads", "mlp_size")))
             if shape in measured:
                 first, result = measured[shape]
                 entry["speed"] = result | {"measured_as": first}
