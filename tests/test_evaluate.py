@@ -254,3 +254,40 @@ def test_speed_measured_once_per_shape(tiny_pair, tmp_path, monkeypatch):
     assert len(calls) == 2 and calls[1] == str(models.resolve(tiny_pair["qwen2"]))
     assert b["speed"] == a["speed"] | {"measured_as": "a"} and "measured_as" not in c["speed"]
     assert "same architecture, shape and size as *a*" in (tmp_path / "r" / "report.md").read_text()
+
+
+HARNESS_TASK = """task: slmkit_mc_check
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: " "
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_multiple_choice_agrees_with_lm_evaluation_harness(tiny_llama, tmp_path, monkeypatch):
+    # The same items through our scorer and through lm-evaluation-harness itself (a local task
+    # file passed with --harness): the same acc and acc_norm. Skipped unless lm-eval is installed
+    # (`pip install -e ".[harness]"`); it needs no network for a local task.
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    items = [{"question": f"Which word comes after {w}?", "choices": ["a", "the cat", "quietly", "on"],
+              "gold": i % 4} for i, w in enumerate(["one", "red", "sat", "the", "was", "to", "in", "it"])]
+    data = _write(tmp_path / "mc.jsonl", items)
+    task = tmp_path / "mc_check.yaml"
+    task.write_text(HARNESS_TASK.format(data=data))
+    m = E.evaluate([str(tiny_llama)], bench=[str(data)], harness=str(task), device="cpu")
+    ours = m["models"][0]["benchmarks"]["mc"]
+    theirs = m["models"][0]["harness"]["slmkit_mc_check"]
+    assert ours["n"] == len(items)
+    assert ours["acc"] == pytest.approx(theirs["acc,none"])
+    assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"])
+    assert ours["acc"] != ours["acc_norm"]  # measured 0.375 and 0.25: the normalisation matters

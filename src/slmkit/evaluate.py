@@ -548,15 +548,35 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
 # --------------------------------------------------------------------------- lm-evaluation-harness
 
 def run_harness(folder: Path, tasks: str, device, limit: int | None, batch_size: int) -> dict:
-    """Pass tasks through to lm-evaluation-harness (optional dependency) and keep its results."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise UsageError("--harness needs lm-evaluation-harness, which is not installed: "
-                         "`pip install lm-eval` (it may download task data from the Hub)") from None
+    """Pass tasks through to lm-evaluation-harness (optional dependency) and keep its results.
+    A task given as a .yaml path is a local task definition in the harness's own format: its
+    folder joins the harness's task search path, so it runs offline on local data files."""
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise UsageError("--harness: give task names, e.g. --harness arc_easy,hellaswag")
+    tasks_to_run, include = [], set()
+    for name in names:
+        if not name.endswith((".yaml", ".yml")):
+            tasks_to_run.append(name)
+            continue
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"--harness {name}: no such task file")
+        import yaml
+
+        task = (yaml.safe_load(path.read_text()) or {}).get("task")
+        if not isinstance(task, str):
+            raise UsageError(f"{path}: a harness task file needs a `task: NAME` line")
+        tasks_to_run.append(task)
+        include.add(str(path.resolve().parent))
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UsageError("--harness needs lm-evaluation-harness, which is not installed: "
+                         "`pip install lm-eval` (it may download task data from the Hub)") from None
+    manager = TaskManager(include_path=sorted(include)) if include else None
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
-                                  tasks=names, device=str(device), limit=limit, batch_size=batch_size)
+                                  tasks=tasks_to_run, device=str(device), limit=limit,
+                                  batch_size=batch_size, task_manager=manager)
     return json.loads(json.dumps(res["results"], default=str))
