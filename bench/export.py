@@ -9,7 +9,8 @@ they first differ; max |logit diff| and top-1 agreement over the transformers gr
 (both fed the same tokens); llama.cpp single-stream decode tokens/s (tokens after the first over
 the time after the first, median of --reps), next to transformers' on the same machine and the
 embedded Q4_1 GGUF's; for q8_0/q4_0, how many tensors are byte-identical to what llama.cpp's own
-quantizer (`llama_model_quantize`, i.e. llama-quantize) writes from our f32 export. Needs llama-cpp-python (`pip install -e ".[llamacpp]"`).
+quantizer (`llama_model_quantize`, i.e. llama-quantize) writes from our f32 export.
+Needs llama-cpp-python (`pip install -e ".[llamacpp]"`).
 """
 
 from __future__ import annotations

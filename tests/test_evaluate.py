@@ -291,3 +291,12 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(tiny_llama, tmp_path,
     assert ours["acc"] == pytest.approx(theirs["acc,none"])
     assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"])
     assert ours["acc"] != ours["acc_norm"]  # measured 0.375 and 0.25: the normalisation matters
+
+
+def test_harness_task_file_errors(tiny_llama, tmp_path):
+    with pytest.raises(UsageError, match="no such task file"):
+        E.evaluate([str(tiny_llama)], harness=str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset_path: json\n")
+    with pytest.raises(UsageError, match="needs a `task: NAME` line"):
+        E.evaluate([str(tiny_llama)], harness=str(bad))

@@ -11,9 +11,10 @@
 Loss = (1 - alpha_ce) * KD + alpha_ce * CE, means over answer tokens (prompt and padding masked;
 plain text: every token). KD is forward KL at tau = 1 unless --loss/--temperature say otherwise
 (see slmkit.losses). --prompt-kd W adds W x the KD mean over the prompt tokens: the teacher's
-distribution over the input text is free signal (a dialogue has ~5x the tokens of its summary),
-which speeds up recovery of a pruned student. The token budget (--max-tokens) counts every non-padding token the student
-reads, prompt and answer; the schedule length is estimated from the mean example length.
+distribution over the input text is extra signal (a dialogue has ~5x the tokens of its summary;
+Minitron distils on every token), at ~45 % more time a step; on the demo it did not pay (README).
+The token budget (--max-tokens) counts every non-padding token the student reads, prompt and
+answer; the schedule length is estimated from the mean example length.
 
 Files: OUT/ is the student (HF folder) with training_record.json and metrics.jsonl. While
 training, OUT.work/ holds metrics.jsonl and checkpoint/ (model, optimizer, scheduler, RNG states
@@ -68,7 +69,7 @@ class DistillConfig:
     temperature: float = _f(1.0, "softmax temperature of both models (loss scaled by tau^2)")
     alpha_ce: float = _f(0.0, "weight of cross-entropy on the data: loss = (1-a) KD + a CE")
     prompt_kd: float = _f(0.0, "also match the teacher on the prompt tokens, with this weight "
-                          "(more signal per example; ~30%% slower steps; online teacher only)")
+                          "(more signal per example; ~45%% slower steps; online teacher only)")
     max_steps: int | None = _f(None, "optimizer steps (default: one epoch)", int)
     max_tokens: int | None = _f(None, "token budget: prompt + answer tokens read by the student", int)
     batch_size: int = _f(8, "examples per micro-batch per process")

@@ -181,9 +181,9 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
 
             use = "llamacpp" if engine == "llamacpp" and _gguf_path(spec) else "torch"
             path = _gguf_path(spec) if use == "llamacpp" else folder
-            # a dense model's cost follows its shape and bytes, not its weights: a tuned model and
-            # its original are measured once (the demo saves a minute this way)
-            # (weight bytes, not folder bytes: a training record beside the weights changes nothing)
+            # a dense model's cost follows its shape and weight bytes, not its weights' values: a
+            # tuned model and its original are measured once (~30 s of the demo). Weight files
+            # only: a training record beside them changes nothing.
             weights = path.stat().st_size if use == "llamacpp" else sum(
                 f.stat().st_size for f in Path(folder).glob("*.safetensors"))
             shape = (use, weights, *(info[k] for k in ("architecture", "parameters", "layers",
