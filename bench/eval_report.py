@@ -40,19 +40,14 @@ def half_student(out: Path) -> Path:
 
 
 def run(name: str, argv: list[str]) -> None:
-    from slmkit import evaluate, report
+    """`slm eval ARGV` in this process (it prints the scorecard), timed."""
+    from slmkit.cli import main
 
     print(f"\n== {name}: slm eval {' '.join(argv)}", flush=True)
     t = time.perf_counter()
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    args = parser.parse_args(argv)
-    metrics = evaluate.evaluate(args.models, names=args.names.split(",") if args.names else None,
-                                task=args.task, data=args.data, split=None, limit=args.limit,
-                                speed=args.speed, engine=args.engine, out=args.out,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(report.scorecard(metrics))
-    print(f"({time.perf_counter() - t:.0f} s; report in {args.out})")
+    if main(["eval", *argv]):
+        raise SystemExit(f"slm eval failed for {name}")
+    print(f"({time.perf_counter() - t:.0f} s)")
 
 
 def main() -> int:

@@ -449,8 +449,7 @@ def distill(cfg: DistillConfig) -> Path:
         with autocast:
             logits, labels, wmask = logits_window(model if with_grad else acc.unwrap_model(model),
                                                   ids, att, window)
-            first = ids.shape[1] - 1 - labels.shape[1]
-            answer = mask[:, 1:][:, first:].bool()
+            answer = mask[:, 1:][:, -labels.shape[1]:].bool()  # the window's columns
             t_logits = topk = None
             if teacher is not None and cfg.alpha_ce < 1:
                 with torch.no_grad():

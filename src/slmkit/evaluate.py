@@ -181,13 +181,11 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
 
             use = "llamacpp" if engine == "llamacpp" and _gguf_path(spec) else "torch"
             path = _gguf_path(spec) if use == "llamacpp" else folder
-            # a dense model's cost follows its shape and weight bytes, not its weights' values: a
-            # tuned model and its original are measured once (~30 s of the demo). Weight files
-            # only: a training record beside them changes nothing.
-            weights = path.stat().st_size if use == "llamacpp" else sum(
-                f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-            shape = (use, weights, *(info[k] for k in ("architecture", "parameters", "layers",
-                                                       "hidden_size", "heads", "kv_heads", "mlp_size")))
+            # a dense model's cost follows its shape and dtype, not its weights' values: a tuned
+            # model and its original are measured once (a GGUF by its file: quantisation varies)
+            shape = (use, path.stat().st_size if use == "llamacpp" else info["dtype"],
+                     *(info[k] for k in ("architecture", "parameters", "layers", "hidden_size",
+                                         "heads", "kv_heads", "mlp_size")))
             if shape in measured:
                 first, result = measured[shape]
                 entry["speed"] = result | {"measured_as": first}

@@ -450,17 +450,14 @@ class Handler(BaseHTTPRequestHandler):
                 send(chunk({"role": "assistant", "content": ""}))
             ended = False
             while not ended:
-                piece = pieces.get()
-                if piece is None:
-                    break
                 # when the client reads slower than we decode, send what piled up in one event
+                got = [pieces.get()]
                 while not pieces.empty():
-                    more = pieces.get_nowait()
-                    if more is None:
-                        ended = True
-                        break
-                    piece += more
-                send(chunk({"content": piece} if chat else piece))
+                    got.append(pieces.get_nowait())
+                ended = None in got  # the end marker comes last
+                text = "".join(p for p in got if p is not None)
+                if text:
+                    send(chunk({"content": text} if chat else text))
             try:
                 c = fut.result()
             except APIError as e:
