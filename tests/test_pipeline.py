@@ -133,3 +133,62 @@ def test_interrupted_stage_resumes(tmp_path, tiny_llama, task_data, monkeypatch)
     result = pipeline.build(load_recipe(recipe_path), runs=runs)
     assert ran == ["distill", "eval"]
     assert result["stages"]["distill"]["status"] == "done"
+
+
+# --------------------------------------------------------------------------- untrusted recipes
+
+def test_recipe_cannot_allow_remote_code_by_itself(cli, tmp_path, monkeypatch):
+    path = write(tmp_path / "remote.yaml", """
+        teacher: default
+        task: summarize
+        stages:
+          distill:
+            max_steps: 2
+            trust_remote_code: true
+        """)
+    with pytest.raises(UsageError) as e:
+        load_recipe(path)
+    assert f"{path}:6: stages.distill.trust_remote_code" in str(e.value)
+    assert "slm build --trust-remote-code" in str(e.value)
+    code, _, err = cli("build", path, "--runs", tmp_path / "runs")
+    assert code == 2 and "--trust-remote-code" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+    # the command-line flag is what allows it, and it reaches the training stage
+    seen = {}
+    monkeypatch.setattr("slmkit.distill.distill", lambda cfg: seen.setdefault("cfg", cfg).out)
+    for flag in (False, True):
+        recipe = load_recipe(write(path, "teacher: default\ntask: summarize\n"
+                                         "stages: {distill: {max_steps: 2}}\n"),
+                             trust_remote_code=flag)
+        ctx = pipeline.Context(recipe=recipe, run_dir=tmp_path, teacher="default", data="d.jsonl")
+        pipeline.stage_distill(ctx, recipe.stages["distill"])
+        assert seen.pop("cfg").trust_remote_code is flag
+    recipe = load_recipe(write(path, path.read_text().replace("{max_steps: 2}",
+                                                              "{max_steps: 2, trust_remote_code: true}")),
+                         trust_remote_code=True)
+    assert recipe.trust_remote_code and recipe.stages["distill"] == {"max_steps": 2}
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "ABSOLUTE", "", ".hidden", "a\\b"])
+def test_recipe_name_is_one_safe_path_component(cli, tmp_path, name):
+    name = str(tmp_path / "x") if name == "ABSOLUTE" else name
+    path = write(tmp_path / "escape.yaml", f"name: {json.dumps(name)}\nteacher: default\n"
+                                           "task: summarize\nstages: {export: {}}\n")
+    with pytest.raises(UsageError) as e:
+        load_recipe(path)
+    assert f"{path}:1: name:" in str(e.value)
+    runs = tmp_path / "deep" / "runs"
+    code, _, err = cli("build", path, "--runs", runs)
+    assert code == 2 and ":1: name:" in err and "Traceback" not in err
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists()
+
+
+def test_build_refuses_an_unsafe_name_set_in_code(tmp_path):
+    recipe = load_recipe(write(tmp_path / "ok.yaml", "teacher: default\ntask: summarize\n"
+                                                     "stages: {export: {}}\n"))
+    assert recipe.name == "ok"
+    recipe.name = "../outside"
+    with pytest.raises(UsageError, match="name"):
+        pipeline.build(recipe, runs=tmp_path / "runs")
+    assert not (tmp_path / "outside").exists()

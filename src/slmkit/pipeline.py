@@ -22,7 +22,7 @@ from pathlib import Path
 
 from slmkit import models
 from slmkit.errors import UsageError
-from slmkit.recipe import STAGES, Recipe, load_recipe
+from slmkit.recipe import STAGES, Recipe, check_name, load_recipe
 
 DEMO = Path(__file__).parent / "recipes" / "demo.yaml"
 
@@ -34,10 +34,13 @@ def add_arguments(p):
                    help="rerun this stage and every later one even if unchanged")
     p.add_argument("--runs", default="runs", help="folder holding run folders (default: runs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the stages run Python code shipped in model folders (auto_map); "
+                        "only for models you trust")
 
 
 def run(args) -> int:
-    recipe = load_recipe(args.recipe or DEMO)
+    recipe = load_recipe(args.recipe or DEMO, trust_remote_code=args.trust_remote_code)
     if args.device:
         recipe.device = args.device
     result = build(recipe, runs=args.runs, from_stage=args.from_stage)
@@ -133,6 +136,7 @@ def _train(ctx: Context, opts: dict, *, student: str, teacher: str | None, out: 
     resume = (out.parent / f"{out.name}.work" / "checkpoint").is_dir()
     cfg = DistillConfig(student=student, teacher=teacher, data=ctx.data, task=ctx.task_arg,
                         out=str(out), device=ctx.recipe.device, resume=resume,
+                        trust_remote_code=ctx.recipe.trust_remote_code,
                         **{"seed": ctx.recipe.seed, **wired, **opts})
     return str(distill(cfg))
 
@@ -205,7 +209,7 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
     """Run (or resume) a recipe; returns the manifest data."""
     from slmkit.tasks import preset_data
 
-    run_dir = Path(runs) / recipe.name
+    run_dir = Path(runs) / check_name(recipe.name, f"{recipe.path}")
     run_dir.mkdir(parents=True, exist_ok=True)
     import yaml
 

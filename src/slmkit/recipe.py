@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import UsageError
 
 STAGES = ("generate", "tune_teacher", "prune", "distill", "eval", "export")
+# a run name is one path component: it names runs/NAME/ and the exported files
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "seed", "device", "stages", "description"}
 
 
@@ -56,6 +59,8 @@ class Recipe:
     stages: dict = field(default_factory=dict)
     """stage name -> options dict (validated)."""
     raw: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+    """Set only by `slm build --trust-remote-code`: stages may run code from model folders."""
 
 
 def _to_python(node, path: Path):
@@ -152,7 +157,15 @@ def _stage_function(stage: str):
     raise KeyError(stage)
 
 
-def _check_stage(stage: str, node, path: Path, line) -> dict:
+def check_name(name: str, where: str) -> str:
+    """A run name must stay inside --runs: letters, digits, `.`, `_`, `-`; no `/`, no `..`."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise UsageError(f"{where}: name: {name!r} is not a safe run folder name; use letters, "
+                         "digits, `.`, `_` and `-` (e.g. `name: demo`), no `/` or `..`")
+    return name
+
+
+def _check_stage(stage: str, node, path: Path, line, trust_remote_code: bool = False) -> dict:
     if node is None:
         return {}
     if not isinstance(node, Node):
@@ -165,14 +178,23 @@ def _check_stage(stage: str, node, path: Path, line) -> dict:
             if not isinstance(value, bool):
                 raise UsageError(f"{where}: expected true/false")
             continue
+        if key == "trust_remote_code":
+            # running a model folder's code is the caller's decision, never the recipe's alone
+            if value is not False and not trust_remote_code:
+                raise UsageError(f"{where}: a recipe cannot allow code from model folders by itself; "
+                                 "pass `slm build --trust-remote-code` to allow it")
+            continue
         if key not in allowed:
             raise UsageError(f"{where}: unknown option; allowed: {', '.join(sorted(allowed))}")
         if not _type_ok(value, allowed[key]):
             raise UsageError(f"{where}: expected {_type_name(allowed[key])}, got {value!r}")
-    return dict(node)
+    # the command-line flag, not the recipe, wires trust_remote_code (see pipeline._train)
+    return {k: v for k, v in node.items() if k != "trust_remote_code"}
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
+    """trust_remote_code: the caller's `--trust-remote-code`; without it a recipe that asks to
+    run code from model folders is refused."""
     from slmkit.tasks import Task, get_task
 
     path = Path(path)
@@ -191,7 +213,9 @@ def load_recipe(path: str | Path) -> Recipe:
             raise UsageError(f"{path}:{doc.line(key)}: `{key}` must be text, got {value!r}")
         return value
 
-    name = text("name", path.stem)
+    name = check_name(text("name", path.stem),
+                      f"{path}:{doc.line('name')}" if "name" in doc else
+                      f"{path} (no `name:`, so the file name is used)")
     base = path.parent
 
     def model_spec(key):
@@ -261,7 +285,8 @@ def load_recipe(path: str | Path) -> Recipe:
                              f"stages: {', '.join(STAGES)}")
     for stage in STAGES:  # always in pipeline order, whatever the file's order
         if stage in stages_node:
-            opts = _check_stage(stage, stages_node[stage], path, stages_node.line(stage))
+            opts = _check_stage(stage, stages_node[stage], path, stages_node.line(stage),
+                                trust_remote_code)
             if opts.pop("enabled", True):
                 stages[stage] = opts
     if teacher.startswith("openai:") and set(stages) - {"generate", "distill", "eval", "export"}:
@@ -270,7 +295,7 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path=path, name=name, teacher=teacher, task=task, data=data,
                   eval_data=data_path("eval_data"), seed=seed, device=text("device"),
                   student=model_spec("student"),
-                  stages=stages, raw=_plain(doc))
+                  stages=stages, raw=_plain(doc), trust_remote_code=trust_remote_code)
 
 
 def _plain(obj):
