@@ -1,7 +1,9 @@
 """`slm build`: recipe validation, a tiny end-to-end build, skip-on-rerun and resume."""
 
+import dataclasses
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +194,97 @@ def test_build_refuses_an_unsafe_name_set_in_code(tmp_path):
     with pytest.raises(UsageError, match="name"):
         pipeline.build(recipe, runs=tmp_path / "runs")
     assert not (tmp_path / "outside").exists()
+
+
+# --------------------------------------------------------------------------- changed options
+
+@pytest.mark.slow
+def test_killed_training_then_changed_options_restarts_the_stage(tmp_path, tiny_llama, task_data,
+                                                                  monkeypatch):
+    from slmkit import distill as distill_mod
+
+    recipe_path = write(tmp_path / "kd.yaml", f"""
+        name: kd
+        teacher: {tiny_llama}
+        student: {tiny_llama}
+        task: summarize
+        data: {task_data}
+        stages:
+          distill: {{max_steps: 3, batch_size: 4}}
+        """)
+    runs = tmp_path / "runs"
+    real = distill_mod.distill
+
+    def killed_after_one_step(cfg):  # leaves student.work/checkpoint behind, like a kill
+        real(dataclasses.replace(cfg, stop_after=1))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_mod, "distill", killed_after_one_step)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.build(load_recipe(recipe_path), runs=runs)
+    assert (runs / "kd" / "student.work" / "checkpoint").is_dir()
+
+    # the same options resume from the checkpoint ...
+    resumed = []
+    monkeypatch.setattr(distill_mod, "distill", lambda cfg: resumed.append(cfg.resume) or real(cfg))
+    # ... changed ones start the stage over instead of refusing the old checkpoint
+    changed = write(recipe_path, recipe_path.read_text().replace("max_steps: 3", "max_steps: 4"))
+    result = pipeline.build(load_recipe(changed), runs=runs)
+    assert resumed == [False] and result["stages"]["distill"]["status"] == "done"
+    record = json.loads((runs / "kd" / "student" / "training_record.json").read_text())
+    assert record["steps"] == 4
+
+
+def test_interrupted_stage_resumes_only_with_the_same_inputs(tmp_path, tiny_llama, task_data,
+                                                           monkeypatch):
+    recipe_path = write(tmp_path / "kd.yaml", f"""
+        name: kd
+        teacher: {tiny_llama}
+        student: {tiny_llama}
+        task: summarize
+        data: {task_data}
+        stages:
+          distill: {{max_steps: 3}}
+        """)
+    runs = tmp_path / "runs"
+    calls = []
+
+    def fake(cfg):
+        calls.append(cfg.resume)
+        if len(calls) in (1, 2):  # killed with a checkpoint left behind
+            (Path(cfg.out).parent / "student.work" / "checkpoint").mkdir(parents=True, exist_ok=True)
+            raise KeyboardInterrupt
+        Path(cfg.out).mkdir(exist_ok=True)
+        return cfg.out
+
+    monkeypatch.setattr("slmkit.distill.distill", fake)
+    for text in ("max_steps: 3", "max_steps: 3", "max_steps: 4"):
+        recipe = load_recipe(write(recipe_path, recipe_path.read_text().replace("max_steps: 3", text)))
+        try:
+            pipeline.build(recipe, runs=runs)
+        except KeyboardInterrupt:
+            pass
+    assert calls == [False, True, False]  # fresh, resumed (same inputs), restarted (changed)
+
+
+@pytest.mark.slow
+def test_changed_generate_options_regenerate(tmp_path, tiny_llama, task_data):
+    recipe_path = write(tmp_path / "gen.yaml", f"""
+        name: gen
+        teacher: {tiny_llama}
+        task: summarize
+        data: {task_data}
+        stages:
+          generate: {{max_new_tokens: 4, n: 1, limit: 4, judge: false}}
+        """)
+    runs = tmp_path / "runs"
+    first = pipeline.build(load_recipe(recipe_path), runs=runs)["stages"]["generate"]["outputs"]
+    assert first["stats"]["done_before"] == 0 and first["stats"]["inputs"] == 4
+    changed = write(recipe_path, recipe_path.read_text().replace("max_new_tokens: 4",
+                                                                 "max_new_tokens: 6"))
+    second = pipeline.build(load_recipe(changed), runs=runs)["stages"]["generate"]["outputs"]
+    assert second["stats"]["done_before"] == 0  # nothing written under the old options counts
+    # the tiny model's answers are all dropped: the rejected side file holds each input once
+    data = runs / "gen" / "data"
+    rows = [json.loads(line) for f in data.glob("generated*.jsonl") for line in open(f)]
+    assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == 4

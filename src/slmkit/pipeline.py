@@ -103,6 +103,8 @@ class Context:
     eval_split: str | None = "eval"
     report: str | None = None
     gguf: str | None = None
+    fresh: bool = True
+    """The running stage starts over: its partial outputs are from other inputs (or none)."""
 
     @property
     def task_arg(self):
@@ -122,6 +124,9 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
     from slmkit.generate import GenerateConfig, generate
 
     out = ctx.run_dir / "data" / "generated.jsonl"
+    if ctx.fresh:  # rows written under other options must not count as done
+        for f in out.parent.glob("generated.*"):  # the output and its side files
+            f.unlink()
     cfg = GenerateConfig(teacher=ctx.teacher, task=ctx.task_arg, inputs=ctx.data, out=str(out),
                          decontaminate=ctx.eval_data if ctx.eval_split is None else None,
                          **{"seed": ctx.recipe.seed, **opts})
@@ -132,8 +137,9 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
 def _train(ctx: Context, opts: dict, *, student: str, teacher: str | None, out: Path, **wired):
     from slmkit.distill import DistillConfig, distill
 
-    # a killed training stage left OUT.work/checkpoint behind: continue from it exactly
-    resume = (out.parent / f"{out.name}.work" / "checkpoint").is_dir()
+    # a run killed with these same inputs left OUT.work/checkpoint behind: continue from it
+    # exactly; otherwise train from scratch (distill then clears the stale work folder)
+    resume = not ctx.fresh and (out.parent / f"{out.name}.work" / "checkpoint").is_dir()
     cfg = DistillConfig(student=student, teacher=teacher, data=ctx.data, task=ctx.task_arg,
                         out=str(out), device=ctx.recipe.device, resume=resume,
                         trust_remote_code=ctx.recipe.trust_remote_code,
@@ -246,7 +252,10 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
             _log(f"[{stage}] unchanged, skipped ({entry.get('seconds', 0):.0f} s last time)")
             _apply(ctx, entry["outputs"])
             continue
-        _log(f"[{stage}] running" + (" (resuming)" if entry.get("status") == "running" else ""))
+        # partial outputs are reused only by the same stage inputs, and never under --from
+        ctx.fresh = forced or entry.get("key") != key
+        resuming = not ctx.fresh and entry.get("status") != "done"
+        _log(f"[{stage}] running" + (" (resuming)" if resuming else ""))
         start = time.time()
         manifest.update(stage, status="running", key=key, started=time.strftime("%Y-%m-%d %H:%M:%S"))
         try:
