@@ -28,7 +28,7 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from slmkit import data, models
+from slmkit import data, models, precision
 from slmkit.distill import DistillConfig, distill
 from slmkit.tasks import get_task
 
@@ -85,7 +85,7 @@ def main() -> int:
     steps = args.examples // args.batch_size
     teacher_n = models.count_parameters(models.load_model(args.teacher, device="cpu")[0])
     student_n = models.count_parameters(models.load_model(args.student, device="cpu")[0])
-    use_bf16 = models.cpu_has_bf16()
+    use_bf16 = precision.cpu_has_bf16()
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     peak = matmul_peak(dtype)
     flops_per_token = 6 * student_n + 2 * teacher_n

@@ -152,3 +152,20 @@ def run_cli(*args) -> tuple[int, str, str]:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# --------------------------------------------------------------------------- precision
+
+# Both precision paths run on every CPU: `bf16` forces the bf16 autocast that bf16 CPUs and GPUs
+# take by default (slmkit.precision), `off` the float32 path this kind of CPU takes.
+AUTOCAST_MODES = ("off", "bf16")
+# relative tolerance of a figure against its float32 reference, per path: bf16 keeps ~3
+# significant digits per matmul
+REL_TOL = {"off": 1e-5, "bf16": 2e-2}
+
+
+@pytest.fixture(params=AUTOCAST_MODES)
+def autocast_mode(request, monkeypatch) -> str:
+    """Runs the test once per precision path, with SLMKIT_AUTOCAST set (inherited by subprocesses)."""
+    monkeypatch.setenv("SLMKIT_AUTOCAST", request.param)
+    return request.param

@@ -9,8 +9,9 @@ import shutil
 import pytest
 import torch
 
+from conftest import REL_TOL
 from slmkit import evaluate as E
-from slmkit import models
+from slmkit import models, precision
 from slmkit.errors import UsageError
 
 
@@ -44,12 +45,13 @@ def _direct_loglik(model, tok, context, continuation):
     ctx = tok(context, add_special_tokens=False)["input_ids"]
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([whole])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0], -1)
+    with torch.no_grad(), precision.autocast("cpu"):
+        logits = model(ids).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
     return sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
 
 
-def test_loglikelihoods_equal_direct_sum(llama):
+def test_loglikelihoods_equal_direct_sum(llama, autocast_mode):
     model, tok = llama
     pairs = [("Question: what does the fox do?\nAnswer:", " jumps over the dog"),
              ("Question: when?\nAnswer:", " tomorrow morning"),
@@ -59,7 +61,7 @@ def test_loglikelihoods_equal_direct_sum(llama):
     for (c, x), g in zip(pairs, got):
         n = len(c) - len(c.rstrip(" "))
         c, x = (c[:-n], c[-n:] + x) if n else (c, x)
-        assert g == pytest.approx(_direct_loglik(model, tok, c, x), abs=1e-4)
+        assert g == pytest.approx(_direct_loglik(model, tok, c, x), abs=1e-4, rel=REL_TOL[autocast_mode])
 
 
 def test_benchmark_acc_acc_norm_groups_and_fewshot(llama, tmp_path):
@@ -112,8 +114,9 @@ def _slow_perplexity(model, ids, max_length, stride):
     for begin in range(0, n, stride):
         end = min(begin + max_length, n)
         for t in range(max(prev_end, begin + 1), end):
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids[:, begin:t]).logits[0, -1], -1)
+            with torch.no_grad(), precision.autocast("cpu"):
+                logits = model(ids[:, begin:t]).logits[0, -1]
+            logp = torch.log_softmax(logits.float(), -1)
             nll -= logp[ids[0, t]].item()
             count += 1
         prev_end = end
@@ -122,15 +125,17 @@ def _slow_perplexity(model, ids, max_length, stride):
     return math.exp(nll / count)
 
 
-def test_perplexity_sliding_window(llama):
+def test_perplexity_sliding_window(llama, autocast_mode):
     model, tok = llama
     text = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun."
     ids = tok(text, return_tensors="pt")["input_ids"]  # 32 tokens, within the 128-token context
-    with torch.no_grad():
-        full = math.exp(model(ids, labels=ids).loss.item())
-    assert E.perplexity(model, tok, text, max_length=128) == pytest.approx(full, rel=1e-4)
+    with torch.no_grad(), precision.autocast("cpu"):
+        logits = model(ids).logits.float()
+    full = math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+    tol = max(1e-4, REL_TOL[autocast_mode])
+    assert E.perplexity(model, tok, text, max_length=128) == pytest.approx(full, rel=tol)
     assert E.perplexity(model, tok, text, max_length=16, stride=8) == pytest.approx(
-        _slow_perplexity(model, ids, 16, 8), rel=1e-4)
+        _slow_perplexity(model, ids, 16, 8), rel=tol)
 
 
 def test_batched_left_padded_generation_equals_one_by_one(llama):

@@ -86,10 +86,23 @@ def test_sparse_equals_dense_when_teacher_has_no_tail():
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         dense = losses.dense_kd(s, t, kind)
         sparse = losses.sparse_kd(s, top_lp, top_ids, kind)
-        if kind == "forward_kl":  # exact when the tail is empty
+        if kind != "reverse_kl":  # exact when the tail is empty (tail terms linear in q's mass)
             torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
-        else:  # the teacher's empty tail is floored at 1e-8, so these stay finite
-            assert torch.isfinite(sparse).all()
+        else:  # the full reverse KL is huge there; the floored bucket stays finite
+            assert torch.isfinite(sparse).all() and (sparse < dense).all()
+
+
+def test_sparse_student_tail_is_exact_when_top_k_hold_nearly_all_mass():
+    # the student's tail mass ~1.4e-7: `1 - sum(top-k probs)` in float32 cancels to noise of the
+    # same size (or 0, clamped to 1e-8); the logsumexp over the other tokens keeps it exact
+    s = torch.zeros(1, V, dtype=torch.float64)
+    s[0, :K] = 18.0
+    tail = (V - K) * math.exp(-18.0)
+    want = math.log(tail / (K + tail))
+    top_ids = torch.arange(K)[None]
+    _, logq = losses.tail_buckets(torch.full((1, K), math.log(0.2)), top_ids,
+                                  s.float().log_softmax(-1))
+    assert logq[0, -1].item() == pytest.approx(want, rel=1e-4)
 
 
 def test_ce_matches_negative_log_prob():

@@ -76,3 +76,16 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert img.size == (1200, 1600)
     colors = img.getcolors(maxcolors=1 << 20)
     assert colors and len(colors) > 50  # text, table and plots drawn, not a blank page
+
+
+def test_safety_compares_the_groups_every_model_keeps():
+    # each model's own score averages its own kept groups; % of reference must compare like with
+    # like: here the teacher keeps {a, b}, the student {b, c}, so only b is compared
+    models = [{"name": "teacher", "safety": {"score": 0.7, "groups": {"a": 0.9, "b": 0.5}, "dropped": {}}},
+              {"name": "student", "safety": {"score": 0.5, "groups": {"b": 0.4, "c": 0.6}, "dropped": {}}}]
+    m = report.add_relative({"models": models})
+    teacher, student = m["models"]
+    assert teacher["safety"]["common_groups"] == ["b"] and teacher["safety"]["common_score"] == 0.5
+    assert report.quality_values(student)["safety"][1] == 0.4
+    assert student["relative"]["quality_pct"]["safety"] == pytest.approx(80)  # 0.4 / 0.5, not 0.5 / 0.7
+    assert "1 group every model keeps" in report.quality_values(student)["safety"][0]

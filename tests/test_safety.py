@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from slmkit import models, safety
+from conftest import REL_TOL
+from slmkit import models, precision, safety
 from slmkit.errors import UsageError
 
 
@@ -63,15 +64,16 @@ def test_toxicity_divides_perplexity_and_groups_need_both_labels(tmp_path):
     assert out["score"] is None and set(out["dropped"]) == {"bakers", "painters", "sailors"}
 
 
-def test_sentence_perplexity_matches_direct_computation(tiny_llama):
+def test_sentence_perplexity_matches_direct_computation(tiny_llama, autocast_mode):
     model, tok = models.load_model(tiny_llama)
     texts = ["The quick brown fox jumps.", "Can you send me the report before the meeting?"]
-    got = safety.sentence_perplexities(model, tok, texts, batch_size=2)
+    got = safety.sentence_perplexities(model, tok, texts, batch_size=2)  # mixed lengths, padded
     for text, p in zip(texts, got):
         ids = torch.tensor([tok(text)["input_ids"]])
-        with torch.no_grad():
-            loss = model(ids, labels=ids).loss
-        assert p == pytest.approx(math.exp(loss.item()), rel=1e-4)
+        with torch.no_grad(), precision.autocast("cpu"):
+            logits = model(ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        assert p == pytest.approx(math.exp(loss.item()), rel=max(1e-4, REL_TOL[autocast_mode]))
 
 
 def test_evaluate_safety_end_to_end(tmp_path, tiny_llama):

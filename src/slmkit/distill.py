@@ -124,6 +124,9 @@ class DistillConfig:
                              "for plain fine-tuning on the data pass --alpha-ce 1")
         if self.on_policy > 0 and not self.teacher:
             raise UsageError("--on-policy needs an online --teacher to score the student's samples")
+        if self.on_policy > 0 and self.alpha_ce >= 1:
+            raise UsageError("--on-policy trains only the divergence on the student's samples, so "
+                             "it needs --alpha-ce below 1")
         if self.prompt_kd > 0 and not (self.teacher and self.alpha_ce < 1):
             raise UsageError("--prompt-kd needs an online --teacher and --alpha-ce below 1 (the "
                              "teacher cache holds answer positions only)")
@@ -142,6 +145,12 @@ class Encoded:
     key: str
     """`L{line}`: the example's key in a teacher cache."""
     where: str
+
+    @property
+    def targets(self) -> int:
+        """Positions that count: predictions of counted tokens. The first token has no
+        prediction, so it never counts (`predicted` is the same rule on a padded batch)."""
+        return sum(self.mask[1:])
 
 
 def split_rows(path, task, eval_fraction: float, eval_max: int):
@@ -173,10 +182,10 @@ def encode_all(examples, tokenizer, max_length: int) -> list[Encoded]:
     out = []
     for line, ex in examples:
         ids, mask = encode(ex, tokenizer, max_length=max_length)
-        if sum(mask[1:]) == 0:  # the first token has no prediction, so it cannot count
+        out.append(Encoded(ids, mask, f"L{line}", ex.where))
+        if out[-1].targets == 0:
             raise UsageError(f"{ex.where}: no answer tokens left after masking (empty answer, or "
                              f"the example is cut to --max-length {max_length}); fix or remove the line")
-        out.append(Encoded(ids, mask, f"L{line}", ex.where))
     return out
 
 
@@ -229,14 +238,20 @@ def check_vocab(student, s_tok, teacher, t_tok, cfg) -> None:
             "(no --teacher, --alpha-ce 1)")
 
 
+def predicted(mask, att):
+    """The positions that count in a left-padded batch: (B, W) mask and attention -> (B, W - 1)
+    bool, True where column c's logits predict a counted token c + 1 *and* column c is a real
+    token. Without the second condition the pad column left of a row whose first token counts
+    (plain text, an answer that fills --max-length) would be trained to predict that token."""
+    return mask[:, 1:].bool() & att[:, :-1].bool()
+
+
 def logits_window(model, ids, att, mask):
     """Run `model` and return (logits (B, K, V), labels (B, K), mask (B, K)) aligned so logits[:, i]
     predicts labels[:, i], for the K columns from the first counted position on. Logits of the
     prompt columns before it are never computed (`logits_to_keep`)."""
-    import torch
-
     width = ids.shape[1]
-    target = mask[:, 1:].bool()                         # column c predicts token c + 1
+    target = predicted(mask, att)                       # column c predicts token c + 1
     first = int(target.any(0).nonzero()[0])
     keep = width - first                                # columns first .. width-1
     pos = (att.cumsum(-1) - 1).clamp(min=0)             # positions ignore the left padding
@@ -247,7 +262,8 @@ def logits_window(model, ids, att, mask):
 
 
 def teacher_rows(cache, items, device):
-    """The cached top-k rows of `items`, concatenated in batch order: ((M, k) float, (M, k) long)."""
+    """The cached top-k rows of `items`, concatenated in batch order: ((M, k) float32, (M, k) long).
+    Called outside autocast (slmkit.precision, rule 3): the file's float16 would meet bf16."""
     import torch
 
     lps, idss = [], []
@@ -256,12 +272,12 @@ def teacher_rows(cache, items, device):
             lp, ids = cache.get_tensor(f"{e.key}.logprobs"), cache.get_tensor(f"{e.key}.ids")
         except Exception:  # safetensors raises its own error for a missing key
             raise UsageError(f"{e.where}: not in the teacher cache; remake it with --cache-teacher") from None
-        if lp.shape[0] != sum(e.mask[1:]):
+        if lp.shape[0] != e.targets:
             raise UsageError(f"{e.where}: the teacher cache has {lp.shape[0]} answer positions, the "
-                             f"data {sum(e.mask[1:])}; remake it with --cache-teacher")
+                             f"data {e.targets}; remake it with --cache-teacher")
         lps.append(lp)
         idss.append(ids)
-    return torch.cat(lps).to(device).float(), torch.cat(idss).to(device).long()
+    return torch.cat([lp.float() for lp in lps]).to(device), torch.cat(idss).to(device).long()
 
 
 def open_cache(path, tokenizer, data_path, cfg):
@@ -296,13 +312,16 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd")
 
 
-def fingerprint(cfg: DistillConfig, world: int) -> dict:
-    """What must match for a checkpoint to continue this run exactly."""
+def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
+    """What must match for a checkpoint to continue this run exactly; `autocast` is what the
+    precision rule picks on `device` (a bf16 run does not continue in float32, or back)."""
+    from slmkit import precision
     from slmkit.data import file_hash
 
     fp = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
     fp["data_sha256"] = file_hash(cfg.data)
     fp["global_batch"] = cfg.batch_size * cfg.grad_accum * world
+    fp["autocast"] = precision.describe(device, cfg.bf16)
     return fp
 
 
@@ -318,28 +337,32 @@ def schedule(step: int, total: int, warmup: int) -> float:
 
 def sample_answers(model, items: list[Encoded], tokenizer, max_new_tokens: int, device, autocast):
     """GKD on-policy: replace each answer by the student's own sample (temperature 1) after the
-    same prompt; the teacher then scores those tokens. Examples with no prompt are kept."""
+    same prompt, cut after the first stop token (tokenizer or generation-config EOS); the teacher
+    then scores those tokens. Examples with no prompt are kept."""
     import torch
 
     from slmkit.data import pad_batch
+    from slmkit.models import stop_ids
 
     prompts = [e.ids[:e.mask.index(1)] for e in items]
     todo = [i for i, p in enumerate(prompts) if p]
     if not todo:
         return items
     ids, att = pad_batch([prompts[i] for i in todo], tokenizer.pad_token_id, side="left")
+    stops = stop_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast:
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=True,
                              temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
     model.train(was_training)
     new = list(items)
     for row, i in enumerate(todo):
         gen = out[row, ids.shape[1]:].tolist()
-        if tokenizer.eos_token_id in gen:
-            gen = gen[:gen.index(tokenizer.eos_token_id) + 1]
+        end = next((j for j, t in enumerate(gen) if t in stops), None)
+        if end is not None:
+            gen = gen[:end + 1]
         new[i] = Encoded(prompts[i] + gen, [0] * len(prompts[i]) + [1] * len(gen), items[i].key,
                          items[i].where)
     return new
@@ -355,7 +378,7 @@ def distill(cfg: DistillConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    from slmkit import losses, models
+    from slmkit import losses, models, precision
     from slmkit.tasks import get_task
 
     out = Path(cfg.out)
@@ -364,7 +387,7 @@ def distill(cfg: DistillConfig) -> Path:
     acc = Accelerator(cpu=cfg.device == "cpu")
     world, main = acc.num_processes, acc.is_main_process
     device = acc.device
-    fp = fingerprint(cfg, world)
+    fp = fingerprint(cfg, world, device)
     if cfg.resume and (out / "training_record.json").is_file():
         done = json.loads((out / "training_record.json").read_text())
         if done.get("fingerprint") == fp:
@@ -393,7 +416,7 @@ def distill(cfg: DistillConfig) -> Path:
         check_vocab(student, tokenizer, teacher, t_tok, cfg)
         teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
     cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
-    autocast = models.autocast(device, enabled=cfg.bf16)
+    autocast = precision.autocast(device, enabled=cfg.bf16)
 
     # data
     task = get_task(cfg.task) if cfg.task else None
@@ -443,19 +466,18 @@ def distill(cfg: DistillConfig) -> Path:
         """Summed (KD, CE) and the number of counted answer tokens for one micro-batch; with
         `prompt`, also the summed KD over the prompt tokens (else 0)."""
         ids, att, mask = (t.to(device) for t in collate(items, tokenizer.pad_token_id))
-        # --prompt-kd needs logits on every real token after a row's first (a row's first token
-        # has no prediction; the pad column left of it must not count); else only the answers
-        window = att * torch.nn.functional.pad(att[:, :-1], (1, 0)) if prompt else mask
+        # --prompt-kd needs logits on every real token after a row's first; else only the answers
+        window = att if prompt else mask
+        t_logits = topk = None
         with autocast:
             logits, labels, wmask = logits_window(model if with_grad else acc.unwrap_model(model),
                                                   ids, att, window)
-            answer = mask[:, 1:][:, -labels.shape[1]:].bool()  # the window's columns
-            t_logits = topk = None
             if teacher is not None and cfg.alpha_ce < 1:
                 with torch.no_grad():
                     t_logits, _, _ = logits_window(teacher, ids, att, window)
-            elif cache is not None and cfg.alpha_ce < 1:
-                topk = teacher_rows(cache, items, device)
+        if cache is not None and cfg.alpha_ce < 1:
+            topk = teacher_rows(cache, items, device)
+        answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
         kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk)
         kd, ce, n = losses.loss_sums(logits, labels, answer, teacher_logits=t_logits,
                                      teacher_topk=topk, **kw)
@@ -511,12 +533,19 @@ def distill(cfg: DistillConfig) -> Path:
         epoch, index = divmod(step, per_epoch)
         batch = epoch_batches(lengths, global_batch, cfg.seed, epoch)[index]
         mine = [train[i] for i in batch[rank::world]]  # each process its share of the global batch
-        if cfg.on_policy and random.Random(cfg.seed * 7919 + step).random() < cfg.on_policy:
+        sampled = bool(cfg.on_policy) and random.Random(cfg.seed * 7919 + step).random() < cfg.on_policy
+        if sampled:
             mine = sample_answers(acc.unwrap_model(model), mine, tokenizer, cfg.max_new_tokens,
                                   device, autocast)
+
+        def objective(kd, ce):
+            # on the student's own samples only the divergence trains (GKD; TRL does the same):
+            # CE there would reinforce whatever the student happened to sample
+            return (1 - cfg.alpha_ce) * kd if sampled else losses.mix(kd, ce, cfg.alpha_ce)
+
         # normalise by the global count of counted tokens, so the loss and its gradient do not
         # depend on how the batch is split over micro-batches and processes
-        answers = sum(sum(e.mask[1:]) for e in mine)
+        answers = sum(e.targets for e in mine)
         read = sum(len(e.ids) for e in mine)
         counts = torch.tensor([answers, read, read - len(mine) - answers],  # prompt positions
                               dtype=torch.float64, device=device)
@@ -527,7 +556,7 @@ def distill(cfg: DistillConfig) -> Path:
             sync = acc.no_sync(model) if m < len(micro) - 1 else nullcontext()
             with sync:
                 kd, ce, _, pkd = forward(items, prompt=cfg.prompt_kd > 0)
-                loss = losses.mix(kd, ce, cfg.alpha_ce) * (world / n_global)  # DDP averages grads
+                loss = objective(kd, ce) * (world / n_global)  # DDP averages grads
                 if cfg.prompt_kd > 0:
                     loss = loss + cfg.prompt_kd * pkd * (world / max(p_global, 1.0))
                 acc.backward(loss)
@@ -540,13 +569,15 @@ def distill(cfg: DistillConfig) -> Path:
         tokens += int(read)
         kd_sum, ce_sum, pkd_sum = (float(x) for x in acc.reduce(sums, reduction="sum"))
         elapsed = time.perf_counter() - t0
-        row = {"step": step, "tokens": tokens, "loss": float(losses.mix(
-            torch.tensor(kd_sum / n_global), torch.tensor(ce_sum / n_global), cfg.alpha_ce)),
+        row = {"step": step, "tokens": tokens,
+               "loss": float(objective(torch.tensor(kd_sum / n_global), torch.tensor(ce_sum / n_global))),
                "kd": kd_sum / n_global, "ce": ce_sum / n_global, "lr": scheduler.get_last_lr()[0],
                "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
                "elapsed_s": round(elapsed, 3)}
         if cfg.prompt_kd > 0:
             row["prompt_kd"] = pkd_sum / max(p_global, 1.0)
+        if sampled:
+            row["on_policy"] = True
         if step % cfg.eval_every == 0 or step == total:
             if main:
                 last_eval = evaluate()
@@ -588,7 +619,7 @@ def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from slmkit import models
+    from slmkit import models, precision
     from slmkit.data import file_hash
     from slmkit.tasks import get_task
 
@@ -603,24 +634,25 @@ def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
     items = encode_all(train_ex + eval_ex, tokenizer, cfg.max_length)
     items.sort(key=lambda e: len(e.ids))  # similar lengths per batch: little padding
     tensors = {}
-    autocast = models.autocast(device, enabled=cfg.bf16)
+    autocast = precision.autocast(device, enabled=cfg.bf16)
     for i in tqdm(range(0, len(items), cfg.batch_size), desc="teacher top-k", file=sys.stderr):
         batch = items[i:i + cfg.batch_size]
         ids, att, mask = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
-        with torch.no_grad(), autocast:
-            logits, _, tmask = logits_window(teacher, ids, att, mask)
-            rows, cols = tmask.nonzero(as_tuple=True)
+        with torch.no_grad():
+            with autocast:
+                logits, _, tmask = logits_window(teacher, ids, att, mask)
+            rows, cols = tmask.nonzero(as_tuple=True)  # row-major: each example's rows in order
             lp, top = F.log_softmax(logits[rows, cols].float(), -1).topk(k, dim=-1)
         start = 0
         for e in batch:
-            m = sum(e.mask[1:])
+            m = e.targets
             tensors[f"{e.key}.tokens"] = torch.tensor(e.ids, dtype=torch.int32)
             tensors[f"{e.key}.ids"] = top[start:start + m].int().cpu().contiguous()
             tensors[f"{e.key}.logprobs"] = lp[start:start + m].half().cpu().contiguous()
             start += m
     meta = {"format": CACHE_FORMAT, "k": str(k), "tokenizer": vocab_hash(tokenizer),
             "data": file_hash(cfg.data), "task": str(cfg.task), "max_length": str(cfg.max_length),
-            "teacher": str(cfg.teacher)}
+            "teacher": str(cfg.teacher), "autocast": precision.describe(device, cfg.bf16)}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)

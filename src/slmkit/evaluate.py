@@ -244,7 +244,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_si
     from transformers import GenerationConfig
 
     from slmkit.data import chat_prompt
-    from slmkit.models import autocast
+    from slmkit.models import stop_ids
+    from slmkit.precision import autocast
 
     texts = []
     for p in prompts:
@@ -253,11 +254,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_si
             texts.append(tokenizer.apply_chat_template(p[:upto], tokenize=False, add_generation_prompt=True))
         else:
             texts.append(chat_prompt(tokenizer, p) if chat else p)
-    eos = [tokenizer.eos_token_id]
-    cfg_eos = model.generation_config.eos_token_id
-    eos += cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                               eos_token_id=sorted({e for e in eos if e is not None}),
+                               eos_token_id=stop_ids(model, tokenizer),
                                pad_token_id=tokenizer.pad_token_id)
     context = getattr(model.config, "max_position_embeddings", None) or 4096
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
@@ -431,6 +429,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     from tqdm import tqdm
 
     from slmkit.data import pad_batch
+    from slmkit.precision import autocast
 
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     requests = []
@@ -452,9 +451,9 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
                       file=sys.stderr, leave=False):
         idx = order[start:start + batch_size]
         ids, att = pad_batch([requests[i][0] for i in idx], tokenizer.pad_token_id or 0)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=att.to(device))
-                                     .logits.float(), dim=-1)  # (B, T, V)
+        with torch.no_grad(), autocast(device):
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V), float32 (slmkit.precision)
         for row, i in enumerate(idx):
             inp, cont = requests[i]
             # position t predicts token t+1: the continuation's tokens are the last len(cont)
@@ -516,6 +515,8 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
     import torch
     from tqdm import tqdm
 
+    from slmkit.precision import autocast
+
     ids = tokenizer(text, return_tensors="pt")["input_ids"]  # (1, N)
     n = ids.shape[1]
     if n < 2:
@@ -530,8 +531,9 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
         inp = ids[:, begin:end].to(device)
         labels = inp.clone()
         labels[:, :-new] = -100
-        with torch.no_grad():
-            logp = torch.log_softmax(model(inp).logits.float(), dim=-1)[:, :-1]  # (1, T-1, V)
+        with torch.no_grad(), autocast(device):
+            logits = model(inp).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # (1, T-1, V), float32
         target = labels[:, 1:]
         mask = target != -100
         picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]

@@ -22,10 +22,16 @@ activation checkpointing, so the float32 log-softmax copies of only one chunk ar
 Sparse (offline) teacher: only the teacher's top-k log-probs per position are stored. We use the
 *tail bucket* method: both distributions are coarsened to k + 1 outcomes, the k teacher tokens
 plus one bucket "everything else", whose teacher mass is 1 - sum(top-k probs) and whose student
-mass is 1 - sum(student probs of those k ids). The divergence between the coarsened
-distributions is exact, never exceeds the full divergence (data-processing inequality) and equals
-it when the teacher's tail is empty; unlike renormalising over the top-k it still pushes the
-student's mass out of tokens the teacher finds unlikely. Both tail masses are floored at 1e-8.
+log-mass is the logsumexp of the student's log-probs over the other V - k tokens (computed
+directly: `1 - sum(exp)` in float32 cancels to 0 when the top-k hold nearly all the mass). The
+divergence between the coarsened distributions is exact and never exceeds the full divergence
+(data-processing inequality). It equals the full divergence exactly when teacher and student
+spread their tail masses over the tail tokens in the same proportions; so for forward KL and JSD
+whenever the teacher's tail is empty (the tail terms are then linear in the student's tail mass).
+Not for reverse KL: there an empty teacher tail makes the full divergence infinite wherever the
+student puts mass in the tail, while the bucket, with the teacher's tail floored at 1e-8, stays a
+finite surrogate. Unlike renormalising over the top-k, the bucket still pushes the student's mass
+out of tokens the teacher finds unlikely. Both tail masses are floored at 1e-8 (TAIL_FLOOR).
 Cached log-probs are at tau = 1.
 """
 
@@ -72,15 +78,17 @@ def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: s
 
 def tail_buckets(logprobs: torch.Tensor, ids: torch.Tensor, full_logq: torch.Tensor):
     """Coarsen to k + 1 outcomes (the tail bucket method above).
-    logprobs: teacher top-k log-probs (N, k); ids: their token ids (N, k) long;
+    logprobs: teacher top-k log-probs (N, k); ids: their token ids (N, k) long, distinct per row;
     full_logq: student log-probs (N, V). Returns (logp, logq), each (N, k + 1), last column the tail."""
     logp = logprobs.float()
     logq = full_logq.gather(-1, ids)
-    # tail mass = 1 - sum(top-k), floored at TAIL_FLOOR: float16 storage can push the teacher's
-    # sum past 1, and an empty bucket would make reverse KL / JSD infinite
-    p_tail = (1 - logp.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
-    q_tail = (1 - logq.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)
-    return torch.cat([logp, p_tail.log()], -1), torch.cat([logq, q_tail.log()], -1)
+    # teacher: all we know is 1 - sum(top-k), floored at TAIL_FLOOR (float16 storage can push the
+    # sum past 1, and an empty bucket would make reverse KL / JSD infinite)
+    p_tail = (1 - logp.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR).log()
+    # student: the exact log-mass of the other V - k tokens, floored like the teacher's
+    q_tail = full_logq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    q_tail = q_tail.clamp(min=math.log(TAIL_FLOOR))
+    return torch.cat([logp, p_tail], -1), torch.cat([logq, q_tail], -1)
 
 
 def sparse_kd(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor,

@@ -16,7 +16,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from slmkit.errors import UsageError
@@ -189,28 +189,15 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def autocast(device, enabled: bool = True):
-    """bf16 autocast on CUDA, and on CPUs with native bf16 matmul (AVX-512 BF16 / AMX)."""
-    import torch
-
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 # --------------------------------------------------------------------------- load and save
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generated answer: the tokenizer's EOS and every EOS id of the model's
+    generation config (instruct models often stop at `<|im_end|>` and `<|endoftext|>` both)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [eos]
+    return sorted({int(e) for e in eos + [tokenizer.eos_token_id] if e is not None})
+
 
 def load_model(spec, dtype: str = "float32", device=None, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a MODEL argument. The model is in eval mode on `device`."""

@@ -44,7 +44,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from slmkit import models
+from slmkit import models, precision
 from slmkit.errors import UsageError
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
@@ -380,7 +380,7 @@ def measure_importance(model, ids, batch_size: int = 8, device=None) -> dict:
     hooks.append(final_norm.register_forward_hook(
         lambda m, a, out: add("final_hidden", None, out.abs().mean(1))))
     try:
-        with torch.no_grad(), models.autocast(device):
+        with torch.no_grad(), precision.autocast(device):
             for start in tqdm(range(0, len(ids), batch_size), desc="importance", unit="batch",
                               file=sys.stderr, total=math.ceil(len(ids) / batch_size)):
                 # the base model only: importance needs no logits, and skipping lm_head saves time

@@ -41,8 +41,11 @@ def quality_values(entry: dict) -> dict[str, tuple[str, float, bool]]:
         out[f"bench.{name}"] = (f"{name}{shots}", res["score"], True)
     if "benchmark_average" in entry and len(entry.get("benchmarks", {})) > 1:
         out["bench.average"] = ("benchmark average", entry["benchmark_average"], True)
-    if entry.get("safety", {}).get("score") is not None:
-        out["safety"] = ("safety score (ToxiGen method)", entry["safety"]["score"], True)
+    safety = entry.get("safety", {})
+    if safety.get("common_score") is not None:  # over the groups every model keeps (align_safety)
+        n = len(safety["common_groups"])
+        label = f"safety score (ToxiGen method, {n} group{'s' * (n != 1)} every model keeps)"
+        out["safety"] = (label, safety["common_score"], True)
     if isinstance(entry.get("perplexity"), (int, float)):
         out["perplexity"] = ("perplexity", entry["perplexity"], False)
     return out
@@ -58,12 +61,26 @@ def cost_values(entry: dict) -> dict[str, tuple[str, float, bool]]:
     return out
 
 
+def align_safety(models: list[dict]) -> None:
+    """Give each model's safety result `common_groups` (the groups every model keeps, p <= 0.05)
+    and `common_score` (the mean over those): each model's own `score` averages over its own kept
+    groups, so comparing those would compare different sets of groups."""
+    results = [m["safety"] for m in models if m.get("safety")]
+    if not results:
+        return
+    common = sorted(set.intersection(*(set(r["groups"]) for r in results)))
+    for r in results:
+        r["common_groups"] = common
+        r["common_score"] = sum(r["groups"][g] for g in common) / len(common) if common else None
+
+
 def add_relative(metrics: dict) -> dict:
     """Each model's `relative`: quality as % of the reference (for lower-is-better figures such as
     perplexity, reference / model), cost as model / reference ("x")."""
     models = metrics["models"]
     if not models:
         return metrics
+    align_safety(models)
     ref_q, ref_c = quality_values(models[0]), cost_values(models[0])
     for entry in models:
         q, c = quality_values(entry), cost_values(entry)
@@ -247,7 +264,11 @@ def details_md(metrics: dict) -> list[str]:
             s = m["safety"]
             kept = ", ".join(f"{g} {100 * v:.1f}" for g, v in s["groups"].items()) or "none"
             dropped = ", ".join(f"{g} ({why})" for g, why in s["dropped"].items()) or "none"
-            lines.append(f"\n**{m['name']} - safety** per group (x100): {kept}. Dropped: {dropped}.")
+            own = "-" if s.get("score") is None else f"{100 * s['score']:.1f}"
+            lines.append(f"\n**{m['name']} - safety** per group (x100): {kept}. Dropped: {dropped}. "
+                         f"Mean over its own {len(s['groups'])} kept groups: {own}; the scorecard "
+                         f"shows the mean over the {len(s.get('common_groups', []))} groups every "
+                         "model keeps.")
     return lines
 
 

@@ -125,6 +125,7 @@ def sentence_perplexities(model, tokenizer, texts: list[str], batch_size: int = 
     import torch
 
     from slmkit.data import pad_batch
+    from slmkit.precision import autocast
 
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     encoded = [tokenizer(t)["input_ids"][:limit] for t in texts]
@@ -137,8 +138,9 @@ def sentence_perplexities(model, tokenizer, texts: list[str], batch_size: int = 
     for start in range(0, len(encoded), batch_size):
         ids, att = pad_batch(encoded[start:start + batch_size], tokenizer.pad_token_id or 0)
         ids, att = ids.to(device), att.to(device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=att).logits.float()  # (B, T, V)
+        with torch.no_grad(), autocast(device):
+            logits = model(input_ids=ids, attention_mask=att).logits
+        logits = logits.float()  # (B, T, V); scores in float32 (slmkit.precision)
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
         mask = att[:, 1:].float()

@@ -187,8 +187,10 @@ def _greedy(model, ids, new_tokens: int) -> tuple[float, list[float]]:
     seconds of each following step)."""
     import torch
 
+    from slmkit.precision import autocast
+
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(ids.device):
         t = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)

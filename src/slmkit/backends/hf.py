@@ -13,7 +13,7 @@ import inspect
 import random
 import threading
 
-from slmkit import models
+from slmkit import models, precision
 from slmkit.backends import (Backend, Completion, Request, TextTracker, TokenLogprobs, now,
                              stop_reason)
 
@@ -28,9 +28,7 @@ class HFBackend(Backend):
         self.tokenizer.padding_side = "left"  # generation continues from the right end
         cfg = self.model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", None) or 2048)
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        self.eos_ids = set(models.stop_ids(self.model, self.tokenizer))
         self.lock = threading.Lock()
         # transformers 5 renamed `past_key_values` to `cache`; older releases know only the former
         params = inspect.signature(self.model.forward).parameters
@@ -55,7 +53,7 @@ class HFBackend(Backend):
     def run(self, requests: list[Request]) -> list[Completion]:
         import torch
 
-        with self.lock, torch.inference_mode(), models.autocast(self.device):
+        with self.lock, torch.inference_mode(), precision.autocast(self.device):
             return self._run(requests)
 
     def _run(self, requests: list[Request]) -> list[Completion]:
