@@ -54,7 +54,10 @@ def ascii_window(text: str, start: int = 3) -> str:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["llama"]
-    with urllib.request.urlopen(server.url + "/health") as r:
+    with urllib.request.urlopen(server.url + "/health") as r:  # no key: alive, nothing more
+        assert json.loads(r.read()) == {"status": "ok", "auth": True}
+    keyed = urllib.request.Request(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(keyed) as r:
         assert json.loads(r.read()) == {"status": "ok", "models": ["llama"], "auth": True}
 
 
@@ -299,3 +302,111 @@ def test_chat_loop_keeps_and_resets_history(backend):
     fresh = backend.generate([[u("again")]], max_tokens=8)[0].text
     assert out.getvalue() == (f"model> {first}\nmodel> {second}\n(conversation forgotten)\n"
                               f"model> {fresh}\n")
+
+
+# --------------------------------------------------------------------------- bad input, bad clients
+
+def test_bad_seed_is_400_and_the_batch_around_it_is_served(server):
+    url = server.url + "/v1/completions"
+    bodies = [{"model": "llama", "prompt": "Hi", "max_tokens": 3, "seed": 10**23},
+              {"model": "llama", "prompt": "Hi", "max_tokens": 3, "seed": -1},
+              {"model": "llama", "prompt": "Hi", "max_tokens": 3, "seed": 2**63 - 1, "n": 2}]
+    bodies += [{"model": "llama", "prompt": p, "max_tokens": 3, "seed": 5} for p in ("Hi", "Thanks")]
+    got = [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies))
+
+    def ask(i):
+        barrier.wait()
+        got[i] = post(url, json.dumps(bodies[i]).encode())
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for status, body in got[:3]:
+        assert status == 400 and body["error"]["param"] == "seed", body
+        assert "2**63 - 1" in body["error"]["message"]
+    assert [status for status, _ in got[3:]] == [200, 200]
+
+
+def test_a_row_that_fails_in_the_backend_fails_alone(backend):
+    from slmkit.backends import Backend, Request
+    from slmkit.serve import APIError, Batcher
+
+    class Picky(Backend):  # decodes like `backend`, but one prompt breaks any batch it is in
+        name, context_length, batched = "picky", backend.context_length, True
+
+        def __init__(self):
+            self.sizes = []
+
+        def run(self, reqs):
+            self.sizes.append(len(reqs))
+            for r in reqs:
+                if r.on_text:
+                    r.on_text("x")  # streamed text is out: that request cannot be decoded again
+            if any(r.prompt == "boom" for r in reqs):
+                raise ValueError("prompt: boom cannot be decoded")
+            return backend.run(reqs)
+
+    picky = Picky()
+    batcher = Batcher(picky, max_batch=8, window_s=0.5)
+    try:
+        reqs = [Request(p, max_tokens=3) for p in ("Hi", "boom", "Thanks")]
+        reqs.append(Request("Hi", max_tokens=3, on_text=lambda _: None))
+        futs = [batcher.submit(r) for r in reqs]
+        assert futs[0].result(60).completion_tokens >= 1 and futs[2].result(60).completion_tokens >= 1
+        for i in (1, 3):
+            with pytest.raises(APIError) as e:
+                futs[i].result(60)
+            assert e.value.status == 400 and "boom" in e.value.message
+        assert picky.sizes[0] == 4 and sorted(picky.sizes[1:]) == [1, 1, 1]
+    finally:
+        batcher.close()
+
+
+def test_silent_connections_time_out_and_connections_are_bounded(backend):
+    import socket
+    import time
+
+    with start_server([backend], read_timeout=1.5, max_connections=2) as s:
+        address = s.httpd.server_address[:2]
+        idle = socket.create_connection(address, timeout=30)
+        half = socket.create_connection(address, timeout=30)
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"mod")
+        time.sleep(0.3)  # both are being served now, one thread each
+        with socket.create_connection(address, timeout=30) as third:
+            busy = third.recv(4096)
+        assert busy.startswith(b"HTTP/1.1 503") and b'"busy"' in busy
+        start = time.monotonic()
+        assert idle.recv(1) == b"" and half.recv(4096) == b""  # closed by the server
+        assert time.monotonic() - start < 10
+        idle.close()
+        half.close()
+        good = json.dumps({"model": "llama", "prompt": "Hi", "max_tokens": 2}).encode()
+        for _ in range(50):  # the slots come back as the handler threads end
+            status, _ = post(s.url + "/v1/completions", good)
+            if status == 200:
+                break
+            time.sleep(0.1)
+        assert status == 200
+
+
+def test_clients_that_hang_up_leave_no_traceback(backend, capfd):
+    import socket
+    import struct
+    import time
+
+    with start_server([backend]) as s:
+        address = s.httpd.server_address[:2]
+        for partial in (b"GET /hea", b"POST /v1/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{"):
+            c = socket.create_connection(address, timeout=30)
+            c.sendall(partial)
+            time.sleep(0.2)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()  # a reset, not a polite close
+        time.sleep(0.5)
+        with urllib.request.urlopen(s.url + "/health") as r:
+            assert r.status == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionReset" not in err, err

@@ -18,10 +18,13 @@ one left-padded batch; rows leave the batch as they finish, and requests that co
 for the next batch. llama.cpp decodes one request at a time.
 
 Limits: prompt length (--max-input-tokens), max_tokens (--max-tokens), wall time per request
-including the wait in the queue (--timeout), body size (1 MiB). A bad request gets a 4xx with an
-OpenAI-style body {"error": {"message", "type", "param", "code"}} and the server keeps serving.
-It binds 127.0.0.1 unless --host says otherwise; --api-key (or $SLM_API_KEY) makes every /v1
-route require `Authorization: Bearer KEY`.
+including the wait in the queue (--timeout), body size (1 MiB), silence on a connection
+(--read-timeout: idle or half-sent ones are closed), open connections (--max-connections, one
+thread each; more get 503). A bad request gets a 4xx with an OpenAI-style body {"error":
+{"message", "type", "param", "code"}}, checked before it joins a batch; a request that still
+fails inside a batch fails alone, and the server keeps serving. It binds 127.0.0.1 unless --host
+says otherwise; --api-key (or $SLM_API_KEY) makes every /v1 route require `Authorization: Bearer
+KEY`, and /health then lists the models only to callers with the key.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from slmkit.backends import Backend, Completion, Request, load_backend, model_name, now
+from slmkit.backends import MAX_SEED, Backend, Completion, Request, load_backend, model_name, now
 from slmkit.errors import UsageError
 
 
@@ -58,14 +61,19 @@ class Limits:
     batch_window_ms: float = 5.0
     """How long the batcher waits for more requests after the first one arrives."""
     max_body_bytes: int = 1 << 20
+    read_timeout: float = 30.0
+    """Seconds a connection may stay silent (idle keep-alive, or a request half sent) before
+    it is closed."""
+    max_connections: int = 256
+    """Open connections served at once, one thread each; more are answered 503 and closed."""
 
     def __post_init__(self):
         for key in ("max_input_tokens", "max_tokens", "default_max_tokens", "max_batch",
-                    "max_body_bytes"):
+                    "max_body_bytes", "max_connections"):
             if int(getattr(self, key)) < 1:
                 raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
-        if self.timeout <= 0 or self.batch_window_ms < 0:
-            raise UsageError("--timeout must be > 0 and --batch-window-ms >= 0")
+        if self.timeout <= 0 or self.batch_window_ms < 0 or self.read_timeout <= 0:
+            raise UsageError("--timeout and --read-timeout must be > 0 and --batch-window-ms >= 0")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
 
 
@@ -127,14 +135,39 @@ class Batcher:
             if not live:
                 continue
             self.batch_sizes[len(live)] += 1
-            try:
-                results = self.backend.run([req for req, _ in live])
-            except Exception as e:  # a bug or a bad request that slipped through: fail them all
-                for _, fut in live:
-                    fut.set_exception(e)
-                continue
-            for (_, fut), c in zip(live, results):
-                fut.set_result(c)
+            self._run(live)
+
+    def _run(self, live: list) -> None:
+        sent = set()  # requests whose streamed text already went out: they cannot run again
+        for req, _ in live:
+            if req.on_text is not None:
+                req.on_text = _noting(req.on_text, sent, id(req))
+        try:
+            results = self.backend.run([req for req, _ in live])
+        except Exception as e:  # a bad request that slipped through (or a bug)
+            if len(live) == 1:
+                return live[0][1].set_exception(_as_api_error(e))
+            # decode each alone, so that only the request at fault fails
+            for req, fut in live:
+                if id(req) in sent:
+                    fut.set_exception(_as_api_error(e))
+                else:
+                    self._run([(req, fut)])
+            return
+        for (_, fut), c in zip(live, results):
+            fut.set_result(c)
+
+
+def _noting(on_text, sent: set, key: int):
+    def call(piece: str) -> None:
+        sent.add(key)
+        on_text(piece)
+    return call
+
+
+def _as_api_error(e: Exception) -> Exception:
+    """Backends raise ValueError for requests they cannot decode: the client's 400, not a 500."""
+    return APIError(400, str(e)) if isinstance(e, ValueError) else e
 
 
 def timeout_error() -> APIError:
@@ -222,7 +255,7 @@ def parse_params(body: dict, limits: Limits) -> dict:
         temperature=float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
         top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         stop=stop or [],
-        seed=_get(body, "seed", int, None, None, "an integer"),
+        seed=_get(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**63 - 1]"),
     )
 
 
@@ -254,10 +287,11 @@ class Service:
         lim, reqs = self.limits, []
         deadline = now() + lim.timeout
         for i, prompt in enumerate(prompts):
+            param = "messages" if isinstance(prompt, list) else "prompt"
             try:
                 n_in = len(backend.prompt_ids(prompt))
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages" if isinstance(prompt, list) else "prompt")
+            except (ValueError, UsageError) as e:
+                raise APIError(400, str(e), param=param)
             if n_in > lim.max_input_tokens or n_in >= backend.context_length:
                 most = min(lim.max_input_tokens, backend.context_length - 1)
                 raise APIError(400, f"the prompt has {n_in} tokens; this model accepts at most {most}",
@@ -273,15 +307,20 @@ class Service:
         for r in reqs:
             try:
                 r.check()
-            except ValueError as e:
-                raise APIError(400, str(e))
+            except ValueError as e:  # the message starts with the field's name
+                raise APIError(400, str(e), param=str(e).split()[0], code="invalid_value")
         return reqs
+
+
+# the client hung up, or stayed silent past --read-timeout: nothing to answer, nothing to log
+GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses connections
     service: Service  # set on the subclass made per server
     quiet = True
+    timeout = Limits.read_timeout  # per socket read and write; the subclass sets --read-timeout
 
     def log_message(self, fmt, *args):
         if not self.quiet:
@@ -302,12 +341,14 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, e: APIError) -> None:
         self._json(e.status, e.body())
 
-    def _auth(self) -> None:
+    def _authorized(self) -> bool:
         key = self.service.api_key
-        if key is None:
-            return
         got = self.headers.get("Authorization", "")
-        if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), key.encode())):
+        return key is None or (got.startswith("Bearer ")
+                               and hmac.compare_digest(got[7:].strip().encode(), key.encode()))
+
+    def _auth(self) -> None:
+        if not self._authorized():
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY` with "
                            "the key given to `slm serve --api-key`", code="invalid_api_key")
 
@@ -338,7 +379,7 @@ class Handler(BaseHTTPRequestHandler):
             fn()
         except APIError as e:
             self._error(e)
-        except (BrokenPipeError, ConnectionResetError):
+        except GONE:
             self.close_connection = True
         except Exception as e:  # our bug: say so, keep serving
             print(f"slm serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
@@ -362,7 +403,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, files("slmkit").joinpath("playground.html").read_bytes(),
                        "text/html; charset=utf-8")
         elif path == "/health":
-            self._json(200, {"status": "ok", "models": list(svc.backends), "auth": svc.api_key is not None})
+            health = {"status": "ok", "auth": svc.api_key is not None}
+            if self._authorized():  # what is served is for key holders only
+                health["models"] = list(svc.backends)
+            self._json(200, health)
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             self._auth()
             data = [{"id": name, "object": "model", "created": svc.created, "owned_by": "slmkit",
@@ -471,7 +515,7 @@ class Handler(BaseHTTPRequestHandler):
                 send({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                       "created": created, "model": name, "choices": [], "usage": usage_of([c])})
             send("[DONE]")
-        except (BrokenPipeError, ConnectionResetError):
+        except GONE:
             req.cancel.set()  # the client hung up: stop decoding for it
 
 
@@ -518,6 +562,41 @@ class HTTPServer(ThreadingHTTPServer):
     # socketserver's default backlog of 5 drops connections when dozens of clients arrive at
     # once (their connect then times out); the kernel caps this at net.core.somaxconn
     request_queue_size = 1024
+    BUSY = json.dumps(APIError(503, "too many open connections (--max-connections); retry later",
+                               code="busy", type_="server_error").body()).encode()
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY), BUSY))
+
+    def __init__(self, address, handler, max_connections: int):
+        # one thread per open connection: a bound keeps idle or slow clients from using up
+        # the machine's threads
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)  # the accept loop must not wait on this client
+                request.sendall(self.BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], GONE):  # a client hanging up is no error of ours
+            super().handle_error(request, client_address)
 
 
 class Server:
@@ -570,9 +649,10 @@ def start_server(models: list, host: str = "127.0.0.1", port: int = 0, api_key: 
         backends[name] = m if isinstance(m, Backend) else load_backend(
             m, name=name, device=device, dtype=dtype, n_threads=n_threads)
     service = Service(backends, Limits(**limits), api_key)
-    handler = type("BoundHandler", (Handler,), {"service": service, "quiet": not verbose})
+    handler = type("BoundHandler", (Handler,), {"service": service, "quiet": not verbose,
+                                                "timeout": service.limits.read_timeout})
     try:
-        httpd = HTTPServer((host, port), handler)
+        httpd = HTTPServer((host, port), handler, service.limits.max_connections)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
     return Server(httpd, service)
@@ -598,6 +678,10 @@ def add_arguments(p) -> None:
                    help="most concurrent requests decoded together (PyTorch models)")
     p.add_argument("--batch-window-ms", type=float, default=Limits.batch_window_ms,
                    help="wait this long for more requests before starting a batch")
+    p.add_argument("--read-timeout", type=float, default=Limits.read_timeout,
+                   help="close a connection silent this many seconds (idle, or a request half sent)")
+    p.add_argument("--max-connections", type=int, default=Limits.max_connections,
+                   help="open connections served at once; more get 503")
     p.add_argument("--device", default=None, help="PyTorch device (default: cuda when present)")
     p.add_argument("--dtype", default="float32", help="PyTorch dtype: float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=None,
@@ -613,7 +697,8 @@ def run(args) -> int:
                           n_threads=args.threads, verbose=args.verbose,
                           max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens,
                           timeout=args.timeout, max_batch=args.max_batch,
-                          batch_window_ms=args.batch_window_ms)
+                          batch_window_ms=args.batch_window_ms, read_timeout=args.read_timeout,
+                          max_connections=args.max_connections)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"slm serve: warning: listening on {args.host} without --api-key; anyone who can "
               "reach this port can use the models", file=sys.stderr)

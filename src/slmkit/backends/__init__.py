@@ -68,6 +68,9 @@ class Completion:
     """Wall time from the start of decoding this request to its end."""
 
 
+MAX_SEED = 2**63 - 1
+
+
 @dataclass
 class Request:
     prompt: str | list[dict]
@@ -94,6 +97,9 @@ class Request:
             raise ValueError("top_p must be in (0, 1]")
         if not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        # PyTorch's generators take 64-bit seeds; a larger one would fail the request's batch
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer between 0 and {MAX_SEED} (2**63 - 1)")
 
 
 class Backend:
