@@ -15,7 +15,7 @@ import sys
 from typing import Callable, TextIO
 
 from slmkit.backends import Backend, load_backend
-from slmkit.errors import UsageError
+from slmkit.errors import UsageError, chat_template_error
 
 
 def add_arguments(p) -> None:
@@ -39,8 +39,13 @@ def run(args) -> int:
     backend = load_backend(args.model, device=args.device, dtype=args.dtype, n_threads=args.threads)
     print(f"slm chat: {backend.name} ({backend.context_length} tokens of context); "
           "/reset forgets, /exit quits", file=sys.stderr)
-    return chat_loop(backend, system=args.system, max_tokens=args.max_tokens,
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return chat_loop(backend, system=args.system, max_tokens=args.max_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    except TemplateError as e:
+        raise chat_template_error(args.model, e) from None
 
 
 def chat_loop(backend: Backend, read: Callable[[str], str] = input, out: TextIO = sys.stdout,

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from slmkit.errors import UsageError
+from slmkit.errors import UsageError, chat_template_error
 
 # name -> (module, one-line help). The order is the pipeline's.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(code or 0)
     except UsageError as e:
         print(f"slm {command}: error: {e}", file=sys.stderr)
+        return UsageError.exit_code
+    except Exception as e:
+        if not type(e).__module__.startswith("jinja2"):
+            raise
+        # a model's chat template failed where no caller named the model: still its fault, not ours
+        print(f"slm {command}: error: {chat_template_error(None, e)}", file=sys.stderr)
         return UsageError.exit_code
     except KeyboardInterrupt:
         print(f"\nslm {command}: interrupted; rerun the same command to resume where supported",

@@ -108,12 +108,25 @@ def load_examples(path, task: Task | None = None, split: str | None = None,
 
 # --------------------------------------------------------------------------- tokenisation
 
+def apply_chat_template(tokenizer, messages: list[dict], **kw) -> str:
+    """tokenizer.apply_chat_template as text; a template that fails (or breaks out of the
+    Jinja sandbox) is a UsageError naming the model."""
+    from jinja2.exceptions import TemplateError
+
+    from slmkit.errors import chat_template_error
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    except TemplateError as e:
+        raise chat_template_error(getattr(tokenizer, "name_or_path", None), e) from None
+
+
 def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
     """The text the model sees before its answer: the chat template when the tokenizer has one."""
     if getattr(tokenizer, "chat_template", None):
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user}]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return apply_chat_template(tokenizer, msgs, add_generation_prompt=True)
     return (f"{system}\n\n" if system else "") + user + "\n\n"
 
 
@@ -136,10 +149,9 @@ def encode(example: Example, tokenizer, max_length: int = 1024) -> tuple[list[in
             if m["role"] != "assistant":
                 continue
             # chat templates only append, so each rendering extends the previous one
-            prefix = _ids(tokenizer, tokenizer.apply_chat_template(
-                example.messages[:i], tokenize=False, add_generation_prompt=True))
-            full = _ids(tokenizer, tokenizer.apply_chat_template(example.messages[: i + 1],
-                                                                 tokenize=False))
+            prefix = _ids(tokenizer, apply_chat_template(tokenizer, example.messages[:i],
+                                                         add_generation_prompt=True))
+            full = _ids(tokenizer, apply_chat_template(tokenizer, example.messages[: i + 1]))
             new_prompt, ans = prefix[len(ids):], full[len(prefix):]
             ids += new_prompt + ans
             mask += [0] * len(new_prompt) + [1] * len(ans)

@@ -42,6 +42,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from jinja2.exceptions import TemplateError
+
 from slmkit.backends import MAX_SEED, Backend, Completion, Request, load_backend, model_name, now
 from slmkit.errors import UsageError
 
@@ -292,6 +294,9 @@ class Service:
                 n_in = len(backend.prompt_ids(prompt))
             except (ValueError, UsageError) as e:
                 raise APIError(400, str(e), param=param)
+            except TemplateError as e:  # the model's chat template failed (or broke the sandbox)
+                raise APIError(400, f"the chat template of model `{backend.name}` failed: "
+                               f"{type(e).__name__}: {e}", param=param, code="chat_template_error")
             if n_in > lim.max_input_tokens or n_in >= backend.context_length:
                 most = min(lim.max_input_tokens, backend.context_length - 1)
                 raise APIError(400, f"the prompt has {n_in} tokens; this model accepts at most {most}",
