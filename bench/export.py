@@ -1,6 +1,6 @@
 """Benchmark `slm export` on `default` (SmolLM2-135M-Instruct): llama.cpp against transformers.
 
-    python bench/export.py                       # q8_0, f16 and q4_0
+    python bench/export.py                       # q8_0, f16, q4_k_m and q4_0
     python bench/export.py --quants q8_0 --threads 2
 
 For each quantisation: export time and file size; for each prompt (chat-formatted) whether
@@ -8,8 +8,9 @@ llama.cpp's greedy tokens equal transformers' (f32, the reference) for --new tok
 they first differ; max |logit diff| and top-1 agreement over the transformers greedy sequence
 (both fed the same tokens); llama.cpp single-stream decode tokens/s (tokens after the first over
 the time after the first, median of --reps), next to transformers' on the same machine and the
-embedded Q4_1 GGUF's; for q8_0/q4_0, how many tensors are byte-identical to what llama.cpp's own
-quantizer (`llama_model_quantize`, i.e. llama-quantize) writes from our f32 export.
+embedded Q4_1 GGUF's; for q8_0 (the one quantisation slmkit writes itself), how many tensors are
+byte-identical to what llama.cpp's own quantizer (`llama_model_quantize`, i.e. llama-quantize)
+writes from our f32 export. q4_0 and the K-quants are that quantizer's output by construction.
 Needs llama-cpp-python (`pip install -e ".[llamacpp]"`).
 """
 
@@ -75,7 +76,7 @@ def cpp_decode_speed(path: Path, ids: list[int], n: int, threads: int, reps: int
     return statistics.median(speeds)
 
 
-LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2}
+LLAMA_FTYPE = {"q8_0": 7}
 
 
 def same_as_llamacpp_quantizer(f32: Path, ours: Path, quant: str) -> str:
@@ -104,7 +105,7 @@ def first_diff(a: list[int], b: list[int]) -> int | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--quants", nargs="+", default=["q8_0", "f16", "q4_0"])
+    ap.add_argument("--quants", nargs="+", default=["q8_0", "f16", "q4_k_m", "q4_0"])
     ap.add_argument("--new", type=int, default=32, help="greedy tokens compared per prompt")
     ap.add_argument("--speed-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)

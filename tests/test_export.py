@@ -170,7 +170,9 @@ def test_metadata_tensors_and_modelfile(gguf_files, tiny_models, tokenizer):
 def test_q4_0_keeps_output_q8_0_and_qwen2_biases(gguf_files):
     from gguf import GGMLQuantizationType as Q, GGUFReader
 
+    pytest.importorskip("llama_cpp")
     types = {t.name: t.tensor_type for t in GGUFReader(str(gguf_files("mistral", "q4_0"))).tensors}
+    # 32-wide rows are not whole 256-value super-blocks, so llama.cpp keeps the output in Q8_0
     assert types["output.weight"] == Q.Q8_0 and types["blk.2.ffn_down.weight"] == Q.Q4_0
     assert types["token_embd.weight"] == Q.Q4_0
     r = GGUFReader(str(gguf_files("qwen2", "f16")))
@@ -267,3 +269,50 @@ def test_q8_0_bytes_equal_llamacpp_quantizer(gguf_files, tmp_path):
     for name, t in ours.items():
         assert t.tensor_type == cpp[name].tensor_type, name
         assert np.array_equal(np.asarray(t.data), np.asarray(cpp[name].data)), name
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A 1-layer llama whose rows are 256 wide: whole K-quant super-blocks, as in real models."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("wide") / "llama"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_q4_0_and_k_quants_follow_llamacpp_rules(wide_llama, tmp_path):
+    # llama-quantize stores the output projection of a q4_0 model in Q6_K when its rows are
+    # whole 256-value blocks; our own q4_0 writer kept Q8_0 there, so its bytes differed
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+
+    pytest.importorskip("llama_cpp")
+    types = {}
+    for quant in ("q4_0", "q4_k_m", "q6_k"):
+        path = export_gguf(wide_llama, tmp_path / quant / f"m.{quant}.gguf", quant)
+        types[quant] = {t.name: t.tensor_type for t in GGUFReader(str(path)).tensors}
+        assert sorted(p.name for p in path.parent.iterdir()) == ["Modelfile", path.name]
+    assert types["q4_0"]["output.weight"] == Q.Q6_K
+    assert types["q4_0"]["blk.0.attn_q.weight"] == Q.Q4_0
+    assert types["q4_k_m"]["blk.0.attn_q.weight"] == Q.Q4_K
+    assert types["q4_k_m"]["blk.0.ffn_down.weight"] == Q.Q6_K  # the _m mix: some layers one up
+    assert types["q6_k"]["blk.0.attn_q.weight"] == Q.Q6_K
+    assert types["q6_k"]["blk.0.attn_norm.weight"] == Q.F32
+
+
+def test_llamacpp_quants_need_llama_cpp(tiny_llama, tmp_path, monkeypatch, cli):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    code, _, err = cli("export", tiny_llama, "--quant", "q4_k_m", "--out", tmp_path / "m.gguf")
+    assert code == 2 and "llama-cpp-python" in err and not list(tmp_path.iterdir())

@@ -5,8 +5,11 @@
     llama-cli -m smollm2.q8_0.gguf -cnv            # or: ollama create smollm2 -f Modelfile
 
 Architectures: the llama family (Llama, Mistral, SmolLM; GGUF arch `llama`) and Qwen2 (GGUF arch
-`qwen2`, with its q/k/v biases). Quantisation: f32, f16, q8_0 (~8.5 bits a weight) and q4_0
-(~4.5 bits; the output projection stays q8_0, as llama-quantize keeps it at high precision).
+`qwen2`, with its q/k/v biases). Quantisation: f32, f16 and q8_0 (~8.5 bits a weight) are
+written here (our q8_0 bytes equal llama-quantize's, tested); q4_0 (~4.5 bits) and the K-quants
+q4_k_m (~4.9), q5_k_m (~5.7) and q6_k (~6.6) are made by llama.cpp's own quantizer from an f32
+export, so its per-tensor rules (the output projection in Q6_K when its rows are a multiple of
+256 values, else Q8_0; some layers one type up in the _m mixes) are llama.cpp's, not a copy.
 Norms and other 1-D tensors stay f32 in every mode. The tokenizer must be a byte-level BPE
 (GPT-2 style, as in SmolLM and Qwen2); it is written as llama.cpp's `gpt2` tokenizer model.
 """
@@ -24,7 +27,8 @@ from pathlib import Path
 from slmkit import models
 from slmkit.errors import UsageError
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+BY_LLAMACPP = ("q4_0", "q4_k_m", "q5_k_m", "q6_k")  # quantised by llama.cpp from an f32 export
 # HF model_type -> GGUF architecture. Mistral without sliding-window attention is a llama.
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
@@ -60,7 +64,8 @@ def add_arguments(p):
     p.add_argument("model", help=models.WEIGHTS_HELP)
     p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf)")
     p.add_argument("--quant", choices=QUANTS, default="q8_0",
-                   help="weight type: f32, f16, q8_0 (default; ~8.5 bits/weight) or q4_0 (~4.5)")
+                   help="weight type: f32, f16, q8_0 (default; ~8.5 bits/weight), q6_k (~6.6), "
+                        "q5_k_m (~5.7), q4_k_m (~4.9, Ollama's usual pick) or q4_0 (~4.5)")
     p.add_argument("--out", help="output .gguf file (default: ./NAME.QUANT.gguf); an Ollama "
                                  "`Modelfile` is written in the same folder")
 
@@ -97,6 +102,9 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
 
     if quant not in QUANTS:
         raise UsageError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    if quant in BY_LLAMACPP:
+        _llama_cpp(quant)  # before any work: is the quantizer there?
+    written = "f32" if quant in BY_LLAMACPP else quant
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"--out {out}: give a file name ending in .gguf")
@@ -111,14 +119,18 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
         for name, meta in models.safetensors_header(shard).items():
             if name != "__metadata__":
                 shapes[name] = (tuple(meta["shape"]), shard)
-    plan = plan_tensors(cfg, arch, {k: s for k, (s, _) in shapes.items()}, quant)
+    plan = plan_tensors(cfg, arch, {k: s for k, (s, _) in shapes.items()}, written)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
+    temps = []
+    for _ in range(2 if quant in BY_LLAMACPP else 1):
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        os.close(fd)
+        temps.append(tmp)
+    tmp = temps[0]
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        write_metadata(writer, cfg, arch, quant, model_name(model))
+        write_metadata(writer, cfg, arch, written, model_name(model))
         write_tokenizer(writer, tok)
         for t in plan:
             dtype, nbytes, shape = stored_layout(t)
@@ -127,7 +139,7 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         handles = {}
-        for t in tqdm(plan, desc=f"export {quant}", unit="tensor", file=sys.stderr,
+        for t in tqdm(plan, desc=f"export {written}", unit="tensor", file=sys.stderr,
                       disable=len(plan) < 50):
             shard = shapes[t.hf_name][1]
             if shard not in handles:
@@ -137,16 +149,51 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
                 w = rotary_permute(w, t.permute_heads)
             writer.write_tensor_data(encode(w, t.qtype))
         writer.close()
+        if quant in BY_LLAMACPP:
+            llamacpp_quantize(temps[0], temps[1], quant)
+            tmp = temps[1]
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is for sharing
         os.replace(tmp, out)
     except BaseException:
         writer.close()
-        Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        for t in temps:
+            Path(t).unlink(missing_ok=True)
     with models.atomic_write(out.parent / "Modelfile") as f:
         f.write(modelfile(out.name, tok["chat_template"], tok["eos_text"]))
     os.chmod(out.parent / "Modelfile", 0o644)
     return out
+
+
+def _llama_cpp(quant: str):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UsageError(f"--quant {quant} uses llama.cpp's own quantizer: pip install "
+                         "llama-cpp-python (`make` installs it), or pick f16 or q8_0") from None
+    return llama_cpp
+
+
+def llamacpp_quantize(src, dst, quant: str) -> None:
+    """Quantise the GGUF file `src` to `dst` with llama.cpp's quantizer (`llama-quantize`'s code),
+    quietly: llama.cpp logs every tensor."""
+    import ctypes
+    import logging
+
+    llama_cpp = _llama_cpp(quant)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log by it
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                              ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if code != 0:
+        raise RuntimeError(f"llama.cpp's quantizer failed ({code}) on {src}")
 
 
 def model_name(spec) -> str:
@@ -198,8 +245,7 @@ def plan_tensors(cfg: dict, arch: str, shapes: dict[str, tuple[int, ...]], quant
             permute = heads
         elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
             permute = kv_heads
-        is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-        plan.append(Planned(hf_name, name, shape, tensor_type(shape, quant, is_output), permute))
+        plan.append(Planned(hf_name, name, shape, tensor_type(shape, quant), permute))
     if not tied and "lm_head.weight" not in shapes:
         raise UsageError("the checkpoint has untied embeddings but no lm_head.weight; it is incomplete")
 
@@ -223,18 +269,19 @@ def gguf_name(hf_name: str) -> str:
                      "checkpoint is not a plain llama/mistral/qwen2 model")
 
 
-def tensor_type(shape: tuple[int, ...], quant: str, is_output: bool):
-    """The stored type of one tensor. 1-D tensors (norms, biases) stay f32: they are tiny and
-    llama.cpp adds/multiplies them in f32. Quantised types need rows that are whole blocks
-    (32 values); other matrices fall back to f16, as llama.cpp's converter does."""
+def tensor_type(shape: tuple[int, ...], quant: str):
+    """The stored type of one tensor (f32, f16 or q8_0). 1-D tensors (norms, biases) stay f32:
+    they are tiny and llama.cpp adds/multiplies them in f32. q8_0 needs rows that are whole blocks
+    (32 values); other matrices fall back to f16, as llama.cpp's converter does. In q8_0 the
+    output projection is q8_0 too, as llama-quantize keeps it."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
     if len(shape) == 1 or quant == "f32":
         return Q.F32
     if quant == "f16":
         return Q.F16
-    qtype = Q.Q8_0 if quant == "q8_0" or is_output else Q.Q4_0
-    return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else Q.F16
+    assert quant == "q8_0", quant  # the others are llama.cpp's (BY_LLAMACPP)
+    return Q.Q8_0 if shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0] == 0 else Q.F16
 
 
 def stored_layout(t: Planned):
@@ -283,7 +330,7 @@ def write_metadata(writer, cfg: dict, arch: str, quant: str, name: str) -> None:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope = cfg.get("rope_parameters") or {}
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     # transformers' GGUF loader reads general.name == "mistral" (exactly) as a Mistral-arch file
     # and then fails to map its tensors; any other spelling is just a name.
     writer.add_name("Mistral" if name == "mistral" else name)
