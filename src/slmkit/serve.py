@@ -257,7 +257,8 @@ def parse_params(body: dict, limits: Limits) -> dict:
         temperature=float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
         top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         stop=stop or [],
-        seed=_get(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**63 - 1]"),
+        seed=_get(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED,
+                  "an integer in [0, 2**63 - 1]"),
     )
 
 
@@ -567,10 +568,10 @@ class HTTPServer(ThreadingHTTPServer):
     # socketserver's default backlog of 5 drops connections when dozens of clients arrive at
     # once (their connect then times out); the kernel caps this at net.core.somaxconn
     request_queue_size = 1024
-    BUSY = json.dumps(APIError(503, "too many open connections (--max-connections); retry later",
-                               code="busy", type_="server_error").body()).encode()
+    _busy = json.dumps(APIError(503, "too many open connections (--max-connections); retry later",
+                                code="busy", type_="server_error").body()).encode()
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY), BUSY))
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_busy), _busy))
 
     def __init__(self, address, handler, max_connections: int):
         # one thread per open connection: a bound keeps idle or slow clients from using up
