@@ -89,6 +89,58 @@ def test_killed_and_resumed_equals_uninterrupted(setup):
     assert losses_res == pytest.approx(losses_full, rel=1e-6)  # one line per step, none duplicated
 
 
+class _Planted:
+    """Unpickling this writes a marker file: stands in for a hostile checkpoint's code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_checkpoints_are_safetensors_and_json_and_never_unpickled(setup, tmp_path):
+    import pickle
+
+    kw = dict(max_steps=4, save_every=100)
+    ckpt = distill(_cfg(setup, "safe-ckpt", stop_after=2, **kw))
+    assert {p.suffix for p in ckpt.iterdir()} == {".safetensors", ".json"}
+    marker = tmp_path / "marker"
+    for name in ("optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "scheduler.bin"):
+        (ckpt / name).write_bytes(pickle.dumps(_Planted(marker)))  # accelerate's file names
+    distill(_cfg(setup, "safe-ckpt", resume=True, **kw))
+    assert not marker.exists()
+
+
+def test_rerunning_an_interrupted_command_continues_it(setup, capsys):
+    # the advice printed on Ctrl-C is "rerun the same command": that must continue, not restart;
+    # a kill mid-save and a half-written metrics line must not lose the checkpoint either
+    kw = dict(max_steps=6, grad_accum=2, batch_size=2, save_every=2)
+    full = distill(_cfg(setup, "whole", **kw))
+    ckpt = distill(_cfg(setup, "again", stop_after=4, **kw))
+    work = ckpt.parent
+    os.replace(ckpt, work / ".checkpoint.old-99")  # killed between the two renames of a save
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "tok')  # killed mid-line
+    again = distill(_cfg(setup, "again", **kw))
+    assert "continuing from step 4" in capsys.readouterr().err
+    a, b = _weights(full), _weights(again)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [m["step"] for m in _metrics(again)] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_restart_starts_over_and_other_settings_replace_the_checkpoint(setup, capsys):
+    distill(_cfg(setup, "over", stop_after=2, max_steps=4))
+    out = distill(_cfg(setup, "over", max_steps=4, restart=True))
+    assert "continuing" not in capsys.readouterr().err
+    assert [m["step"] for m in _metrics(out)] == [0, 1, 2, 3, 4]
+    distill(_cfg(setup, "over2", stop_after=2, max_steps=4))
+    distill(_cfg(setup, "over2", max_steps=4, lr=1e-3))
+    err = capsys.readouterr().err
+    assert "other settings (lr)" in err and "starting over" in err
+
+
 def test_offline_topk_cache(setup, autocast_mode):
     # under bf16 autocast the cache's float16 log-probs once met bf16 inside the region: a crash
     root = setup[0]

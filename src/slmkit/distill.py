@@ -91,7 +91,9 @@ class DistillConfig:
     on_policy: float = _f(0.0, "GKD lambda: fraction of batches whose answers the student samples")
     max_new_tokens: int = _f(128, "longest on-policy sample")
     chunk: int = _f(512, "loss positions processed at once (bounds float32 vocab-size copies)")
-    resume: bool | str = _f(False, "continue from OUT.work/checkpoint (or the given checkpoint folder)")
+    resume: bool | str = _f(False, "insist on continuing OUT.work/checkpoint (or the given checkpoint "
+                            "folder); without it a checkpoint of the same settings is continued anyway")
+    restart: bool = _f(False, "start over even if OUT.work holds a checkpoint of these settings")
     stop_after: int | None = _f(None, "stop after this many steps leaving a checkpoint, as if killed", int)
     trust_remote_code: bool = _f(False, "allow code from model folders")
 
@@ -370,20 +372,61 @@ def sample_answers(model, items: list[Encoded], tokenizer, max_new_tokens: int, 
 
 # --------------------------------------------------------------------------- the loop
 
+def find_resume_point(cfg: DistillConfig, work: Path, fp: dict, acc):
+    """(trainer state, checkpoint folder) to continue from, or (None, None) to start over.
+
+    A checkpoint under OUT.work made with the same settings (fingerprint) is continued, so
+    rerunning a killed or interrupted command picks up where it stopped; `--restart` starts over.
+    One made with other settings is refused under `--resume` and replaced otherwise."""
+    from slmkit import checkpoint
+
+    if isinstance(cfg.resume, str):
+        ckpt = Path(cfg.resume)
+        if not (ckpt / checkpoint.STATE).is_file():
+            raise UsageError(f"--resume `{ckpt}` is not a checkpoint folder (no {checkpoint.STATE})")
+    else:
+        if acc.is_main_process and not cfg.restart:
+            checkpoint.recover(work)  # a crash mid-save leaves the complete folder aside
+        acc.wait_for_everyone()
+        ckpt = work / checkpoint.LIVE
+        if cfg.restart or not (ckpt / checkpoint.STATE).is_file():
+            return None, None
+    state = checkpoint.read_state(ckpt)
+    diff = [k for k in fp if state["fingerprint"].get(k) != fp[k]]
+    if diff and cfg.resume:
+        raise UsageError(f"--resume: checkpoint `{ckpt}` is from another run ({', '.join(diff)} "
+                         f"differ, e.g. {diff[0]} {state['fingerprint'].get(diff[0])!r} there vs "
+                         f"{fp[diff[0]]!r} now); rerun with the same settings or drop --resume")
+    if diff:
+        if acc.is_main_process:
+            print(f"slm distill: `{ckpt}` holds a run with other settings ({', '.join(diff)}); "
+                  "starting over", file=sys.stderr)
+        return None, None
+    return state, ckpt
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Train the student; returns the student folder (cfg.out). With `stop_after`, returns the
     checkpoint folder after that many steps instead, as if the run had been killed."""
+    import safetensors.torch
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    from slmkit import losses, models, precision
+    from slmkit import checkpoint, losses, models, precision
     from slmkit.tasks import get_task
 
     out = Path(cfg.out)
     work = out.with_name(out.name + ".work")
-    ckpt = Path(cfg.resume) if isinstance(cfg.resume, str) else work / "checkpoint"
     acc = Accelerator(cpu=cfg.device == "cpu")
     world, main = acc.num_processes, acc.is_main_process
     device = acc.device
@@ -392,16 +435,8 @@ def distill(cfg: DistillConfig) -> Path:
         done = json.loads((out / "training_record.json").read_text())
         if done.get("fingerprint") == fp:
             return out  # finished already with these settings
-    if cfg.resume and isinstance(cfg.resume, str) and not (ckpt / "trainer_state.json").is_file():
-        raise UsageError(f"--resume `{ckpt}` is not a checkpoint folder (no trainer_state.json)")
-    resuming = bool(cfg.resume) and (ckpt / "trainer_state.json").is_file()
-    if resuming:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        diff = [k for k in fp if state["fingerprint"].get(k) != fp[k]]
-        if diff:
-            raise UsageError(f"--resume: checkpoint `{ckpt}` is from another run ({', '.join(diff)} "
-                             f"differ, e.g. {diff[0]} {state['fingerprint'].get(diff[0])!r} there vs "
-                             f"{fp[diff[0]]!r} now); rerun with the same settings or drop --resume")
+    state, ckpt = find_resume_point(cfg, work, fp, acc)
+    resuming = state is not None
     set_seed(cfg.seed)
 
     # models
@@ -443,22 +478,27 @@ def distill(cfg: DistillConfig) -> Path:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
-    model, optimizer = acc.prepare(student, optimizer)
-    acc.register_for_checkpointing(scheduler)  # not prepared: it must step once per optimizer step
+    model, optimizer = acc.prepare(student, optimizer)  # the scheduler is not: one step per step
 
     step, tokens, elapsed = 0, 0, 0.0
     if resuming:
-        acc.load_state(str(ckpt))
+        safetensors.torch.load_model(acc.unwrap_model(model), str(ckpt / "model.safetensors"))
+        checkpoint.load_optimizer(optimizer, ckpt)
+        scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+        checkpoint.load_rng(ckpt, acc.process_index)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        if main:
+            print(f"slm distill: continuing from step {step} of `{ckpt}`", file=sys.stderr)
     elif main and work.exists():
         shutil.rmtree(work)
     acc.wait_for_everyone()
     metrics_path = work / "metrics.jsonl"
     if main:
         work.mkdir(parents=True, exist_ok=True)
-        keep = []  # a killed run may have logged steps past its last checkpoint
+        keep = []  # a killed run may have logged steps past its last checkpoint, or half a line
         if resuming and metrics_path.is_file():
-            keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+            keep = [line for line in metrics_path.read_text().splitlines()
+                    if _logged_step(line) is not None and _logged_step(line) <= step]
         with models.atomic_write(metrics_path) as f:
             f.write("".join(l + "\n" for l in keep))
 
@@ -508,17 +548,25 @@ def distill(cfg: DistillConfig) -> Path:
                 f.write(json.dumps(row) + "\n")
 
     def save_checkpoint() -> None:
-        tmp = work / ".checkpoint.tmp"
-        if main and tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = work / checkpoint.TMP
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every process writes its RNG states
+        checkpoint.save_rng(tmp, acc.process_index)  # every process its own generators
+        if main:
+            safetensors.torch.save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
+            checkpoint.save_optimizer(optimizer, tmp)
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         acc.wait_for_everyone()
         if main:
-            with models.atomic_write(tmp / "trainer_state.json") as f:
+            checkpoint.fsync_tree(tmp)
+            with models.atomic_write(tmp / checkpoint.STATE) as f:  # last: the folder is complete
                 json.dump({"step": step, "tokens": tokens, "elapsed": elapsed, "total_steps": total,
                            "fingerprint": fp}, f, indent=1)
-            models.replace_dir(tmp, work / "checkpoint")
+            checkpoint.fsync_tree(tmp)
+            checkpoint.swap_in(work)
         acc.wait_for_everyone()
 
     rank = acc.process_index

@@ -137,11 +137,10 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
 def _train(ctx: Context, opts: dict, *, student: str, teacher: str | None, out: Path, **wired):
     from slmkit.distill import DistillConfig, distill
 
-    # a run killed with these same inputs left OUT.work/checkpoint behind: continue from it
-    # exactly; otherwise train from scratch (distill then clears the stale work folder)
-    resume = not ctx.fresh and (out.parent / f"{out.name}.work" / "checkpoint").is_dir()
+    # a run killed with these same inputs left OUT.work/checkpoint behind: distill continues
+    # from it exactly; a fresh stage (changed inputs, --from) trains from scratch
     cfg = DistillConfig(student=student, teacher=teacher, data=ctx.data, task=ctx.task_arg,
-                        out=str(out), device=ctx.recipe.device, resume=resume,
+                        out=str(out), device=ctx.recipe.device, restart=ctx.fresh,
                         trust_remote_code=ctx.recipe.trust_remote_code,
                         **{"seed": ctx.recipe.seed, **wired, **opts})
     return str(distill(cfg))

@@ -1,0 +1,130 @@
+"""Training checkpoints as safetensors and JSON only: nothing in a checkpoint folder is ever
+unpickled, so resuming from a folder someone else made cannot run their code.
+
+A checkpoint folder holds:
+  model.safetensors        the student's weights (tied tensors stored once)
+  optimizer.safetensors    the optimizer's state tensors, keyed `{param index}.{name}`
+  optimizer.json           its param groups and any non-tensor state values
+  scheduler.json           the LR scheduler's state_dict
+  rng-{rank}.safetensors   torch's CPU (and CUDA) generator states of process `rank`
+  rng-{rank}.json          Python's and NumPy's generator states of process `rank`
+  trainer_state.json       step, tokens, elapsed, fingerprint; written last, after everything
+                           else is on disk, so a folder that has it is complete
+Folders are written beside the live one as `.checkpoint.tmp`, fsynced, then swapped in; a
+crash between the two renames of the swap leaves a complete folder that `recover` falls back to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+LIVE, TMP, OLD = "checkpoint", ".checkpoint.tmp", ".checkpoint.old-"
+STATE = "trainer_state.json"
+
+
+def recover(work: Path) -> Path | None:
+    """The live checkpoint folder under `work` (OUT.work), or None. When a crash interrupted a
+    save (a complete `.checkpoint.tmp` or `.checkpoint.old-*` folder and no live one, or a newer
+    complete temporary one), the newest complete folder becomes the live one first."""
+    complete = [c for c in (work / LIVE, work / TMP, *work.glob(OLD + "*")) if (c / STATE).is_file()]
+    if not complete:
+        return None
+    best = max(complete, key=lambda c: (read_state(c)["step"], c.name == LIVE))
+    if best.name != LIVE:
+        if (work / LIVE).exists():
+            shutil.rmtree(work / LIVE)
+        os.replace(best, work / LIVE)
+    return work / LIVE
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE).read_text())
+
+
+# --------------------------------------------------------------------------- pieces
+
+def save_optimizer(optimizer, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors, other = {}, {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            if hasattr(value, "detach"):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                other[f"{index}.{name}"] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"],
+                                                       "values": other}))
+
+
+def load_optimizer(optimizer, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in [*load_file(str(folder / "optimizer.safetensors")).items(),
+                       *meta["values"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, str(folder / f"rng-{rank}.safetensors"))
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    (folder / f"rng-{rank}.json").write_text(json.dumps({
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached]}))
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / f"rng-{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    states = json.loads((folder / f"rng-{rank}.json").read_text())
+    version, mt, gauss = states["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder`, then the folder itself, so a rename after it is durable."""
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def swap_in(work: Path) -> None:
+    """Make the finished `.checkpoint.tmp` the live checkpoint; the old one goes only after."""
+    live, tmp = work / LIVE, work / TMP
+    old = None
+    if live.exists():
+        old = work / f"{OLD}{os.getpid()}"
+        os.replace(live, old)
+    os.replace(tmp, live)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
