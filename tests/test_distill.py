@@ -403,3 +403,11 @@ def test_prompt_kd_needs_an_online_teacher(setup, cli):
     code, _, err = cli("distill", "--student", student, "--data", data, "--out", root / "x",
                        "--alpha-ce", "1", "--prompt-kd", "1")
     assert code == 2 and "--prompt-kd needs an online --teacher" in err
+
+
+def test_missing_data_is_reported_before_any_model_loads(setup, cli, tmp_path):
+    root, teacher, student, _ = setup
+    for extra in ([], ["--cache-teacher", tmp_path / "c.safetensors"]):
+        code, _, err = cli("distill", "--student", tmp_path / "no-model", "--teacher", teacher,
+                           "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "o", *extra)
+        assert code == 2 and "missing.jsonl` does not exist" in err and "Traceback" not in err

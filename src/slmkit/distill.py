@@ -430,6 +430,9 @@ def distill(cfg: DistillConfig) -> Path:
     acc = Accelerator(cpu=cfg.device == "cpu")
     world, main = acc.num_processes, acc.is_main_process
     device = acc.device
+    # the data first: a bad file is reported before minutes of model loading
+    task = get_task(cfg.task) if cfg.task else None
+    train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
     fp = fingerprint(cfg, world, device)
     if cfg.resume and (out / "training_record.json").is_file():
         done = json.loads((out / "training_record.json").read_text())
@@ -454,8 +457,6 @@ def distill(cfg: DistillConfig) -> Path:
     autocast = precision.autocast(device, enabled=cfg.bf16)
 
     # data
-    task = get_task(cfg.task) if cfg.task else None
-    train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
     train = encode_all(train_ex, tokenizer, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -674,11 +675,11 @@ def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
     if not cfg.teacher:
         raise UsageError("--cache-teacher needs --teacher MODEL")
     dest = Path(dest)
+    task = get_task(cfg.task) if cfg.task else None
+    train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
     device = models.pick_device(cfg.device)
     teacher, tokenizer = models.load_model(cfg.teacher, dtype=cfg.dtype, device=device,
                                            trust_remote_code=cfg.trust_remote_code)
-    task = get_task(cfg.task) if cfg.task else None
-    train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
     items = encode_all(train_ex + eval_ex, tokenizer, cfg.max_length)
     items.sort(key=lambda e: len(e.ids))  # similar lengths per batch: little padding
     tensors = {}
