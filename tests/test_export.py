@@ -1,12 +1,16 @@
 """`slm export`: GGUF files that llama.cpp and transformers read back as the same model.
 
-llama.cpp parity runs on copies of the tiny fixtures trained for a few steps to continue one
-text: a random model's top-2 logits are often within 0.001 of each other, so any rounding flips
-its greedy path, while a trained model makes decisions with a margin (here > 1), as real models do.
+llama.cpp parity runs on copies of the tiny fixtures (llama, mistral, qwen2, qwen3, phi, phi3)
+trained for a few steps to continue one text: a random model's top-2 logits are often within
+0.001 of each other, so any rounding flips its greedy path, while a trained model makes decisions
+with a margin (here > 1), as real models do.
 Tolerances, llama.cpp against transformers in f32 (what the fixtures gave when written):
-- f16: the same 32 greedy tokens; max |logit diff| < 0.1 (measured 0.03-0.04).
+- f32: cosine >= 0.999 between the logit vectors at every position (measured >= 0.999998);
+  max |logit diff| < 0.05 (measured 0.005-0.013, logits spanning about -8..13).
+- f16: the same 32 greedy tokens; max |logit diff| < 0.1 (measured 0.013-0.021; 0.03-0.04 on
+  the first fixtures).
 - q8_0: the same 32 greedy tokens; max |logit diff| < 2.0 and mean < 0.15 (measured 0.8-1.1 and
-  0.05-0.06, logits spanning about -7..11).
+  0.05-0.06).
 - f32 read back by transformers' GGUF loader: max |logit diff| < 1e-4.
 """
 
@@ -19,11 +23,12 @@ import torch
 from slmkit import models
 from slmkit.export import export_gguf, rotary_permute
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
 TEXTS = ["Summarize the conversation between the two friends.",
          "numbers 0 1 22 333 and punctuation , . ! ? \"quoted\" (x) - #",
          "  two spaces\nnew line\n\n tabs\tend",
          "Grammar correction: he have three cat."]
+CPP_F32_TOL, MIN_COSINE = 0.05, 0.999
 F16_TOL, Q8_TOL, Q8_MEAN_TOL, F32_TOL = 0.1, 2.0, 0.15, 1e-4
 N_NEW = 32
 
@@ -193,11 +198,50 @@ def test_transformers_reads_f32_back(arch, gguf_files, tiny_models, tmp_path, mo
     assert np.abs(hf_logits(ref, ids) - hf_logits(back, ids)).max() < F32_TOL
 
 
-def test_unsupported_arch_exits_2(cli, tiny_models, tmp_path):
-    out = tmp_path / "phi.gguf"
-    code, _, err = cli("export", tiny_models["phi"], "--out", out)
-    assert code == 2 and "phi" in err and "Traceback" not in err
-    assert not out.exists() and not list(tmp_path.iterdir())
+def test_unsupported_arch_exits_2(cli, tmp_path):
+    """GPT-2 stays unsupported (its own llama.cpp graph, Conv1D weights): one line, nothing written."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=128)
+    folder = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "out" / "gpt2.gguf"
+    code, _, err = cli("export", folder, "--quant", "q4_k_m", "--out", out)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "gpt2" in err and "supported: llama, mistral, qwen2, qwen3, phi, phi3" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_phi_and_phi3_layout(gguf_files, tiny_models):
+    """Phi-2: LayerNorm with biases, an lm_head bias, partial rotary; Phi-3: its fused qkv and
+    gate_up kept fused, as llama.cpp's phi3 graph reads them; Qwen3: per-head q/k norms."""
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+
+    r = GGUFReader(str(gguf_files("phi", "f16")))
+    f = {k: v.contents() for k, v in r.fields.items()}
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in r.tensors}  # ggml order: row first
+    assert f["general.architecture"] == "phi2" and f["phi2.rope.dimension_count"] == 4  # 0.5 x 8
+    assert abs(f["phi2.attention.layer_norm_epsilon"] - 1e-5) < 1e-9
+    assert {"output.bias", "output_norm.bias", "blk.0.attn_norm.bias", "blk.0.attn_q.bias",
+            "blk.0.attn_output.bias", "blk.0.ffn_up.bias", "blk.0.ffn_down.bias"} <= set(shapes)
+    assert shapes["blk.0.ffn_up.weight"] == (32, 64) and "blk.0.ffn_norm.weight" not in shapes
+
+    r = GGUFReader(str(gguf_files("phi3", "f16")))
+    f = {k: v.contents() for k, v in r.fields.items()}
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in r.tensors}
+    assert f["general.architecture"] == "phi3" and f["phi3.feed_forward_length"] == 64
+    assert f["general.name"] == "phi 3"  # "phi3" would switch on llama.cpp's SentencePiece quirks
+    assert shapes["blk.0.attn_qkv.weight"] == (32, 32 + 2 * 16)  # q, then 2 kv heads of 8 each
+    assert shapes["blk.0.ffn_up.weight"] == (32, 2 * 64)  # gate and up, fused
+    assert not any(n.endswith(".bias") for n in shapes)
+
+    types = {t.name: t.tensor_type for t in GGUFReader(str(gguf_files("qwen3", "f16"))).tensors}
+    assert types["blk.0.attn_q_norm.weight"] == Q.F32 and types["blk.3.attn_k_norm.weight"] == Q.F32
+    assert types["output.weight"] == Q.F16
 
 
 def test_bad_out_name_exits_2(cli, tiny_models, tmp_path):
@@ -217,27 +261,37 @@ def test_llamacpp_tokenizes_like_transformers(gguf_files, tokenizer):
 
 
 def parity(folder, ids, quant, tmp_path):
-    """(llama.cpp greedy, transformers greedy, |logit diff| over the transformers sequence)."""
+    """(llama.cpp greedy, transformers greedy, llama.cpp logits, transformers logits), the logits
+    over the transformers greedy sequence."""
     model, _ = models.load_model(folder)
     llm = llama(export_gguf(folder, tmp_path / f"m.{quant}.gguf", quant))
     try:
         new = hf_greedy(model, ids, N_NEW)
         got = cpp_greedy(llm, ids, N_NEW)
-        diff = np.abs(cpp_logits(llm, ids + new) - hf_logits(model, ids + new))
+        logits = cpp_logits(llm, ids + new), hf_logits(model, ids + new)
     finally:
         llm.close()
-    return got, new, diff
+    return got, new, *logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llamacpp_f32_logits_match_transformers(arch, trained, tmp_path):
+    _, _, cpp, hf = parity(*trained(arch), "f32", tmp_path)
+    cosine = (cpp * hf).sum(-1) / np.linalg.norm(cpp, axis=-1) / np.linalg.norm(hf, axis=-1)
+    assert cosine.min() >= MIN_COSINE, f"{arch}: cosine {cosine.min():.6f} at {cosine.argmin()}"
+    assert np.abs(cpp - hf).max() < CPP_F32_TOL, f"{arch}: max |logit diff| {np.abs(cpp - hf).max():.4f}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llamacpp_f16_matches_transformers(arch, trained, tmp_path):
-    got, new, diff = parity(*trained(arch), "f16", tmp_path)
+    got, new, cpp, hf = parity(*trained(arch), "f16", tmp_path)
     assert got == new
-    assert diff.max() < F16_TOL, f"{arch}: max |logit diff| {diff.max():.4f}"
+    assert np.abs(cpp - hf).max() < F16_TOL, f"{arch}: max |logit diff| {np.abs(cpp - hf).max():.4f}"
 
 
 def test_llamacpp_q8_0_stays_close(trained, tmp_path):
-    got, new, diff = parity(*trained("llama"), "q8_0", tmp_path)
+    got, new, cpp, hf = parity(*trained("llama"), "q8_0", tmp_path)
+    diff = np.abs(cpp - hf)
     assert got == new
     assert diff.max() < Q8_TOL and diff.mean() < Q8_MEAN_TOL, (diff.max(), diff.mean())
 

@@ -1,17 +1,26 @@
 """Export a model to GGUF for llama.cpp and Ollama, with an Ollama Modelfile beside it.
 
     slm export default --quant q8_0 --out smollm2.q8_0.gguf
-    slm export runs/demo/student --quant q4_0 --out student.gguf
+    slm export runs/demo/student --quant q4_k_m --out student.gguf
     llama-cli -m smollm2.q8_0.gguf -cnv            # or: ollama create smollm2 -f Modelfile
 
-Architectures: the llama family (Llama, Mistral, SmolLM; GGUF arch `llama`) and Qwen2 (GGUF arch
-`qwen2`, with its q/k/v biases). Quantisation: f32, f16 and q8_0 (~8.5 bits a weight) are
-written here (our q8_0 bytes equal llama-quantize's, tested); q4_0 (~4.5 bits) and the K-quants
-q4_k_m (~4.9), q5_k_m (~5.7) and q6_k (~6.6) are made by llama.cpp's own quantizer from an f32
-export, so its per-tensor rules (the output projection in Q6_K when its rows are a multiple of
-256 values, else Q8_0; some layers one type up in the _m mixes) are llama.cpp's, not a copy.
+Architectures (every one `slm prune` makes): the llama family (Llama, Mistral, SmolLM; GGUF arch
+`llama`), Qwen2 (`qwen2`, with its q/k/v biases), Qwen3 (`qwen3`, with its per-head q/k RMS
+norms), Phi-2 (`phi`; GGUF `phi2`: LayerNorm and linear layers with biases, partial rotary, the
+attention and the MLP in parallel off one norm, an lm_head bias) and Phi-3 (`phi3`: fused
+qkv_proj and gate_up_proj, which llama.cpp reads fused as they are). Tensor names come from the
+gguf package's map for the architecture. Only llama's q/k rows are permuted: llama.cpp runs the
+others' rope NeoX-style, which is HF's rotate-half layout.
+
+Quantisation: f32, f16 and q8_0 (~8.5 bits a weight) are written here (our q8_0 bytes equal
+llama-quantize's, tested); q4_0 (~4.5 bits) and the K-quants q4_k_m (~4.9), q5_k_m (~5.7) and
+q6_k (~6.6) are made by llama.cpp's own quantizer from an f32 export, so its per-tensor rules
+(the output projection in Q6_K when its rows are a multiple of 256 values, else Q8_0; some
+layers one type up in the _m mixes; a tensor whose rows are not whole 256-value blocks falls back
+to Q5_0/Q5_1/Q8_0) are llama.cpp's, not a copy; `slm export` reports the tensors that fell back.
 Norms and other 1-D tensors stay f32 in every mode. The tokenizer must be a byte-level BPE
-(GPT-2 style, as in SmolLM and Qwen2); it is written as llama.cpp's `gpt2` tokenizer model.
+(GPT-2 style, as in SmolLM, Qwen, Phi-2 and Phi-4-mini); it is written as llama.cpp's `gpt2`
+tokenizer model. Phi-3-mini's SentencePiece tokenizer is not supported yet.
 """
 
 from __future__ import annotations
@@ -29,26 +38,12 @@ from slmkit.errors import UsageError
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 BY_LLAMACPP = ("q4_0", "q4_k_m", "q5_k_m", "q6_k")  # quantised by llama.cpp from an f32 export
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 # HF model_type -> GGUF architecture. Mistral without sliding-window attention is a llama.
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-
-# HF tensor name (layer index removed) -> GGUF tensor name, as llama.cpp's loader looks them up.
-TENSOR_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+         "phi": "phi2", "phi3": "phi3"}
+# The MLP activation each llama.cpp graph computes (phi2: GELU, tanh approximation).
+ACTIVATIONS = {"phi2": ("gelu_new", "gelu_pytorch_tanh")}
 # The pre-tokenizer regexes of the tokenizers llama.cpp knows by name (tokenizer.ggml.pre).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -75,6 +70,9 @@ def run(args) -> int:
     path = export_gguf(args.model, out, quant=args.quant)
     size = path.stat().st_size
     print(f"wrote {path} ({size / 2**20:.1f} MiB, {args.quant}) and {path.parent / 'Modelfile'}")
+    fallbacks = kquant_fallbacks(path, args.quant)
+    if fallbacks:
+        print(f"  {fallbacks}")
     print(f"  llama.cpp: llama-cli -m {path} -cnv")
     print(f"  Ollama:    cd {path.parent} && ollama create {path.stem.split('.')[0]} -f Modelfile")
     return 0
@@ -112,6 +110,11 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
     cfg = models.read_config(folder)
     arch = gguf_arch(cfg, folder)
     tok = tokenizer_metadata(folder, cfg["vocab_size"])
+    window = cfg.get("sliding_window") if arch == "phi3" else None
+    if window and window < cfg["max_position_embeddings"]:
+        print(f"note: {folder}/config.json sets sliding_window {window}; llama.cpp's phi3 graph "
+              f"attends the whole context, so past {window} tokens it differs from transformers",
+              file=sys.stderr)
 
     shards = models.weight_files(folder)
     shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
@@ -209,11 +212,13 @@ def gguf_arch(cfg: dict, folder: Path) -> str:
     where = f"{folder}/config.json"
     if model_type not in ARCHS:
         raise UsageError(f"{where}: `slm export` does not support the {model_type} architecture "
-                         f"({(cfg.get('architectures') or ['?'])[0]}) yet; supported: llama, "
-                         "mistral, SmolLM (llama) and qwen2")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UsageError(f"{where}: hidden_act `{cfg['hidden_act']}` is not supported; "
-                         "llama.cpp's llama/qwen2 graphs use SiLU")
+                         f"({(cfg.get('architectures') or ['?'])[0]}); supported: "
+                         f"{', '.join(ARCHS)} (SmolLM is llama)")
+    arch = ARCHS[model_type]
+    act, acts = cfg.get("hidden_act", "silu"), ACTIVATIONS.get(arch, ("silu",))
+    if act not in acts:
+        raise UsageError(f"{where}: hidden_act `{act}` is not supported; llama.cpp's {arch} "
+                         f"graph computes {acts[0]}")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type != "default":
@@ -221,52 +226,68 @@ def gguf_arch(cfg: dict, folder: Path) -> str:
                          "supported by `slm export` yet; only plain RoPE is")
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
         raise UsageError(f"{where}: sliding-window attention is not supported by `slm export` "
-                         "(llama.cpp's qwen2 graph attends the whole context)")
-    heads = cfg["num_attention_heads"]
-    if (cfg.get("head_dim") or cfg["hidden_size"] // heads) % 2:
-        raise UsageError(f"{where}: head_dim must be even for rotary embeddings")
-    return ARCHS[model_type]
+                         f"(llama.cpp's {arch} graph attends the whole context)")
+    if model_type == "phi" and cfg.get("qk_layernorm"):
+        raise UsageError(f"{where}: Phi with qk_layernorm has no llama.cpp graph; "
+                         "`slm export` supports Phi-2 as it ships (qk_layernorm false)")
+    if model_type == "qwen3" and cfg.get("attention_bias"):
+        raise UsageError(f"{where}: Qwen3 with attention_bias has no llama.cpp graph "
+                         "(its qwen3 graph has no q/k/v biases)")
+    if rotary_dims(cfg) % 2:
+        raise UsageError(f"{where}: the rotary dimensions (head_dim x partial_rotary_factor) "
+                         "must be even")
+    return arch
+
+
+def head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def rotary_dims(cfg: dict) -> int:
+    """How many dimensions of each head rope rotates (Phi-2 rotates the first 40%, say)."""
+    rope = cfg.get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return int(head_dim(cfg) * factor)
 
 
 def plan_tensors(cfg: dict, arch: str, shapes: dict[str, tuple[int, ...]], quant: str) -> list[Planned]:
     """HF tensor names and shapes -> the tensors of the GGUF file, in llama.cpp's order
     (embedding, layers 0..n-1, final norm, output)."""
+    import gguf
+
     tied = bool(cfg.get("tie_word_embeddings", False))
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    arch_id = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(arch_id, cfg["num_hidden_layers"])
     plan = []
     for hf_name, shape in shapes.items():
         if tied and hf_name == "lm_head.weight":
             continue  # the same tensor as token_embd; llama.cpp reuses token_embd when output is absent
-        name = gguf_name(hf_name)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UsageError(f"tensor `{hf_name}` has no place in llama.cpp's {arch} architecture; "
+                             f"the checkpoint is not a plain {cfg.get('model_type')} model")
         permute = 0
         # llama.cpp's `llama` graph rotates adjacent pairs (2i, 2i+1); HF rotates (i, i + d/2).
-        # qwen2 runs NeoX-style rope in llama.cpp, which is HF's layout: no permutation there.
+        # The other graphs run NeoX-style rope in llama.cpp, HF's layout: no permutation there.
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
             permute = heads
         elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
             permute = kv_heads
         plan.append(Planned(hf_name, name, shape, tensor_type(shape, quant), permute))
-    if not tied and "lm_head.weight" not in shapes:
+    if tied and arch == "phi2":  # llama.cpp's phi2 graph requires its own output tensor
+        embed = "model.embed_tokens.weight"
+        plan.append(Planned(embed, "output.weight", shapes[embed], tensor_type(shapes[embed], quant)))
+    elif not tied and "lm_head.weight" not in shapes:
         raise UsageError("the checkpoint has untied embeddings but no lm_head.weight; it is incomplete")
 
     def order(t: Planned):
         m = re.match(r"blk\.(\d+)\.", t.name)
-        rank = {"token_embd.weight": -1, "output_norm.weight": 1 << 30, "output.weight": 1 << 31}
-        return (int(m.group(1)) if m else rank[t.name], t.name)
+        rank = {"token_embd": -1, "output_norm": 1 << 30, "output": 1 << 31}
+        return (int(m.group(1)) if m else rank[t.name.rsplit(".", 1)[0]], t.name)
 
     plan.sort(key=order)
     return plan
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name in TENSOR_NAMES:
-        return TENSOR_NAMES[hf_name]
-    m = LAYER_RE.match(hf_name)
-    if m and m.group(2) in TENSOR_NAMES:
-        layer, part, kind = m.groups()
-        return f"blk.{layer}.{TENSOR_NAMES[part]}.{kind}"
-    raise UsageError(f"tensor `{hf_name}` has no GGUF equivalent known to `slm export`; the "
-                     "checkpoint is not a plain llama/mistral/qwen2 model")
 
 
 def tensor_type(shape: tuple[int, ...], quant: str):
@@ -327,28 +348,65 @@ def write_metadata(writer, cfg: dict, arch: str, quant: str, name: str) -> None:
     import gguf
 
     heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    dim = head_dim(cfg)
     rope = cfg.get("rope_parameters") or {}
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
-    # transformers' GGUF loader reads general.name == "mistral" (exactly) as a Mistral-arch file
-    # and then fails to map its tensors; any other spelling is just a name.
-    writer.add_name("Mistral" if name == "mistral" else name)
+    writer.add_name(general_name(name))
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])  # phi3: half of gate_up's rows
     writer.add_head_count(heads)
     writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
     writer.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * heads != cfg["hidden_size"]:  # e.g. an explicit head_dim after width pruning
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_dimension_count(rotary_dims(cfg))
+    if dim * heads != cfg["hidden_size"]:  # e.g. an explicit head_dim after width pruning, Qwen3
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
+    if arch == "phi2":  # LayerNorm
+        writer.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-5)))
+    else:
+        writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if arch == "phi3":
+        # as llama.cpp's converter writes them; llama.cpp currently attends the whole context
+        # even when sliding_window is set (Phi-3-mini: 2047), see export_gguf's note
+        writer.add_sliding_window(cfg.get("sliding_window") or 0)
+        if cfg.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def general_name(name: str) -> str:
+    """general.name, spelled so that readers do not take it for something else."""
+    # transformers' GGUF loader reads general.name == "mistral" (exactly) as a Mistral-arch file
+    # and then fails to map its tensors; any other spelling is just a name.
+    if name == "mistral":
+        return "Mistral"
+    # llama.cpp applies Phi-3's SentencePiece quirks (strip the whitespace after special tokens;
+    # look up </s>, <s>, <unk>) to any vocabulary whose general.name contains "phi3" or "phi-3":
+    # our byte-level BPE files would tokenise differently, or fail to load without those tokens.
+    return re.sub(r"(?i)(phi)-?(3)", r"\1 \2", name)
+
+
+def kquant_fallbacks(path, quant: str) -> str | None:
+    """One line on the tensors llama.cpp's quantizer kept out of K-quants because their rows are
+    not whole 256-value super-blocks (it picks Q5_0, Q5_1 or Q8_0 for them instead), or None."""
+    from gguf import QK_K, GGUFReader
+
+    if quant not in K_QUANTS:
+        return None
+    # GGUFReader shapes are ggml's (row length first); 1-D tensors are f32 by design
+    kept = [t for t in GGUFReader(str(path)).tensors
+            if len(t.shape) >= 2 and not t.tensor_type.name.endswith("_K") and t.shape[0] % QK_K]
+    if not kept:
+        return None
+    types = "/".join(sorted({t.tensor_type.name for t in kept}))
+    rows = ", ".join(str(r) for r in sorted({int(t.shape[0]) for t in kept}))
+    return (f"{len(kept)} tensors kept in {types}: rows of {rows} values are not whole "
+            f"{QK_K}-value K-quant blocks")
 
 
 # --------------------------------------------------------------------------- tokenizer
