@@ -370,3 +370,42 @@ def test_llamacpp_quants_need_llama_cpp(tiny_llama, tmp_path, monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
     code, _, err = cli("export", tiny_llama, "--quant", "q4_k_m", "--out", tmp_path / "m.gguf")
     assert code == 2 and "llama-cpp-python" in err and not list(tmp_path.iterdir())
+
+
+def test_k_quant_fallbacks_are_summarised(cli, tiny_models, wide_llama, tmp_path):
+    # 32- and 64-value rows are not whole 256-value super-blocks: llama.cpp keeps every matrix of
+    # the tiny mistral (4 layers x 7, embedding, output) in a legacy type, and we say so
+    pytest.importorskip("llama_cpp")
+    code, out, _ = cli("export", tiny_models["mistral"], "--quant", "q4_k_m", "--out", tmp_path / "a" / "m.gguf")
+    assert code == 0
+    line = [s for s in out.splitlines() if "kept in" in s]
+    assert line and "30 tensors kept in" in line[0] and "rows of 32, 64 values" in line[0], out
+    code, out, _ = cli("export", wide_llama, "--quant", "q5_k_m", "--out", tmp_path / "b" / "m.gguf")
+    assert code == 0 and "kept in" not in out
+
+
+def test_default_q4_k_m_generates_in_llamacpp(cli, tmp_path):
+    """The embedded SmolLM2-135M in Q4_K_M: llama.cpp's file type 15, K-quant tensors where the
+    rows allow (its 576-wide ones fall back, and the summary says so), and it generates."""
+    from gguf import GGMLQuantizationType as Q, GGUFReader
+
+    pytest.importorskip("llama_cpp")
+    path = tmp_path / "smollm2.q4_k_m.gguf"
+    code, out, err = cli("export", "default", "--quant", "q4_k_m", "--out", path)
+    assert code == 0, err
+    assert "rows of 576 values are not whole 256-value K-quant blocks" in out
+    r = GGUFReader(str(path))
+    assert r.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.ffn_down.weight"] in (Q.Q4_K, Q.Q6_K)  # 1536-wide rows: whole blocks
+    assert sum(t == Q.Q4_K for t in types.values()) >= 10
+    llm = llama(path)
+    try:
+        reply = llm.create_chat_completion([{"role": "user", "content": "Name a colour."}],
+                                           max_tokens=12, temperature=0.0)
+    finally:
+        llm.close()
+    # a 135M model at 4-5 bits is not an oracle (it answers France's capital wrongly); the
+    # checks are that the chat template, tokenizer and weights load and produce words
+    text = reply["choices"][0]["message"]["content"]
+    assert reply["usage"]["completion_tokens"] >= 2 and any(c.isalpha() for c in text), reply

@@ -189,7 +189,9 @@ def llamacpp_quantize(src, dst, quant: str) -> None:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log by it
     level = log.level
-    log.setLevel(logging.ERROR)
+    # Silence it all: its level table predates ggml's current one (a WARN arrives as ERROR, an
+    # ERROR as DEBUG), and the fallback warning is said in our own summary (kquant_fallbacks).
+    log.setLevel(logging.CRITICAL + 1)
     try:
         code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
                                               ctypes.byref(params))
