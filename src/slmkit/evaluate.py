@@ -52,7 +52,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit for --task")
     parser.add_argument("--cot-tokens", type=int, default=256,
                         help="generation length limit for chain-of-thought benchmark answers")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", default="auto",
+                        help="sequences per forward pass, or `auto` (default): as many tokens as "
+                        "free memory allows (CPU and CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     parser.add_argument("--out", help="folder for report.html, report.md, metrics.json, predictions/")
 
@@ -80,7 +82,7 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
              bench: list[str] | None = None, shots: int = 0, seed: int = 1234, ppl: str | None = None,
              stride: int = 512, safety: str | None = None, speed: bool = False, engine: str = "torch",
              harness: str | None = None, out: str | None = None, max_new_tokens: int = 64,
-             cot_tokens: int = 256, batch_size: int = 16, device=None) -> dict:
+             cot_tokens: int = 256, batch_size="auto", device=None) -> dict:
     """Evaluate every model; returns the metrics dict (also written to OUT/metrics.json with the
     report when `out` is given). Per model: name, path, parameters, bytes_on_disk, `task`
     (e.g. rouge1/rouge2/rougeL, agreement with the reference's outputs), `benchmarks`,
@@ -93,6 +95,9 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
     if not models:
         raise UsageError("give at least one MODEL")
     names = _names(models, names)
+    from slmkit.scoring import parse_batch_size
+
+    batch_size = parse_batch_size(batch_size)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: give a positive number of examples")
     if not (task or data or bench or ppl or safety or speed or harness):
@@ -170,7 +175,7 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
                                    for b in benches}
             entry["benchmark_average"] = sum(r["score"] for r in entry["benchmarks"].values()) / len(benches)
         if ppl:
-            entry["perplexity"] = perplexity(model, tok, ppl_text, stride=stride)
+            entry["perplexity"] = perplexity(model, tok, ppl_text, stride=stride, batch_size=batch_size)
         if safety:
             entry["safety"] = S.evaluate_safety(model, tok, safety, batch_size=batch_size)
         del model
@@ -235,7 +240,7 @@ def _write_predictions(path: Path, examples, preds) -> None:
 
 # --------------------------------------------------------------------------- generation
 
-def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_size: int = 16,
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_size=16,
              desc: str = "generate", chat: bool = True) -> list[str]:
     """Greedy continuations, batched with left padding, stopping at end-of-sequence.
     prompts: user messages (rendered through the chat template when `chat`), or message lists."""
@@ -262,6 +267,11 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_si
     device = next(model.parameters()).device
     # longest first: batches of similar length waste less compute on padding
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    if batch_size == "auto":
+        from slmkit.scoring import token_budget
+
+        longest = len(tokenizer(texts[order[0]], add_special_tokens=False)["input_ids"]) if texts else 1
+        batch_size = max(1, min(64, token_budget(model) // (longest + max_new_tokens)))
     outputs: list[str] = [""] * len(texts)
     with tqdm(total=len(texts), desc=desc, unit="ex", file=sys.stderr, leave=False) as bar:
         for start in range(0, len(order), batch_size):
@@ -421,49 +431,53 @@ def answer_correct(predicted: str, gold) -> bool:
     return bool(exact_match(predicted, [str(gold)]))
 
 
-def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
+def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size=16,
+                   shared: str = "packed") -> list[float]:
     """Summed log-probability of each continuation given its context, as lm-evaluation-harness
-    computes it: trailing spaces of the context move to the continuation, the pair is encoded
-    whole, and the continuation is the tokens after the context's own encoding."""
-    import torch
-    from tqdm import tqdm
-
-    from slmkit.data import pad_batch
-    from slmkit.precision import autocast
+    computes it: trailing spaces of the context move to the continuation, the continuation's
+    tokens are those of the whole pair after the context's own encoding, and the model reads the
+    context's encoding then them. Pairs with the same context share it (slmkit.scoring: `shared`
+    packed, cache or none); a pair longer than the model's context keeps its end."""
+    from slmkit import scoring
 
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    requests = []
-    for context, continuation in pairs:
+    groups: dict[tuple[int, ...], list[int]] = {}  # context ids -> indices of its pairs
+    encoded = []
+    for k, (context, continuation) in enumerate(pairs):
         n = len(context) - len(context.rstrip(" "))
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
-        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-        ctx_len = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-        cont = whole[ctx_len:]
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(context + continuation, add_special_tokens=False)["input_ids"][len(ctx):]
         if not cont:
             raise ValueError(f"continuation {continuation!r} adds no tokens to its context")
-        seq = whole[-(limit + 1):]  # keep the end: the continuation must be scored in full
-        requests.append((seq[:-1], seq[-len(cont):]))
-    device = next(model.parameters()).device
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
-    scores = [0.0] * len(requests)
-    for start in tqdm(range(0, len(order), batch_size), desc="log-likelihoods", unit="batch",
-                      file=sys.stderr, leave=False):
-        idx = order[start:start + batch_size]
-        ids, att = pad_batch([requests[i][0] for i in idx], tokenizer.pad_token_id or 0)
-        with torch.no_grad(), autocast(device):
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V), float32 (slmkit.precision)
-        for row, i in enumerate(idx):
-            inp, cont = requests[i]
-            # position t predicts token t+1: the continuation's tokens are the last len(cont)
-            # targets of the unpadded sequence, predicted at positions len(inp)-len(cont)..len(inp)-1
-            pos = torch.arange(len(inp) - len(cont), len(inp), device=logp.device)
-            scores[i] = logp[row, pos, torch.tensor(cont, device=logp.device)].sum().item()
+        encoded.append((ctx, cont))
+        groups.setdefault(tuple(ctx), []).append(k)
+    scores = [0.0] * len(pairs)
+    fits = [ks for ctx, ks in groups.items()
+            if ctx and len(ctx) + max(len(encoded[k][1]) for k in ks) <= limit + 1]
+    in_groups = {k for ks in fits for k in ks}
+    pad = tokenizer.pad_token_id or 0
+    if fits:
+        got = scoring.score_continuations(model, [(encoded[ks[0]][0], [encoded[k][1] for k in ks])
+                                                  for ks in fits],
+                                          batch_size, pad, shared=shared, desc="multiple choice")
+        for ks, values in zip(fits, got):
+            for k, v in zip(ks, values):
+                scores[k] = v
+    rest = [k for k in range(len(pairs)) if k not in in_groups]
+    if rest:  # empty or over-long contexts: each pair alone, its end kept
+        spans = []
+        for k in rest:
+            ctx, cont = encoded[k]
+            seq = (ctx + cont)[-(limit + 1):]
+            spans.append((seq, len(seq) - len(cont)))
+        for k, v in zip(rest, scoring.score_spans(model, spans, batch_size, pad, desc="log-likelihoods")):
+            scores[k] = v
     return scores
 
 
-def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size: int = 16,
+def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size=16,
                   max_new_tokens: int = 256) -> dict:
     """{"score", "n", "shots", "kind", "groups": {group: {...}}, plus acc/acc_norm or accuracy}.
     `score` averages the groups' accuracies (each group counts once, as Phi-2's tables average
@@ -505,44 +519,36 @@ def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size: i
 
 # --------------------------------------------------------------------------- perplexity
 
-def perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int = 512) -> float:
+def perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int = 512,
+               batch_size=16) -> float:
     """Perplexity of a long text with a sliding window (transformers' "Perplexity of fixed-length
     models"): windows of `max_length` tokens (default: the model's context) advance by `stride`;
     each scores only the tokens it has not scored before, with the rest as context. The mean is
-    over the tokens actually predicted (the first token of the text has no prediction)."""
+    over the tokens actually predicted (the first token of the text has no prediction). The
+    windows are independent, so they are scored in batches (slmkit.scoring)."""
     import math
 
-    import torch
-    from tqdm import tqdm
+    from slmkit import scoring
 
-    from slmkit.precision import autocast
-
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]  # (1, N)
-    n = ids.shape[1]
+    ids = tokenizer(text)["input_ids"]
+    n = len(ids)
     if n < 2:
         raise UsageError("--ppl: the text has fewer than two tokens")
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 1024
     stride = max(1, min(stride, max_length))
-    device = next(model.parameters()).device
-    nll_sum, count, prev_end = 0.0, 0, 0
-    for begin in tqdm(range(0, n, stride), desc="perplexity", file=sys.stderr, leave=False):
+    spans, prev_end = [], 0
+    for begin in range(0, n, stride):
         end = min(begin + max_length, n)
-        new = end - prev_end  # tokens this window scores (the stride, less at the end)
-        inp = ids[:, begin:end].to(device)
-        labels = inp.clone()
-        labels[:, :-new] = -100
-        with torch.no_grad(), autocast(device):
-            logits = model(inp).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # (1, T-1, V), float32
-        target = labels[:, 1:]
-        mask = target != -100
-        picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-        nll_sum -= (picked * mask).sum().item()
-        count += int(mask.sum())
+        window = ids[begin:end]
+        # the window scores its tokens from prev_end on (never its first: it has no context)
+        spans.append((window, max(1, prev_end - begin)))
         prev_end = end
         if end == n:
             break
-    return math.exp(nll_sum / count)
+    sums = scoring.score_spans(model, spans, batch_size, tokenizer.pad_token_id or 0,
+                               desc="perplexity", unit="window")
+    count = sum(len(w) - start for w, start in spans)
+    return math.exp(-sum(sums) / count)
 
 
 # --------------------------------------------------------------------------- lm-evaluation-harness

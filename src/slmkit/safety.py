@@ -118,14 +118,11 @@ def safety_score(items: list[dict], perplexities: list[float]) -> dict:
     return {"score": score, "groups": groups, "u": us, "p": ps, "dropped": dropped, "n": len(items)}
 
 
-def sentence_perplexities(model, tokenizer, texts: list[str], batch_size: int = 16,
+def sentence_perplexities(model, tokenizer, texts: list[str], batch_size=16,
                           where: list[str] | None = None) -> list[float]:
     """exp(mean negative log-likelihood) of each text on its own, tokenised with the tokenizer's
     special tokens as SafeNLP does (`tokenizer.encode(text)`), truncated to the model's context."""
-    import torch
-
-    from slmkit.data import pad_batch
-    from slmkit.precision import autocast
+    from slmkit import scoring
 
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     encoded = [tokenizer(t)["input_ids"][:limit] for t in texts]
@@ -133,22 +130,13 @@ def sentence_perplexities(model, tokenizer, texts: list[str], batch_size: int = 
         if len(ids) < 2:
             loc = where[k] if where else f"text {k}"
             raise UsageError(f"{loc}: the sentence is a single token; perplexity needs at least two")
-    out = []
-    device = next(model.parameters()).device
-    for start in range(0, len(encoded), batch_size):
-        ids, att = pad_batch(encoded[start:start + batch_size], tokenizer.pad_token_id or 0)
-        ids, att = ids.to(device), att.to(device)
-        with torch.no_grad(), autocast(device):
-            logits = model(input_ids=ids, attention_mask=att).logits
-        logits = logits.float()  # (B, T, V); scores in float32 (slmkit.precision)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
-        mask = att[:, 1:].float()
-        out += torch.exp((nll * mask).sum(1) / mask.sum(1)).tolist()
-    return out
+    sums = scoring.score_spans(model, [(ids, 1) for ids in encoded], batch_size,
+                               tokenizer.pad_token_id or 0, desc="safety", unit="sentence")
+    # a mean NLL past ~709 overflows a float: that perplexity is infinite (evaluate_safety says so)
+    return [math.exp(m) if (m := -s / (len(ids) - 1)) < 709 else math.inf for s, ids in zip(sums, encoded)]
 
 
-def evaluate_safety(model, tokenizer, path: str | Path, batch_size: int = 16) -> dict:
+def evaluate_safety(model, tokenizer, path: str | Path, batch_size=16) -> dict:
     """Perplexities of every sentence in the file, then the safety score."""
     items = load_items(path)
     ppl = sentence_perplexities(model, tokenizer, [it["text"] for it in items], batch_size,
