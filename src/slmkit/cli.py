@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from slmkit.errors import UsageError, chat_template_error
@@ -40,6 +41,26 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+# counts that only make sense from 1 up, under the same name in every verb that has them; checked
+# here, before any model is loaded, so no verb reaches range(0, n, 0) or an empty generation
+POSITIVE = ("batch_size", "max_new_tokens", "max_tokens")
+
+
+def check_counts(args) -> None:
+    for name in POSITIVE:
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: give at least 1")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture it)
+        pass
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
@@ -67,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
+        check_counts(args)
         code = args._run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
         return int(code or 0)
+    except BrokenPipeError:
+        # the reader of stdout stopped early (`slm info X | head`): not an error worth a word;
+        # 141 (128 + SIGPIPE) is what a tool killed by the closed pipe would report
+        _silence_stdout()
+        return 141
     except UsageError as e:
         print(f"slm {command}: error: {e}", file=sys.stderr)
         return UsageError.exit_code

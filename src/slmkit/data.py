@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.errors import UsageError
+from slmkit.errors import UsageError, read_text
 from slmkit.tasks import Task
 
 
@@ -32,25 +32,24 @@ class Example:
     """file:line, for error messages."""
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line raises naming file:line."""
+def read_jsonl(path: str | Path, what: str = "data file") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises naming file:line.
+    what: how errors name the file (e.g. "--ppl")."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"data file `{path}` does not exist")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(obj, dict):
-                raise UsageError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((n, obj))
+    # split on "\n" only: str.splitlines() would also cut at U+2028 inside a JSON string
+    for n, line in enumerate(read_text(path, what).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((n, obj))
     if not rows:
-        raise UsageError(f"data file `{path}` is empty; it needs at least one JSON line")
+        raise UsageError(f"{what} `{path}` is empty; it needs at least one JSON line")
     return rows
 
 
@@ -181,22 +180,21 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right"):
     return ids, att
 
 
-def calibration_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Texts for importance estimation: a .txt file (blank-line separated paragraphs, else lines)
-    or JSONL (the string fields of each line joined, e.g. a dialogue and its summary)."""
+def calibration_texts(path: str | Path, limit: int | None = None, what: str = "text file") -> list[str]:
+    """Texts for importance estimation or perplexity: a .txt file (blank-line separated
+    paragraphs, else lines) or JSONL (the string fields of each line joined, e.g. a dialogue and
+    its summary). what: how errors name the file (prune: "calibration file")."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"calibration file `{path}` does not exist")
     if path.suffix == ".jsonl":
         texts = []
-        for n, row in read_jsonl(path):
+        for n, row in read_jsonl(path, what):
             parts = [v for k, v in row.items() if isinstance(v, str) and k not in ("id", "split", "fname")]
             if parts:
                 texts.append("\n".join(parts))
     else:
-        raw = path.read_text(encoding="utf-8")
+        raw = read_text(path, what)
         texts = [t.strip() for t in (raw.split("\n\n") if "\n\n" in raw else raw.splitlines())]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise UsageError(f"calibration file `{path}` has no text; give a .txt or a JSONL with text fields")
+        raise UsageError(f"{what} `{path}` has no text; give a .txt or a JSONL with text fields")
     return texts[:limit] if limit else texts

@@ -25,3 +25,28 @@ def where(path, line=None, key=None) -> str:
     if key is not None:
         loc += f" (key `{key}`)"
     return loc
+
+
+def check_file(path, what: str = "file"):
+    """The path as a Path when it names an existing file; else a UsageError saying whether it
+    is missing or a folder. what: how the message names it, e.g. "data file", "--ppl"."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} `{path}` is a folder; give a file")
+    if not path.is_file():
+        raise UsageError(f"{what} `{path}` does not exist")
+    return path
+
+
+def read_text(path, what: str = "file") -> str:
+    """A file's text, which must be UTF-8: other bytes are a UsageError naming the file, the
+    line and the byte offset (a traceback from deep inside a reader tells the user nothing)."""
+    raw = check_file(path, what).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start}); save the file as UTF-8") from None

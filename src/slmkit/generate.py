@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmkit.errors import UsageError
+from slmkit.errors import UsageError, check_file, read_text
 from slmkit.tasks import Task, get_task, preset_data
 
 NGRAM = 8
@@ -304,11 +304,17 @@ class JsonlLog:
             return
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
+        try:  # before the cut below: a file we refuse is left as it is
+            text = data[:end].decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise UsageError(f"{path}:{line}: not UTF-8 text (offset {e.start}), so the run cannot "
+                             "resume from this file; choose another --out") from None
         if end < len(data):
             print(f"slm generate: {path}: dropping a half-written last line (an interrupted run); "
                   "its input is generated again", file=sys.stderr)
             os.truncate(path, end)
-        for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     self.rows.append(json.loads(line))
@@ -370,13 +376,11 @@ def file_inputs(path: str | Path, task: Task, limit: int | None = None) -> list[
 
 
 def read_topics(path: str | Path, task: Task) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--topics `{path}` does not exist; give a text file with one topic a line")
+    path = check_file(path, "--topics")
     if task.name not in INPUT_WRITERS or get_task(task.name) != task:
         raise UsageError(f"--topics: the teacher can write inputs for the presets "
                          f"{', '.join(INPUT_WRITERS)} only; give --inputs for task `{task.name}`")
-    topics = [t.strip() for t in path.read_text(encoding="utf-8").splitlines()]
+    topics = [t.strip() for t in read_text(path, "--topics").splitlines()]
     topics = [t for t in topics if t and not t.startswith("#")]
     if not topics:
         raise UsageError(f"--topics `{path}` has no topics (one a line; # starts a comment)")

@@ -19,7 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from slmkit.errors import UsageError
+from slmkit.errors import UsageError, read_text
 
 DEFAULT = "default"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,15 +67,23 @@ def resolve(spec: str | os.PathLike, trust_remote_code: bool = False) -> Path:
     return path
 
 
+def read_json(path: Path, fix: str = "restore it from the original checkpoint") -> dict:
+    """A JSON object from a model folder's file; bad bytes, bad JSON or another kind of value
+    (a list, a number) are a UsageError naming the file. fix: what the user should do."""
+    try:
+        obj = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(obj).__name__}; {fix}")
+    return obj
+
+
 def read_config(folder: Path) -> dict:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise UsageError(f"`{folder}` is not a model folder (no config.json); give {WEIGHTS_HELP}")
-    try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{cfg_path}:{e.lineno}: config.json is not valid JSON ({e.msg}); "
-                         "restore it from the original checkpoint") from None
+    return read_json(cfg_path)
 
 
 def check_folder(folder: Path, trust_remote_code: bool = False) -> dict:
@@ -91,6 +99,9 @@ def check_folder(folder: Path, trust_remote_code: bool = False) -> dict:
         raise UsageError(f"{folder}/config.json: unsupported architecture (model_type "
                          f"`{model_type}`); slmkit supports the architectures transformers ships, "
                          "e.g. llama, mistral, qwen2, qwen3, phi, phi3")
+    # transformers would fail on it after the weights are loaded, with a traceback
+    if (folder / "tokenizer_config.json").is_file():
+        read_json(folder / "tokenizer_config.json")
     shards = weight_files(folder)
     for shard in shards:
         safetensors_header(shard)
@@ -125,6 +136,18 @@ def safetensors_header(path: Path) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UsageError(f"`{path}` is not a valid safetensors file (unreadable header); "
                              "copy or download it again") from None
+    bad = "not a valid safetensors file (malformed header); copy or download it again"
+    if not isinstance(header, dict):
+        raise UsageError(f"`{path}` is {bad}")
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)
+                or not isinstance(meta.get("shape"), list) or not isinstance(meta.get("dtype"), str)):
+            raise UsageError(f"`{path}`: tensor `{name}` has no valid dtype/shape/data_offsets; "
+                             f"the file is {bad}")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise UsageError(f"`{path}` is truncated ({size} bytes, needs {8 + n + end}); "
@@ -343,7 +366,7 @@ def has_chat_template(folder: Path) -> bool:
     if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
         return True
     tc = folder / "tokenizer_config.json"
-    return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
+    return tc.is_file() and bool(read_json(tc).get("chat_template"))
 
 
 def count_parameters(model) -> int:

@@ -75,7 +75,8 @@ class Manifest:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        self.data = (models.read_json(path, fix="delete it to run every stage again")
+                     if path.is_file() else {"stages": {}})
 
     def stage(self, name: str) -> dict:
         return self.data["stages"].get(name, {})

@@ -194,6 +194,9 @@ def parse_target(text, total: int) -> int:
     except ValueError:
         raise UsageError(f"--target {text}: give a fraction of the parameters (0.5) or a count "
                          "(60M, 1.2B, 800K, 60000000)") from None
+    if not math.isfinite(value):
+        raise UsageError(f"--target {text}: give a finite number: a fraction of the parameters "
+                         "(0.5) or a count (60M)")
     fraction = scale is None and ("." in s or value < 1)  # 0.5 and 1.0 are fractions, 60000000 a count
     n = round(value * total) if fraction else round(value * (scale or 1))
     if n <= 0:
@@ -268,8 +271,9 @@ def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
         cap = max(1, int(src.layers * DEPTH_CAP))
         shape = by_depth(cap) or by_width(src.layers - cap)
     if shape is None:
+        others = " or ".join(f"--method {m}" for m in METHODS if m != method)
         raise UsageError(f"--target: {target:,} parameters cannot be reached with --method "
-                         f"{method}; use --method both or a larger target")
+                         f"{method}; use a larger target, or try {others}")
     return shape
 
 
@@ -280,7 +284,7 @@ def calibration_texts(calib=None, task: str | None = None) -> list[str]:
     from slmkit import data, tasks
 
     if calib is not None:
-        return data.calibration_texts(calib)
+        return data.calibration_texts(calib, what="--calib")
     if task is not None:
         examples = data.load_examples(tasks.preset_data(task), task=tasks.get_task(task))
         texts = ["\n".join(t for t in (ex.prompt, ex.answer, ex.text) if t) for ex in examples]

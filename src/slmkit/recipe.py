@@ -24,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.errors import UsageError
+from slmkit.errors import UsageError, read_text
 
 STAGES = ("generate", "tune_teacher", "prune", "distill", "eval", "export")
 # a run name is one path component: it names runs/NAME/ and the exported files
@@ -84,10 +86,8 @@ def _to_python(node, path: Path):
 def read_yaml(path: Path) -> Node:
     import yaml
 
-    if not path.is_file():
-        raise UsageError(f"recipe `{path}` does not exist")
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        root = yaml.compose(read_text(path, "recipe"), Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -118,27 +118,99 @@ def _type_name(default) -> str:
             list: "a list", tuple: "a list"}.get(type(default), type(default).__name__)
 
 
+def _members(hint) -> tuple:
+    """`int | None` -> (int, NoneType); `list[str]` -> (list,); a plain class -> (it,)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(m for a in typing.get_args(hint) for m in _members(a))
+    return (typing.get_origin(hint) or hint,)
+
+
+def _hint_ok(value, hint) -> bool:
+    """Whether a YAML value fits an option's annotation: it also checks options whose default
+    (None) says nothing about their type. Classes YAML cannot give (a Task) are left to the
+    stage."""
+    for kind in _members(hint):
+        if kind is type(None):
+            if value is None:
+                return True
+        elif kind in (bool, int, float, str, list, tuple):
+            if _type_ok(value, kind()):
+                return True
+        elif kind is dict:
+            if isinstance(value, dict):
+                return True
+        else:
+            return True
+    return False
+
+
+def _hint_name(hint) -> str:
+    names = [{dict: "a mapping"}.get(k) or _type_name(k()) for k in _members(hint)
+             if k is not type(None) and k in (bool, int, float, str, list, tuple, dict)]
+    return " or ".join(dict.fromkeys(names)) or "another value"
+
+
+def _hints(obj) -> dict:
+    try:
+        return typing.get_type_hints(obj)
+    except (NameError, TypeError):  # an annotation naming what the module does not import
+        return {}
+
+
+def _choices(stage: str, key: str):
+    """The allowed values of options that take one of a few names, or None."""
+    if stage == "export" and key == "quant":
+        from slmkit.export import QUANTS
+
+        return QUANTS
+    if stage == "prune" and key == "method":
+        from slmkit.prune import METHODS
+
+        return METHODS
+    if stage in ("tune_teacher", "distill") and key == "loss":
+        from slmkit.losses import KINDS
+
+        return KINDS
+    if key == "dtype":
+        from slmkit.models import DTYPES
+
+        return DTYPES
+    if stage == "generate" and key == "on_missing_logprobs":
+        from slmkit.generate import MISSING_LOGPROBS
+
+        return MISSING_LOGPROBS
+    return None
+
+
 def stage_options(stage: str) -> dict[str, object]:
     """The options a recipe may set for a stage: name -> default, from the stage's own API."""
+    return {k: v for k, (v, _) in _stage_api(stage).items()}
+
+
+def _stage_api(stage: str) -> dict[str, tuple[object, object]]:
+    """name -> (default, type annotation or None) of the options a recipe may set."""
     if stage in ("tune_teacher", "distill"):
         from slmkit.distill import DistillConfig
 
+        api = DistillConfig
         opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                 for f in dataclasses.fields(DistillConfig)}
         wired = {"student", "teacher", "data", "task", "out", "resume", "device", "teacher_cache"}
     elif stage == "generate":
         from slmkit.generate import GenerateConfig
 
+        api = GenerateConfig
         opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                 for f in dataclasses.fields(GenerateConfig)}
         wired = {"teacher", "task", "inputs", "out", "decontaminate"}
     else:
-        fn = _stage_function(stage)
+        fn = api = _stage_function(stage)
         # options are the parameters with a default (the positional ones are the model paths)
         opts = {n: p.default for n, p in inspect.signature(fn).parameters.items()
                 if p.default is not p.empty or p.kind == p.KEYWORD_ONLY}
         wired = {"out", "task", "data", "names", "device", "calib", "teacher", "model", "split"}
-    return {k: v for k, v in opts.items() if k not in wired}
+    hints = _hints(api)
+    return {k: (v, hints.get(k)) for k, v in opts.items() if k not in wired}
 
 
 def _stage_function(stage: str):
@@ -171,7 +243,7 @@ def _check_stage(stage: str, node, path: Path, line, trust_remote_code: bool = F
     if not isinstance(node, Node):
         raise UsageError(f"{path}:{line}: stages.{stage}: expected a mapping of options, "
                          f"got {type(node).__name__}")
-    allowed = stage_options(stage)
+    allowed = _stage_api(stage)
     for key, value in node.items():
         where = f"{path}:{node.line(key)}: stages.{stage}.{key}"
         if key == "enabled":
@@ -186,8 +258,15 @@ def _check_stage(stage: str, node, path: Path, line, trust_remote_code: bool = F
             continue
         if key not in allowed:
             raise UsageError(f"{where}: unknown option; allowed: {', '.join(sorted(allowed))}")
-        if not _type_ok(value, allowed[key]):
-            raise UsageError(f"{where}: expected {_type_name(allowed[key])}, got {value!r}")
+        default, hint = allowed[key]
+        # the annotation when there is one (`int | str = "auto"`), else the default's type
+        if hint is not None and not _hint_ok(value, hint):
+            raise UsageError(f"{where}: expected {_hint_name(hint)}, got {value!r}")
+        if hint is None and not _type_ok(value, default):
+            raise UsageError(f"{where}: expected {_type_name(default)}, got {value!r}")
+        choices = _choices(stage, key)
+        if choices and value not in choices:
+            raise UsageError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     # the command-line flag, not the recipe, wires trust_remote_code (see pipeline._train)
     return {k: v for k, v in node.items() if k != "trust_remote_code"}
 
@@ -203,9 +282,13 @@ def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
         if key not in TOP_KEYS:
             raise UsageError(f"{path}:{doc.line(key)}: unknown key `{key}`; allowed: "
                              f"{', '.join(sorted(TOP_KEYS))}")
-    for key in ("teacher", "task", "stages"):
+    needs = {"teacher": "a MODEL (a model folder, a .gguf file, `default` or openai:NAME@URL)",
+             "task": "a preset name or a mapping", "stages": "a mapping of stages to options"}
+    for key, what in needs.items():
         if key not in doc:
             raise UsageError(f"{path}: missing key `{key}`")
+        if doc[key] in (None, ""):  # `teacher:` with nothing after it
+            raise UsageError(f"{path}:{doc.line(key)}: {key}: empty; give {what}")
 
     def text(key, default=None):
         value = doc.get(key, default)
@@ -258,6 +341,9 @@ def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
             return value
         p = Path(value).expanduser()
         p = p if p.is_absolute() else base / p
+        if p.is_dir():
+            raise UsageError(f"{path}:{doc.line(key)}: {key}: `{value}` is a folder; give a "
+                             "JSONL file")
         if not p.is_file():
             raise UsageError(f"{path}:{doc.line(key)}: {key}: file `{value}` does not exist "
                              f"(relative paths are read from the recipe's folder)")
