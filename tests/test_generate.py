@@ -251,6 +251,15 @@ def test_bad_input_exits_2_before_generation(cli, tmp_path, tiny_llama):
     assert not out.exists()
 
 
+def test_generate_out_folder_is_refused_before_the_teacher_loads(cli, tmp_path, tiny_llama,
+                                                                 monkeypatch):
+    monkeypatch.setattr("slmkit.generate.teacher_backend", lambda cfg: pytest.fail("teacher loaded"))
+    (tmp_path / "in.jsonl").write_text('{"dialogue": "A: hi\\nB: hello"}\n')
+    (tmp_path / "data").mkdir()
+    code, _, err = cli("generate", "--teacher", tiny_llama, "--task", "summarize",
+                       "--inputs", tmp_path / "in.jsonl", "--out", tmp_path / "data")
+    assert code == 2 and "data` is a folder" in err and "train.jsonl" in err and "Traceback" not in err
+
 def test_unreachable_endpoint_keeps_what_was_written(cli, inputs, tmp_path):
     import socket
 

@@ -547,6 +547,9 @@ def generate(cfg: GenerateConfig) -> dict:
 
     task = cfg.task if isinstance(cfg.task, Task) else get_task(cfg.task)
     out = Path(cfg.out)
+    if out.is_dir():  # found now, not when the first kept answer is written
+        raise UsageError(f"--out `{out}` is a folder; give the output file, e.g. "
+                         f"--out {out / 'train.jsonl'}")
     topics = read_topics(cfg.topics, task) if cfg.topics else None
     items = None if topics else file_inputs(cfg.inputs or preset_data(task.name), task, cfg.limit)
     eval_index = EvalIndex(cfg.decontaminate) if cfg.decontaminate else None
