@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -151,3 +153,32 @@ def test_default_round_trip(tmp_path):
     assert (info["architecture"], info["parameters"], info["layers"], info["hidden_size"],
             info["heads"], info["kv_heads"], info["vocab_size"]) == (
         "LlamaForCausalLM", 134_515_008, 30, 576, 9, 3, 49_152)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_follow_the_umask(tmp_path, tiny_llama, mask):
+    old = os.umask(mask)
+    try:
+        model, tok = models.load_folder(tiny_llama, device="cpu")
+        out = models.save_model(model, tok, tmp_path / "model", extra={"plan.json": {}})
+        with models.atomic_write(tmp_path / "runs" / "manifest.json") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert mode(out) == 0o777 & ~mask
+    files = [p for p in out.rglob("*")] + [tmp_path / "runs" / "manifest.json"]
+    assert "model.safetensors" in {p.name for p in files}
+    for p in files:
+        assert mode(p) == (0o777 if p.is_dir() else 0o666) & ~mask, p
+
+
+def test_umask_is_read_without_changing_it():
+    old = os.umask(0o027)
+    try:
+        assert models.umask() == 0o027 and models.umask() == 0o027
+    finally:
+        os.umask(old)

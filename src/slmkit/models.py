@@ -268,6 +268,7 @@ def save_model(model, tokenizer, out: str | os.PathLike, extra: dict[str, object
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        share(tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -286,6 +287,29 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def umask() -> int:
+    """The process umask. Read from /proc where it can be: setting it to read it back (the
+    only portable way) would briefly give files made by other threads mode 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def share(path: Path) -> None:
+    """Give a finished file, or a folder and everything in it, the modes open() and mkdir()
+    would have: tempfile (and transformers' shard writer) make them private (0600/0700), but
+    models, reports and manifests are meant to be shared, so the user's umask decides."""
+    mask = umask()
+    for p in [path, *path.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """Write a file via a temporary sibling and rename, so a crash never leaves half a file."""
@@ -295,6 +319,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+        share(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
