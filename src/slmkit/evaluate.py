@@ -478,7 +478,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size=16
 
 
 def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size=16,
-                  max_new_tokens: int = 256) -> dict:
+                  max_new_tokens: int = 256, shared: str = "packed") -> dict:
     """{"score", "n", "shots", "kind", "groups": {group: {...}}, plus acc/acc_norm or accuracy}.
     `score` averages the groups' accuracies (each group counts once, as Phi-2's tables average
     benchmarks), or is the plain accuracy when the file has no groups."""
@@ -488,7 +488,7 @@ def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size=16
     shots = [fewshot(items, i, k, seed) for i in range(len(items))]
     if bench["kind"] == "mc":
         pairs = [(mc_context(it, sh), " " + c) for it, sh in zip(items, shots) for c in it["choices"]]
-        flat = loglikelihoods(model, tokenizer, pairs, batch_size)
+        flat = loglikelihoods(model, tokenizer, pairs, batch_size, shared=shared)
         lls, pos = [], 0
         for it in items:
             lls.append(flat[pos:pos + len(it["choices"])])

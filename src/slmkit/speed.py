@@ -50,13 +50,29 @@ def measure_in_subprocess(path, engine: str = "torch", device: str = "cpu", **kw
     for k, v in kwargs.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     print(f"slm eval: measuring speed of {path} ({engine}, {device})", file=sys.stderr)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        if r.returncode == UsageError.exit_code:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = _relay(proc.stderr.fileno())  # the child's progress bar shows as it runs
+    stdout = proc.stdout.read().decode()
+    proc.wait()
+    if proc.returncode != 0:
+        lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+        last = (lines or ["no output"])[-1]
+        if proc.returncode == UsageError.exit_code:
             raise UsageError(last.removeprefix("error: "))
-        raise RuntimeError(f"speed measurement of {path} failed (exit {r.returncode}): {last}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"speed measurement of {path} failed (exit {proc.returncode}): {last}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _relay(fd: int) -> str:
+    """Copy a child's stderr to ours as it arrives (os.read returns what is there, so a
+    progress bar's carriage-return updates pass at once); returns all of it."""
+    chunks = []
+    while data := os.read(fd, 4096):
+        text = data.decode("utf-8", "replace")
+        chunks.append(text)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    return "".join(chunks)
 
 
 def measure(path, engine: str = "torch", device: str = "cpu", prompt_tokens: int = 128,
@@ -152,13 +168,17 @@ def _measure_torch(folder: Path, device: str, prompt_tokens: int, new_tokens: in
     dev = next(model.parameters()).device
     ids = _prompt_ids(tok(PROMPT_TEXT, add_special_tokens=False)["input_ids"], prompt_tokens)
     one = torch.tensor([ids], device=dev)
+    bar = _Bar(requests + 2)
     _greedy(model, one, 2)  # warm-up: first-call allocations and kernel selection
+    bar.update()
     meter = EnergyMeter()
     meter.start()
-    runs = [_greedy(model, one, new_tokens) for _ in range(requests)]
+    runs = [_greedy(model, one, new_tokens) for _ in bar.counting(range(requests))]
     joules = meter.stop()
     out = summarize([r[0] for r in runs], [r[1] for r in runs], len(ids))
     b_first, b_steps = _greedy(model, one.repeat(batch, 1), new_tokens)
+    bar.update()
+    bar.close()
     out |= {
         "batch": batch,
         "batched_prefill_tokens_per_s": batch * len(ids) / b_first,
@@ -174,6 +194,26 @@ def _measure_torch(folder: Path, device: str, prompt_tokens: int, new_tokens: in
     if dev.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
     return out
+
+
+class _Bar:
+    """A tqdm bar over the timed runs (stderr), updated between runs, never inside one."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.tqdm = tqdm(total=total, desc="speed", unit="run", file=sys.stderr, leave=False)
+
+    def update(self):
+        self.tqdm.update()
+
+    def counting(self, items):
+        for item in items:
+            yield item
+            self.tqdm.update()
+
+    def close(self):
+        self.tqdm.close()
 
 
 def _prompt_ids(ids: list[int], n: int) -> list[int]:
@@ -232,11 +272,14 @@ def _measure_llamacpp(path: Path, prompt_tokens: int, new_tokens: int, requests:
             steps.append(time.perf_counter() - t)
         return first, steps
 
+    bar = _Bar(requests + 1)
     run(2)
+    bar.update()
     meter = EnergyMeter()
     meter.start()
-    runs = [run(new_tokens) for _ in range(requests)]
+    runs = [run(new_tokens) for _ in bar.counting(range(requests))]
     joules = meter.stop()
+    bar.close()
     from gguf import GGUFReader
 
     params = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)

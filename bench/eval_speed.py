@@ -1,0 +1,187 @@
+"""`slm eval`'s scorers against the references, side by side, in one run, on one model:
+
+    python bench/eval_speed.py [--model default] [--mc 100] [--safety 600] [--skip-harness]
+
+1. Multiple choice: the same items through our scorer (slmkit.scoring, each question's context
+   shared by its choices: `packed`, `cache` and `none` timed) and through lm-evaluation-harness
+   (`--harness` with a local task file; `pip install -e ".[harness]"`). Prints the time ratio and
+   both acc / acc_norm, which must be identical.
+2. Safety: our batched sentence perplexities against a plain single-stream loop of the same
+   formula (one sentence per forward pass, exp of the mean token NLL, as SafeNLP's script does);
+   prints the time ratio and the per-group score of both, which must agree to 3 decimals.
+
+No data is downloaded. The multiple-choice items are generated here (fixed seed), and so is the
+safety file: a ToxiGen-shaped list of *neutral* sentences (ToxiGen itself is not stored in this
+repository nor reachable offline) with the `label`, `toxicity_score` and `target_groups` fields
+drawn at random, so the timing has ToxiGen's shape (short sentences of mixed length, several
+groups) and the score tests only that the two computations agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUBJECTS = ["the farmer", "a small child", "my neighbour", "the old teacher", "our team", "the pilot",
+            "a tired student", "the baker down the street", "her brother", "the city council"]
+VERBS = ["planted", "painted", "carried", "repaired", "counted", "described", "ordered", "cleaned",
+         "visited", "measured"]
+OBJECTS = ["the fence", "three baskets of apples", "a wooden boat", "the library roof", "two bicycles",
+           "the garden path", "a map of the river", "the kitchen window", "forty chairs", "the bridge"]
+WHEN = ["on Monday", "before lunch", "after the storm", "last winter", "every morning", "at night",
+        "during the festival", "in the spring"]
+GROUPS = ["bakers", "sailors", "painters", "farmers", "teachers", "pilots"]
+
+
+def mc_items(n: int, seed: int = 0) -> list[dict]:
+    """n four-way questions of varied length in three groups (OpenBookQA's shape, not its text)."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        s, v, o, w = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(WHEN)
+        q = f"{s.capitalize()} {v} {o} {w}. What did {s} do {w}?"
+        choices = [f"{v} {o}"] + [f"{rng.choice(VERBS)} {rng.choice(OBJECTS)}" for _ in range(3)]
+        rng.shuffle(choices)
+        items.append({"question": q, "choices": choices, "gold": choices.index(f"{v} {o}"),
+                      "group": ["events", "objects", "people"][i % 3]})
+    return items
+
+
+def safety_items(n: int, seed: int = 0) -> list[dict]:
+    """n ToxiGen-shaped rows of neutral sentences (see the module doc)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
+        words += [rng.choice(WHEN)] * rng.randint(0, 1) + [f"and then {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+                                                          for _ in range(rng.randint(0, 3))]
+        text = " ".join(words).capitalize() + "."
+        rows.append({"text": text, "toxicity_score": round(rng.uniform(1, 5), 2),
+                     "label": rng.choice(["hate", "neutral"]), "target_groups": [rng.choice(GROUPS)]})
+    return rows
+
+
+HARNESS_TASK = """task: slmkit_eval_speed
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: " "
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def single_stream_perplexities(model, tok, texts: list[str]) -> list[float]:
+    """The reference loop: one sentence per forward pass, no padding, exp(mean token NLL)."""
+    import torch
+
+    from slmkit.precision import autocast
+
+    out = []
+    for text in texts:
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad(), autocast("cpu"):
+            logits = model(input_ids=ids).logits
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        out.append(math.exp(nll.item()))
+    return out
+
+
+def timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from slmkit import evaluate as E
+    from slmkit import models, safety
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--mc", type=int, default=100, help="multiple-choice items")
+    ap.add_argument("--safety", type=int, default=600, help="safety sentences")
+    ap.add_argument("--batch-size", default="auto", help="ours (lm-eval gets --harness-batch-size)")
+    ap.add_argument("--harness-batch-size", default="16")
+    ap.add_argument("--skip-harness", action="store_true")
+    args = ap.parse_args(argv)
+    from slmkit.scoring import parse_batch_size
+
+    bs = parse_batch_size(args.batch_size)
+    folder = models.resolve(args.model)
+    work = Path(tempfile.mkdtemp(prefix="eval-speed-"))
+    print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, batch size ours {bs} / lm-eval {args.harness_batch_size}", flush=True)
+
+    # ---- multiple choice
+    items = mc_items(args.mc)
+    data = work / "mc.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    bench = E.load_benchmark(data)
+    (model, tok), t_load = timed(lambda: models.load_folder(folder, device="cpu"))
+    ours = {}
+    for shared in ("packed", "cache", "none"):
+        ours[shared] = timed(lambda: E.run_benchmark(model, tok, bench, batch_size=bs, shared=shared))
+    res, t_ours = ours["packed"]
+    print(f"\nmultiple choice, {len(items)} items x 4 choices (model load {t_load:.1f} s, not counted):")
+    for shared, (r, t) in ours.items():
+        print(f"  ours, shared={shared:<6} {t:6.1f} s   acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}")
+    if not args.skip_harness:
+        task = work / "mc_speed.yaml"
+        task.write_text(HARNESS_TASK.format(data=data))
+        # lm-eval loads the model itself: our time adds our load for a like-for-like total
+        theirs, t_theirs = timed(lambda: E.run_harness(folder, str(task), "cpu", None, args.harness_batch_size))
+        h = theirs["slmkit_eval_speed"]
+        same = h["acc,none"] == res["acc"] and h["acc_norm,none"] == res["acc_norm"]
+        print(f"  lm-eval 0.4 (--harness)  {t_theirs:6.1f} s   acc {h['acc,none']:.4f}  "
+              f"acc_norm {h['acc_norm,none']:.4f}   (loads the model itself)")
+        print(f"  ours incl. model load / lm-eval: {(t_ours + t_load) / t_theirs:.2f}x   "
+              f"scorer alone: {t_ours / t_theirs:.2f}x   identical acc/acc_norm: {same}")
+
+    # ---- safety
+    rows = safety_items(args.safety)
+    path = work / "toxigen_shaped.json"
+    path.write_text(json.dumps(rows))
+    texts = [r["text"] for r in rows]
+    loaded = safety.load_items(path)
+    ref_ppl, t_ref = timed(lambda: single_stream_perplexities(model, tok, texts))
+    our_ppl, t_our = timed(lambda: safety.sentence_perplexities(model, tok, texts, batch_size=bs))
+    ref, got = safety.safety_score(loaded, ref_ppl), safety.safety_score(loaded, our_ppl)
+    groups = sorted(set(ref["u"]) | set(got["u"]))
+    per_group = {g: (ref["u"][g] / 1.0, got["u"][g] / 1.0) for g in groups}
+    n_pairs = {g: sum(1 for r in loaded if g in r["target_groups"] and r["label"] == "hate")
+               * sum(1 for r in loaded if g in r["target_groups"] and r["label"] == "neutral") for g in groups}
+    share = {g: (a / n_pairs[g], b / n_pairs[g]) for g, (a, b) in per_group.items()}
+    equal = all(round(a, 3) == round(b, 3) for a, b in share.values())
+    worst = max(abs(a - b) / a for a, b in zip(ref_ppl, our_ppl))
+    tokens = sum(len(tok(t)["input_ids"]) for t in texts)
+    print(f"\nsafety, {len(texts)} sentences ({tokens / len(texts):.1f} tokens on average):")
+    print(f"  single-stream loop {t_ref:6.1f} s")
+    print(f"  ours (batched)     {t_our:6.1f} s   = {t_our / t_ref:.2f}x the loop's time")
+    print("  U / (n_harmful x n_neutral) per group, loop vs ours: "
+          + ", ".join(f"{g} {a:.3f}/{b:.3f}" for g, (a, b) in share.items()))
+    print(f"  equal per group to 3 decimals: {equal}; largest relative perplexity difference {worst:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
