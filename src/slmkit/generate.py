@@ -119,6 +119,8 @@ class GenerateConfig:
     """openai backend: tries after the first on 429 / 5xx / timeouts / refused connections."""
     tokenizer: str | None = None
     """MODEL whose tokenizer an openai teacher uses; needed to write its top-k log-probs as ids."""
+    trust_remote_code: bool = False
+    """Allow a model folder that ships its own code (auto_map); never by default."""
 
     def __post_init__(self):
         for name, lo in (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("inputs_per_topic", 1),
@@ -522,7 +524,7 @@ def teacher_backend(cfg: GenerateConfig):
         return OpenAIBackend.from_spec(cfg.teacher, concurrency=cfg.concurrency, retries=cfg.retries)
     from slmkit.backends import load_backend
 
-    return load_backend(cfg.teacher)
+    return load_backend(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
 
 
 def prompt_fits(backend):
@@ -679,7 +681,8 @@ def generate(cfg: GenerateConfig) -> dict:
     if cfg.topk_logprobs:
         from slmkit import models
 
-        tok = models.load_tokenizer(models.resolve(cfg.tokenizer or cfg.teacher))
+        folder = models.resolve(cfg.tokenizer or cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        tok = models.load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
         topk = write_topk_cache(out, cfg.task, tok, cfg.teacher)
     return topk | {
         "out": str(out), "inputs": len(items), "done_before": len(items) - len(todo),
@@ -823,6 +826,8 @@ def add_arguments(p):
     p.add_argument("--tokenizer", help="openai teacher with --topk-logprobs: a local MODEL with its tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first LIMIT inputs")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model folder that ships its own code (off by default)")
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
 
 

@@ -130,6 +130,7 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
             f.unlink()
     cfg = GenerateConfig(teacher=ctx.teacher, task=ctx.task_arg, inputs=ctx.data, out=str(out),
                          decontaminate=ctx.eval_data if ctx.eval_split is None else None,
+                         trust_remote_code=ctx.recipe.trust_remote_code,
                          **{"seed": ctx.recipe.seed, **opts})
     stats = generate(cfg)
     return {"data": str(out), "stats": stats}
@@ -161,7 +162,7 @@ def stage_prune(ctx: Context, opts: dict) -> dict:
     out = ctx.run_dir / "pruned"
     calib = ctx.data if ctx.data else None
     plan = prune(ctx.best_teacher, str(out), calib=calib, device=ctx.recipe.device,
-                 **{"seed": ctx.recipe.seed, **opts})
+                 trust_remote_code=ctx.recipe.trust_remote_code, **{"seed": ctx.recipe.seed, **opts})
     return {"student": str(out), "parameters": plan.get("parameters_after")}
 
 

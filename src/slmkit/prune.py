@@ -529,9 +529,10 @@ def format_plan(plan: dict) -> str:
     return "\n".join(rows)
 
 
-def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: str = "both",
-          calib=None, task: str | None = None, num_samples: int | None = None, seq_len: int = 256,
-          dry_run: bool = False, seed: int = 0, device=None) -> dict:
+def prune(teacher, out=None, *, target: float | str | None = None, shape: dict | None = None,
+          method: str = "both", calib=None, task: str | None = None, num_samples: int | None = None,
+          seq_len: int = 256, dry_run: bool = False, seed: int = 0, device=None,
+          trust_remote_code: bool = False) -> dict:
     """Cut a smaller model out of `teacher` (a MODEL spec) and save it to `out`; return the plan.
 
     Arguments:
@@ -542,10 +543,11 @@ def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: 
         num_samples, seq_len: calibration rows x tokens; num_samples defaults to 256 on CUDA and
             16 on CPU (a 135M model scored ~1.5-2.5k tokens a minute on two busy shared cores).
         dry_run: print and return the plan (shape and parameter counts) without loading weights.
+        trust_remote_code: allow a model folder that ships its own code (never by default).
     """
     import torch
 
-    folder = models.resolve(teacher)
+    folder = models.resolve(teacher, trust_remote_code=trust_remote_code)
     cfg = models.read_config(folder)
     check_arch(cfg, f"{folder}/config.json")
     shapes = header_shapes(folder)
@@ -591,7 +593,7 @@ def prune(teacher, out=None, *, target=None, shape: dict | None = None, method: 
 
     device = models.pick_device(device)
     num_samples = num_samples or (256 if device.type == "cuda" else 16)
-    model, tok = models.load_folder(folder, device=device)
+    model, tok = models.load_folder(folder, device=device, trust_remote_code=trust_remote_code)
     ids = calibration_batch(tok, texts, num_samples, seq_len, seed=seed)
     scores = measure_importance(model, ids, device=device)
     keep = select(scores, src, dst)
@@ -644,6 +646,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="shuffles the calibration texts")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; load no weights, write nothing")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model folder that ships its own code (off by default)")
 
 
 def run(args) -> int:
@@ -651,5 +655,6 @@ def run(args) -> int:
              if getattr(args, k) is not None} or None
     prune(args.model, args.out, target=args.target, shape=shape, method=args.method,
           calib=args.calib, task=args.task, num_samples=args.num_samples, seq_len=args.seq_len,
-          dry_run=args.dry_run, seed=args.seed, device=args.device)
+          dry_run=args.dry_run, seed=args.seed, device=args.device,
+          trust_remote_code=args.trust_remote_code)
     return 0

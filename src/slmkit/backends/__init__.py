@@ -157,9 +157,11 @@ def model_name(spec: str) -> str:
 
 
 def load_backend(spec: str, name: str | None = None, device: str | None = None,
-                 dtype: str = "float32", n_threads: int | None = None) -> Backend:
+                 dtype: str = "float32", n_threads: int | None = None,
+                 trust_remote_code: bool = False) -> Backend:
     """A `.gguf` file -> llama.cpp (CPU); a Hugging Face folder or `default` -> PyTorch.
-    n_threads: CPU threads of llama.cpp, or of PyTorch (process-wide) for the PyTorch backend."""
+    n_threads: CPU threads of llama.cpp, or of PyTorch (process-wide) for the PyTorch backend.
+    trust_remote_code: let a Hugging Face folder run its own code (never by default)."""
     name = name or model_name(spec)
     if str(spec).endswith(".gguf"):
         if not Path(spec).is_file():
@@ -175,7 +177,7 @@ def load_backend(spec: str, name: str | None = None, device: str | None = None,
 
         # process-wide; fewer threads than cores is faster on a CPU shared with other work
         torch.set_num_threads(n_threads)
-    return HFBackend(spec, name=name, device=device, dtype=dtype)
+    return HFBackend(spec, name=name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------- shared decoding helpers

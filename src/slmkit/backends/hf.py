@@ -21,8 +21,10 @@ from slmkit.backends import (Backend, Completion, Request, TextTracker, TokenLog
 class HFBackend(Backend):
     batched = True
 
-    def __init__(self, spec: str, name: str, device: str | None = None, dtype: str = "float32"):
-        self.model, self.tokenizer = models.load_model(spec, dtype=dtype, device=device)
+    def __init__(self, spec: str, name: str, device: str | None = None, dtype: str = "float32",
+                 trust_remote_code: bool = False):
+        self.model, self.tokenizer = models.load_model(spec, dtype=dtype, device=device,
+                                                       trust_remote_code=trust_remote_code)
         self.name = name
         self.device = self.model.device
         self.tokenizer.padding_side = "left"  # generation continues from the right end
