@@ -305,3 +305,26 @@ def test_harness_task_file_errors(tiny_llama, tmp_path):
     bad.write_text("dataset_path: json\n")
     with pytest.raises(UsageError, match="needs a `task: NAME` line"):
         E.evaluate([str(tiny_llama)], harness=str(bad))
+
+
+def test_llamacpp_engine_scores_generation_of_the_gguf(tiny_llama, tmp_path):
+    # the exported file generates through llama.cpp; an f32 export decodes greedily as the HF
+    # model does, so task predictions and generation-benchmark answers are the same text
+    pytest.importorskip("llama_cpp")
+    export = pytest.importorskip("slmkit.export")
+    gguf = export.export_gguf(str(tiny_llama), tmp_path / "tiny.gguf", "f32")
+    data = _write(tmp_path / "d.jsonl", [{"dialogue": f"#Person1#: Hi {i}. #Person2#: Hello there {i}.",
+                                          "summary": "Two friends say hello."} for i in range(3)])
+    gen = _write(tmp_path / "g.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1),
+                                         "type": "gen"} for i in range(3)])
+    kw = dict(task="summarize", data=str(data), bench=[str(gen)], max_new_tokens=6, cot_tokens=6,
+              device="cpu")
+    hf = E.evaluate([str(tiny_llama)], out=str(tmp_path / "hf"), **kw)["models"][0]
+    cpp = E.evaluate([str(gguf)], engine="llamacpp", out=str(tmp_path / "cpp"), **kw)["models"][0]
+    assert cpp["engines"] == {"generation": "llamacpp", "log-likelihoods": "torch"}
+    assert hf["engines"]["generation"] == "torch"
+    preds = [[json.loads(line)["prediction"] for line in (tmp_path / d / "predictions" / f"{n}.jsonl").read_text().splitlines()]
+             for d, n in (("hf", "llama"), ("cpp", "tiny"))]
+    assert preds[0] == preds[1] and any(preds[0])
+    assert cpp["task"]["rougeL"] == pytest.approx(hf["task"]["rougeL"])
+    assert cpp["benchmarks"]["g"]["accuracy"] == hf["benchmarks"]["g"]["accuracy"]

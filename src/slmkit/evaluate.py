@@ -46,7 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--safety", metavar="FILE", help="ToxiGen-style JSON list for the safety score")
     parser.add_argument("--speed", action="store_true", help="measure latency, tokens/s, memory, energy")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="speed engine for .gguf models (HF folders always use torch)")
+                        help="engine for .gguf models' generation (--task, generation benchmarks) "
+                        "and --speed; log-likelihood scores and HF folders always use torch")
     parser.add_argument("--harness", metavar="TASKS",
                         help="also run lm-evaluation-harness tasks (comma-separated)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit for --task")
@@ -130,7 +131,8 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
                                  f"template, which task `{task_obj.name if task_obj else 'input/output'}` "
                                  "needs (its prompts are chat messages); use an instruct model or add a "
                                  "chat_template.jinja to the folder")
-    if engine == "llamacpp" and speed:
+    generates = bool(examples) or any(b["kind"] == "gen" for b in benches)
+    if engine == "llamacpp" and (speed or generates) and any(_gguf_path(m) for m in models):
         from slmkit import speed as SP
 
         SP.require_llamacpp()
@@ -157,9 +159,17 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
                                          "hidden_size", "heads", "kv_heads", "mlp_size")}}
         print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
         model, tok = M.load_folder(folder, device=dev)
+        # a .gguf generates through llama.cpp when asked: the exported file judged as users run it
+        backend = None
+        if engine == "llamacpp" and generates and _gguf_path(spec):
+            from slmkit.backends.llamacpp import LlamaCppBackend
+
+            backend = LlamaCppBackend(str(_gguf_path(spec)), name)
+        entry["engines"] = {"generation": "llamacpp" if backend else "torch", "log-likelihoods": "torch"}
         if examples:
             preds = generate(model, tok, [e.prompt if e.prompt is not None else e.messages for e in examples],
-                             max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{name}: task")
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{name}: task",
+                             backend=backend)
             entry["task"] = score_task(metrics["metric"], examples, preds, task_obj)
             if reference_predictions is None:
                 reference_predictions = preds
@@ -171,14 +181,14 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
                 _write_predictions(out_dir / "predictions" / f"{_slug(name)}.jsonl", examples, preds)
         if benches:
             entry["benchmarks"] = {b["name"]: run_benchmark(model, tok, b, seed=seed, batch_size=batch_size,
-                                                            max_new_tokens=cot_tokens)
+                                                            max_new_tokens=cot_tokens, backend=backend)
                                    for b in benches}
             entry["benchmark_average"] = sum(r["score"] for r in entry["benchmarks"].values()) / len(benches)
         if ppl:
             entry["perplexity"] = perplexity(model, tok, ppl_text, stride=stride, batch_size=batch_size)
         if safety:
             entry["safety"] = S.evaluate_safety(model, tok, safety, batch_size=batch_size)
-        del model
+        del model, backend
         if harness:
             entry["harness"] = run_harness(folder, harness, dev, limit, batch_size)
         if speed:
@@ -240,17 +250,10 @@ def _write_predictions(path: Path, examples, preds) -> None:
 
 # --------------------------------------------------------------------------- generation
 
-def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_size=16,
-             desc: str = "generate", chat: bool = True) -> list[str]:
-    """Greedy continuations, batched with left padding, stopping at end-of-sequence.
-    prompts: user messages (rendered through the chat template when `chat`), or message lists."""
-    import torch
-    from tqdm import tqdm
-    from transformers import GenerationConfig
-
+def prompt_texts(tokenizer, prompts: list, chat: bool = True) -> list[str]:
+    """The text each prompt becomes: user messages through the chat template when `chat`,
+    message lists up to their last answer, plain text as it is."""
     from slmkit.data import chat_prompt
-    from slmkit.models import stop_ids
-    from slmkit.precision import autocast
 
     texts = []
     for p in prompts:
@@ -259,6 +262,24 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_si
             texts.append(tokenizer.apply_chat_template(p[:upto], tokenize=False, add_generation_prompt=True))
         else:
             texts.append(chat_prompt(tokenizer, p) if chat else p)
+    return texts
+
+
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_size=16,
+             desc: str = "generate", chat: bool = True, backend=None) -> list[str]:
+    """Greedy continuations, batched with left padding, stopping at end-of-sequence.
+    prompts: user messages (rendered through the chat template when `chat`), or message lists.
+    With a llama.cpp `backend` the same prompt texts are decoded there, one after the other."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    from slmkit.models import stop_ids
+    from slmkit.precision import autocast
+
+    texts = prompt_texts(tokenizer, prompts, chat)
+    if backend is not None:
+        return _generate_llamacpp(backend, texts, max_new_tokens, desc)
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                eos_token_id=stop_ids(model, tokenizer),
                                pad_token_id=tokenizer.pad_token_id)
@@ -285,6 +306,18 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_si
             for i, row in zip(idx, new):
                 outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
             bar.update(len(idx))
+    return outputs
+
+
+def _generate_llamacpp(backend, texts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+    """Greedy (temperature 0) through llama.cpp; the prompt text is the torch path's, tokenised
+    by the GGUF's own tokenizer with its special tokens parsed."""
+    from tqdm import tqdm
+
+    outputs = []
+    for text in tqdm(texts, desc=f"{desc} (llama.cpp)", unit="ex", file=sys.stderr, leave=False):
+        done = backend.generate([text], max_tokens=max_new_tokens, temperature=0.0)[0]
+        outputs.append(done.text.strip())
     return outputs
 
 
@@ -478,7 +511,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size=16
 
 
 def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size=16,
-                  max_new_tokens: int = 256, shared: str = "packed") -> dict:
+                  max_new_tokens: int = 256, shared: str = "packed", backend=None) -> dict:
     """{"score", "n", "shots", "kind", "groups": {group: {...}}, plus acc/acc_norm or accuracy}.
     `score` averages the groups' accuracies (each group counts once, as Phi-2's tables average
     benchmarks), or is the plain accuracy when the file has no groups."""
@@ -500,7 +533,8 @@ def run_benchmark(model, tokenizer, bench: dict, seed: int = 1234, batch_size=16
         headline = "acc"
     else:
         outs = generate(model, tokenizer, [gen_prompt(it, sh) for it, sh in zip(items, shots)],
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=bench["name"], chat=False)
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=bench["name"], chat=False,
+                        backend=backend)
         right = [answer_correct(extract_answer(o), it["answer"]) for o, it in zip(outs, items)]
 
         def score(sel):
