@@ -164,6 +164,8 @@ def _settings_line(metrics: dict) -> str:
                      f"of `{Path(str(metrics.get('data'))).name}`")
     s = metrics.get("settings", {})
     parts.append(f"greedy, max {s.get('max_new_tokens')} new tokens, device {s.get('device')}")
+    if s.get("engine") == "llamacpp":
+        parts.append(".gguf models generate with llama.cpp (log-likelihoods with torch)")
     return "; ".join(parts) + f"; {metrics.get('created', '')}"
 
 
