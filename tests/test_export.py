@@ -219,6 +219,12 @@ def test_unsupported_arch_exits_2(cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_every_architecture_prune_makes_exports():
+    from slmkit import export, prune
+
+    assert set(prune.ARCHS) <= set(export.ARCHS)
+
+
 def test_phi_and_phi3_layout(gguf_files, tiny_models):
     """Phi-2: LayerNorm with biases, an lm_head bias, partial rotary; Phi-3: its fused qkv and
     gate_up kept fused, as llama.cpp's phi3 graph reads them; Qwen3: per-head q/k norms."""

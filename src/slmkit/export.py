@@ -363,8 +363,8 @@ def write_metadata(writer, cfg: dict, arch: str, quant: str, name: str) -> None:
     writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
     writer.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0))
     writer.add_rope_dimension_count(rotary_dims(cfg))
-    # an explicit head_dim (Qwen3, width-pruned students) is written as llama.cpp's converter
-    # does; transformers' GGUF loader would otherwise take Qwen3Config's default of 128
+    # an explicit head_dim (Qwen3, width-pruned students) is written whenever config.json has
+    # one, as llama.cpp's converter does; llama.cpp needs it when heads x head_dim != hidden
     if cfg.get("head_dim") or dim * heads != cfg["hidden_size"]:
         writer.add_key_length(dim)
         writer.add_value_length(dim)
