@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import AUTOCAST_MODES, CORPUS, REL_TOL, make_tiny_model
 from slmkit import losses, models, precision
-from slmkit.distill import DistillConfig, cache_teacher, distill, encode_all, sample_answers, split_rows
+from slmkit.distill import (DistillConfig, cache_teacher, distill, encode_all, sample_answers,
+                            split_rows, teacher_dtype)
 from slmkit.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +215,7 @@ def test_cache_rows_equal_the_teachers_unbatched_predictions(setup, plain_text, 
     cfg = DistillConfig(student=str(teacher), teacher=str(teacher), data=str(plain_text),
                         out=str(tmp_path / "x"), batch_size=6, device="cpu")
     cache = load_file(str(cache_teacher(cfg, tmp_path / "topk.safetensors", k=4)))
-    model, _ = models.load_model(teacher)
+    model, _ = models.load_model(teacher, dtype=teacher_dtype(cfg, torch.device("cpu")))
     keys = [k[:-len(".tokens")] for k in cache if k.endswith(".tokens")]
     assert len(keys) == 12
     for key in keys:
@@ -411,3 +412,87 @@ def test_missing_data_is_reported_before_any_model_loads(setup, cli, tmp_path):
         code, _, err = cli("distill", "--student", tmp_path / "no-model", "--teacher", teacher,
                            "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "o", *extra)
         assert code == 2 and "missing.jsonl` does not exist" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- memory
+
+def test_activation_checkpointing_changes_memory_not_results(setup):
+    plain = distill(_cfg(setup, "ckpt-off", activation_checkpointing="off", max_steps=3))
+    ckpt = distill(_cfg(setup, "ckpt-on", activation_checkpointing="on", max_steps=3))
+    assert json.loads((ckpt / "training_record.json").read_text())["activation_checkpointing"] is True
+    a, b = _weights(plain), _weights(ckpt)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_auto_rule():
+    from types import SimpleNamespace
+
+    from slmkit.distill import checkpointing_pays
+
+    smol = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+    cfg = lambda b: DistillConfig(student="s", data="d", out="o", batch_size=b, alpha_ce=1.0)  # noqa: E731
+    # 8 x 1024 tokens keep ~5.3 GB of activations against 2.2 GB of training state: on
+    assert checkpointing_pays(cfg(8), smol, 134_515_008, 1024)
+    # one 300-token example keeps ~190 MB: recomputing it would only cost time
+    assert not checkpointing_pays(cfg(1), smol, 134_515_008, 300)
+
+
+_PEAK_STEP = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import CORPUS, make_tokenizer
+from slmkit.distill import DistillConfig, distill
+
+root, vocab = Path(sys.argv[2]), int(sys.argv[3])
+tok = make_tokenizer()
+for name, layers in (("teacher", 2), ("student", 1)):
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
+    tok.save_pretrained(root / name)
+with open(root / "data.jsonl", "w") as f:
+    for i in range(8):
+        f.write(json.dumps({"text": " ".join(CORPUS[(i + j) % 10] for j in range(2))}) + "\n")
+distill(DistillConfig(student=str(root / "student"), teacher=str(root / "teacher"),
+                      data=str(root / "data.jsonl"), out=str(root / "out"), batch_size=7,
+                      max_steps=1, eval_every=100, eval_fraction=0.05, chunk=16, device="cpu"))
+print(json.dumps({"positions": sum(len(tok(" ".join(CORPUS[(i + j) % 10] for j in range(2))).input_ids) - 1
+                                   for i in range(7)),
+                  "peak": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_memory_grows_with_the_chunk_not_with_batch_length_vocab(tmp_path):
+    """One distill step with a 262,144-entry vocabulary (Gemma's) against the same step at 49,152:
+    ~450 positions, so a (positions x vocab) float32 tensor is ~380 MB more per copy, and the
+    student's and teacher's logits alone would be two such copies; --chunk 16 keeps ~14 MB more
+    per copy, a few copies alive at once, plus 3.4M more parameters' training state.
+    glibc's malloc is told to return freed blocks over 64 KiB at once (MALLOC_MMAP_THRESHOLD_),
+    so peak RSS measures live memory, not blocks the allocator keeps for reuse."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("peak RSS is read from /proc")
+    peaks = {}
+    for vocab in (49_152, 262_144):
+        (tmp_path / str(vocab)).mkdir()
+        proc = subprocess.run([sys.executable, "-c", _PEAK_STEP, str(ROOT / "tests"), str(tmp_path / str(vocab)),
+                               str(vocab)], capture_output=True, text=True, timeout=300,
+                              env=os.environ | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
+                                                "MALLOC_MMAP_THRESHOLD_": "65536"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[vocab] = json.loads(proc.stdout.strip().splitlines()[-1])
+    positions = peaks[49_152]["positions"]
+    growth = peaks[262_144]["peak"] - peaks[49_152]["peak"]
+    extra_vocab = 262_144 - 49_152
+    one_copy = positions * extra_vocab * 4  # a float32 (positions x vocab) tensor's growth
+    # 10 chunk-sized float32 copies, and 20 bytes for each extra parameter (student: weights,
+    # gradients, AdamW moments; teacher: weights)
+    bound = 10 * 16 * extra_vocab * 4 + 20 * 16 * extra_vocab
+    assert positions > 400 and bound < 0.6 * one_copy  # the test tells the two apart
+    assert growth < bound, (growth / 2**20, bound / 2**20, one_copy / 2**20)

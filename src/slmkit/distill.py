@@ -40,7 +40,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +90,13 @@ class DistillConfig:
     teacher_cache: str | None = _f(None, "offline teacher: top-k file from --cache-teacher")
     on_policy: float = _f(0.0, "GKD lambda: fraction of batches whose answers the student samples")
     max_new_tokens: int = _f(128, "longest on-policy sample")
-    chunk: int = _f(512, "loss positions processed at once (bounds float32 vocab-size copies)")
+    chunk: int = _f(512, "loss positions processed at once: memory grows with chunk x vocabulary, "
+                    "never batch x length x vocabulary")
+    activation_checkpointing: str = _f("auto", "recompute the student's layer activations in "
+                                       "backward instead of keeping them: on, off or auto (on when "
+                                       "they would outweigh weights + AdamW state)")
+    teacher_dtype: str = _f("auto", "teacher weights dtype: float32, bfloat16, float16 or auto "
+                            "(bfloat16 when the forward runs under bf16 autocast, else --dtype)")
     resume: bool | str = _f(False, "insist on continuing OUT.work/checkpoint (or the given checkpoint "
                             "folder); without it a checkpoint of the same settings is continued anyway")
     restart: bool = _f(False, "start over even if OUT.work holds a checkpoint of these settings")
@@ -103,6 +109,13 @@ class DistillConfig:
         for name in ("student", "data", "out"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
+        if self.activation_checkpointing not in ("auto", "on", "off"):
+            raise UsageError(f"--activation-checkpointing {self.activation_checkpointing}: choose "
+                             "on, off or auto")
+        if self.teacher_dtype != "auto":
+            from slmkit.models import torch_dtype
+
+            torch_dtype(self.teacher_dtype)  # names the valid ones
         if self.loss not in KINDS:
             raise UsageError(f"--loss {self.loss}: choose one of {', '.join(KINDS)}")
         checks = [("beta", 0 <= self.beta <= 1, "between 0 and 1"),
@@ -248,10 +261,27 @@ def predicted(mask, att):
     return mask[:, 1:].bool() & att[:, :-1].bool()
 
 
+@contextmanager
+def final_hidden(model):
+    """Within it, `model(...)` returns its final hidden states (B, T, H) as `logits`; yields the
+    output projection (H -> V) it took out, for the loss to apply `--chunk` positions at a time.
+    The projection's weights stay the model's (tied or not), so they train as before. Valid for
+    the architectures slmkit supports, whose logits are exactly lm_head(final hidden)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
 def logits_window(model, ids, att, mask):
     """Run `model` and return (logits (B, K, V), labels (B, K), mask (B, K)) aligned so logits[:, i]
     predicts labels[:, i], for the K columns from the first counted position on. Logits of the
-    prompt columns before it are never computed (`logits_to_keep`)."""
+    prompt columns before it are never computed (`logits_to_keep`). Inside `final_hidden` the
+    first item is the hidden states (B, K, H) instead."""
     width = ids.shape[1]
     target = predicted(mask, att)                       # column c predicts token c + 1
     first = int(target.any(0).nonzero()[0])
@@ -311,7 +341,8 @@ def open_cache(path, tokenizer, data_path, cfg):
 FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature", "alpha_ce",
                     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
-                    "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd")
+                    "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
+                    "teacher_dtype")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -405,6 +436,44 @@ def find_resume_point(cfg: DistillConfig, work: Path, fp: dict, acc):
     return state, ckpt
 
 
+def checkpointing_pays(cfg: DistillConfig, config, parameters: int, longest: int) -> bool:
+    """--activation-checkpointing: on, off, or `auto`, which turns it on when the activations a
+    micro-batch keeps for backward would outweigh the training state that stays anyway.
+    Activations ~ batch x longest example x layers x (4 hidden + 2 intermediate) x 4 bytes (each
+    layer's input, attention and MLP intermediates in float32); training state = 16 bytes a
+    parameter (float32 weights, gradients and AdamW's two moments). Recomputing costs about one
+    more forward pass per step (~30 %), so small batches of short examples train without it."""
+    if cfg.activation_checkpointing != "auto":
+        return cfg.activation_checkpointing == "on"
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    activations = cfg.batch_size * longest * config.num_hidden_layers * (4 * hidden + 2 * inter) * 4
+    return activations > 16 * parameters
+
+
+def teacher_dtype(cfg: DistillConfig, device) -> str:
+    """--teacher-dtype auto: the dtype the teacher computes in anyway. Under bf16 autocast its
+    matmuls run in bf16 whatever its weights, so bf16 weights halve its memory for nothing lost."""
+    from slmkit import precision
+
+    if cfg.teacher_dtype != "auto":
+        return cfg.teacher_dtype
+    return "bfloat16" if precision.autocast_dtype(device, cfg.bf16) is not None else cfg.dtype
+
+
+def projector(lm_head, device, bf16: bool, grad: bool = True):
+    """lm_head as the loss applies it to one chunk of hidden states: under the precision rule's
+    autocast, logits out (the loss casts them to float32); without autograd for the teacher."""
+    import torch
+
+    from slmkit import precision
+
+    def head(h):
+        with precision.autocast(device, bf16), (nullcontext() if grad else torch.no_grad()):
+            return lm_head(h)
+    return head
+
+
 def _logged_step(line: str) -> int | None:
     """The step of one metrics.jsonl line; None for a line a kill cut short."""
     try:
@@ -449,8 +518,8 @@ def distill(cfg: DistillConfig) -> Path:
     student.config.use_cache = False
     teacher = None
     if cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
-        teacher, t_tok = models.load_model(cfg.teacher, dtype=cfg.dtype, device=device,
-                                           trust_remote_code=cfg.trust_remote_code)
+        teacher, t_tok = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
+                                           device=device, trust_remote_code=cfg.trust_remote_code)
         check_vocab(student, tokenizer, teacher, t_tok, cfg)
         teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
     cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
@@ -464,6 +533,14 @@ def distill(cfg: DistillConfig) -> Path:
         raise UsageError(f"{cfg.data}: {len(train)} training examples, fewer than one global batch "
                          f"({global_batch} = --batch-size x --grad-accum x processes); lower them")
     lengths = [len(e.ids) for e in train]
+    checkpointing = checkpointing_pays(cfg, student.config, models.count_parameters(student),
+                                       max(lengths))
+    if checkpointing:  # transformers 5 renamed gradient_checkpointing_enable (deprecated there)
+        enable = getattr(student, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     per_epoch = len(train) // global_batch
     if cfg.max_steps:
         total = cfg.max_steps
@@ -509,23 +586,26 @@ def distill(cfg: DistillConfig) -> Path:
         ids, att, mask = (t.to(device) for t in collate(items, tokenizer.pad_token_id))
         # --prompt-kd needs logits on every real token after a row's first; else only the answers
         window = att if prompt else mask
-        t_logits = topk = None
-        with autocast:
-            logits, labels, wmask = logits_window(model if with_grad else acc.unwrap_model(model),
+        # the models return final hidden states; the loss projects them to logits chunk by chunk
+        with final_hidden(acc.unwrap_model(model)) as lm_head, autocast:
+            hidden, labels, wmask = logits_window(model if with_grad else acc.unwrap_model(model),
                                                   ids, att, window)
-            if teacher is not None and cfg.alpha_ce < 1:
-                with torch.no_grad():
-                    t_logits, _, _ = logits_window(teacher, ids, att, window)
+        t_hidden = topk = t_head = None
+        if teacher is not None and cfg.alpha_ce < 1:
+            with final_hidden(teacher) as t_lm_head, autocast, torch.no_grad():
+                t_hidden, _, _ = logits_window(teacher, ids, att, window)
+            t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
         if cache is not None and cfg.alpha_ce < 1:
             topk = teacher_rows(cache, items, device)
         answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
-        kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk)
-        kd, ce, n = losses.loss_sums(logits, labels, answer, teacher_logits=t_logits,
+        kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
+                  head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
+        kd, ce, n = losses.loss_sums(hidden, labels, answer, teacher_logits=t_hidden,
                                      teacher_topk=topk, **kw)
         prompt_kd = kd.new_zeros(())
         if prompt:
-            prompt_kd, _, _ = losses.loss_sums(logits, labels, wmask & ~answer,
-                                               teacher_logits=t_logits, **kw)
+            prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,
+                                               teacher_logits=t_hidden, **kw)
         return kd, ce, n, prompt_kd
 
     def evaluate() -> dict:
@@ -648,6 +728,7 @@ def distill(cfg: DistillConfig) -> Path:
         unwrapped = acc.unwrap_model(model)
         record = {"config": dataclasses.asdict(cfg), "fingerprint": fp, "steps": step,
                   "total_steps": total, "tokens": tokens, "processes": world, "device": str(device),
+                  "precision": precision.describe(device, cfg.bf16), "activation_checkpointing": checkpointing,
                   "time_s": round(time.perf_counter() - t0, 2), "final_train": row,
                   "final_eval": last_eval, "parameters": models.count_parameters(unwrapped)}
         unwrapped.config.use_cache = True
@@ -678,8 +759,8 @@ def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
     task = get_task(cfg.task) if cfg.task else None
     train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
     device = models.pick_device(cfg.device)
-    teacher, tokenizer = models.load_model(cfg.teacher, dtype=cfg.dtype, device=device,
-                                           trust_remote_code=cfg.trust_remote_code)
+    teacher, tokenizer = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
+                                           device=device, trust_remote_code=cfg.trust_remote_code)
     items = encode_all(train_ex + eval_ex, tokenizer, cfg.max_length)
     items.sort(key=lambda e: len(e.ids))  # similar lengths per batch: little padding
     tensors = {}
@@ -688,10 +769,13 @@ def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
         batch = items[i:i + cfg.batch_size]
         ids, att, mask = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         with torch.no_grad():
-            with autocast:
-                logits, _, tmask = logits_window(teacher, ids, att, mask)
+            with final_hidden(teacher) as lm_head, autocast:
+                hidden, _, tmask = logits_window(teacher, ids, att, mask)
             rows, cols = tmask.nonzero(as_tuple=True)  # row-major: each example's rows in order
-            lp, top = F.log_softmax(logits[rows, cols].float(), -1).topk(k, dim=-1)
+            hidden, head = hidden[rows, cols], projector(lm_head, device, cfg.bf16, grad=False)
+            parts = [F.log_softmax(head(hidden[j:j + cfg.chunk]).float(), -1).topk(k, dim=-1)
+                     for j in range(0, len(hidden), cfg.chunk)]  # chunk x vocab at a time
+            lp, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         start = 0
         for e in batch:
             m = e.targets

@@ -14,10 +14,12 @@ Divergences at temperature tau are multiplied by tau**2 (Hinton et al.), so grad
 not depend on tau. The training loss is `(1 - alpha_ce) * KD + alpha_ce * CE`, each a mean over
 answer tokens; alpha_ce = 1 needs no teacher at all.
 
-Memory: for a (tokens x 49152) vocabulary, each float32 copy of the logits is ~200 KB per token.
-`loss_sums` therefore visits the masked positions `chunk` at a time and wraps each chunk in
-activation checkpointing, so the float32 log-softmax copies of only one chunk are alive at once
-(recomputed in backward) instead of all of them.
+Memory: for a (tokens x 49152) vocabulary, each float32 copy of the logits is ~200 KB per token
+(1 MB at Gemma's 262,144). `loss_sums` therefore visits the masked positions `chunk` at a time
+and wraps each chunk in activation checkpointing, so the float32 copies of only one chunk are
+alive at once (recomputed in backward). Given the models' final hidden states and output
+projections (`head`, `teacher_head`) instead of logits, it also applies the projections per chunk,
+so no (batch x length x vocabulary) tensor exists at all: memory grows with chunk x vocabulary.
 
 Sparse (offline) teacher: only the teacher's top-k log-probs per position are stored. We use the
 *tail bucket* method: both distributions are coarsened to k + 1 outcomes, the k teacher tokens
@@ -105,8 +107,14 @@ def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(student_logits.float(), labels, reduction="none")
 
 
-def _chunk_sums(s, labels, teacher, topk_lp, topk_ids, kind, beta, temperature, need_kd):
-    """Sum of KD and CE over one chunk of positions; s (n, V). Returns a (2,) tensor."""
+def _chunk_sums(s, labels, teacher, topk_lp, topk_ids, kind, beta, temperature, need_kd,
+                head=None, teacher_head=None):
+    """Sum of KD and CE over one chunk of positions; s (n, V) logits, or (n, H) hidden states
+    that `head` maps to logits (likewise `teacher` and `teacher_head`). Returns a (2,) tensor."""
+    if head is not None:
+        s = head(s)
+    if teacher is not None and teacher_head is not None:
+        teacher = teacher_head(teacher)
     ce = token_ce(s, labels).sum()
     if not need_kd:
         return torch.stack([torch.zeros_like(ce), ce])
@@ -121,10 +129,12 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
               teacher_logits: torch.Tensor | None = None,
               teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
               kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-              chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, int]:
+              chunk: int = 512, head=None, teacher_head=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Summed KD and CE over the masked positions, visited `chunk` positions at a time.
 
-    student_logits: (B, T, V), already aligned so position t predicts labels[:, t]
+    student_logits: (B, T, V), already aligned so position t predicts labels[:, t]; or, with
+                  `head` ((n, H) -> (n, V) logits, the output projection), hidden states (B, T, H)
+    teacher_head: the same for teacher_logits
     labels: (B, T) long; mask: (B, T) bool/0-1, 1 where the token counts (answer, not padding)
     teacher_logits: (B, T, V) aligned like the student's, or
     teacher_topk: (logprobs (M, k), ids (M, k)) for the M = mask.sum() masked positions in
@@ -143,7 +153,7 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
                 teacher_logits[r, c] if teacher_logits is not None else None,
                 teacher_topk[0][i:i + chunk] if teacher_topk is not None else None,
                 teacher_topk[1][i:i + chunk] if teacher_topk is not None else None,
-                kind, beta, temperature, need_kd)
+                kind, beta, temperature, need_kd, head, teacher_head)
         if student_logits.requires_grad:
             total = total + checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:
