@@ -496,3 +496,44 @@ def test_memory_grows_with_the_chunk_not_with_batch_length_vocab(tmp_path):
     bound = 10 * 16 * extra_vocab * 4 + 20 * 16 * extra_vocab
     assert positions > 400 and bound < 0.6 * one_copy  # the test tells the two apart
     assert growth < bound, (growth / 2**20, bound / 2**20, one_copy / 2**20)
+
+
+# --------------------------------------------------------------------------- packing
+
+def test_pack_places_examples_and_masks_each_first_token():
+    from slmkit.distill import Encoded, collate, pack
+
+    ex = [Encoded([1, 2, 3], [1, 1, 1], "L1", "a"), Encoded([4, 5], [0, 1], "L2", "b"),
+          Encoded([6, 7, 8, 9], [0, 0, 1, 1], "L3", "c")]
+    rows = pack(ex, max_length=6)
+    assert [[p.key for p in r.segments] for r in rows] == [["L3", "L2"], ["L1"]]
+    assert rows[0].ids == [6, 7, 8, 9, 4, 5] and rows[0].mask == [0, 0, 1, 1, 0, 1]
+    assert rows[1].mask == [0, 1, 1] and sum(r.targets for r in rows) == sum(e.targets for e in ex)
+    ids, att, mask, pos = collate(rows, pad_id=0)
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]  # the padding a run of its own
+    assert att.tolist()[1] == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("prompt_kd", [0.0, 1.0])
+def test_packed_batch_gives_the_unpacked_loss(setup, tmp_path, prompt_kd):
+    # lr 0, one step over all 10 training lines (pairs and plain text): packed into one row or
+    # each a row of its own, the KD, CE (and prompt KD) means are the same
+    root, teacher, student, data = setup
+    mixed = tmp_path / "mixed.jsonl"
+    lines = data.read_text().splitlines()[:6] + [json.dumps({"text": CORPUS[i]}) for i in range(4)]
+    mixed.write_text("".join(line + "\n" for line in lines) + json.dumps({"text": "x y", "split": "eval"}) + "\n")
+    rows = {}
+    for packed, batch in ((False, 10), (True, 1)):
+        out = distill(DistillConfig(student=str(student), teacher=str(teacher), data=str(mixed),
+                                    out=str(tmp_path / f"p{packed}"), lr=0.0, max_steps=1,
+                                    batch_size=batch, alpha_ce=0.5, prompt_kd=prompt_kd,
+                                    pack=packed, eval_every=100, device="cpu"))
+        rows[packed] = next(r for r in _metrics(out) if r["step"] == 1)
+    assert rows[True]["tokens"] == rows[False]["tokens"]
+    for k in ("kd", "ce") + (("prompt_kd",) if prompt_kd else ()):
+        assert rows[True][k] == pytest.approx(rows[False][k], rel=1e-5), k
+
+
+def test_pack_with_on_policy_is_refused(setup):
+    with pytest.raises(UsageError, match="--pack and --on-policy"):
+        _cfg(setup, "x", pack=True, on_policy=0.5)

@@ -90,6 +90,8 @@ class DistillConfig:
     teacher_cache: str | None = _f(None, "offline teacher: top-k file from --cache-teacher")
     on_policy: float = _f(0.0, "GKD lambda: fraction of batches whose answers the student samples")
     max_new_tokens: int = _f(128, "longest on-policy sample")
+    pack: bool = _f(False, "sequence packing: several training examples per row of up to "
+                    "--max-length tokens, each attending only to itself (--batch-size counts rows)")
     chunk: int = _f(512, "loss positions processed at once: memory grows with chunk x vocabulary, "
                     "never batch x length x vocabulary")
     activation_checkpointing: str = _f("auto", "recompute the student's layer activations in "
@@ -139,6 +141,9 @@ class DistillConfig:
                              "for plain fine-tuning on the data pass --alpha-ce 1")
         if self.on_policy > 0 and not self.teacher:
             raise UsageError("--on-policy needs an online --teacher to score the student's samples")
+        if self.pack and self.on_policy > 0:
+            raise UsageError("--pack and --on-policy do not go together: sampling replaces whole "
+                             "answers, row by row; drop one")
         if self.on_policy > 0 and self.alpha_ce >= 1:
             raise UsageError("--on-policy trains only the divergence on the student's samples, so "
                              "it needs --alpha-ce below 1")
@@ -160,6 +165,12 @@ class Encoded:
     key: str
     """`L{line}`: the example's key in a teacher cache."""
     where: str
+    parts: list[Encoded] | None = None
+    """A packed row (--pack): the examples it holds, in order; None for a single example."""
+
+    @property
+    def segments(self) -> list[Encoded]:
+        return self.parts or [self]
 
     @property
     def targets(self) -> int:
@@ -219,21 +230,47 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
     return batches
 
 
+def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
+    """Sequence packing (--pack): examples placed first-fit, longest first, into rows of at most
+    `max_length` tokens. Within a row each example keeps its own positions (0, 1, ...) and sees
+    only itself, and its first token does not count: it has no prediction of its own."""
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e.ids)):
+        i = next((i for i, r in enumerate(room) if r >= len(e.ids)), None)
+        if i is None:
+            rows.append([e])
+            room.append(max_length - len(e.ids))
+        else:
+            rows[i].append(e)
+            room[i] -= len(e.ids)
+    return [Encoded([t for e in parts for t in e.ids],
+                    [m if j else 0 for e in parts for j, m in enumerate(e.mask)],
+                    parts[0].key, parts[0].where, parts=parts) for parts in rows]
+
+
 def collate(items: list[Encoded], pad_id: int):
-    """Left-padded batch: (ids, attention, mask), each (B, W) long. Left padding puts every
-    answer at the right edge, so the logits of the last K columns cover all of them."""
+    """Left-padded batch: (ids, attention, mask, positions), each (B, W) long. Left padding puts
+    every answer at the right edge, so the logits of the last K columns cover all of them.
+    Positions count from 0 in each example; with packed rows in the batch they also count from 0
+    over the padding, which makes it a segment of its own (see `logits_window`)."""
     import torch
 
     width = max(len(e.ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     att = torch.zeros((len(items), width), dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
+    pos = torch.zeros((len(items), width), dtype=torch.long)
+    packed = any(e.parts for e in items)
     for i, e in enumerate(items):
         n = len(e.ids)
         ids[i, width - n:] = torch.tensor(e.ids)
         att[i, width - n:] = 1
         mask[i, width - n:] = torch.tensor(e.mask)
-    return ids, att, mask
+        pos[i, width - n:] = torch.tensor([j for part in e.segments for j in range(len(part.ids))])
+        if packed:
+            pos[i, :width - n] = torch.arange(width - n)
+    return ids, att, mask, pos
 
 
 # --------------------------------------------------------------------------- models
@@ -277,18 +314,20 @@ def final_hidden(model):
         model.set_output_embeddings(head)
 
 
-def logits_window(model, ids, att, mask):
+def logits_window(model, ids, att, mask, pos):
     """Run `model` and return (logits (B, K, V), labels (B, K), mask (B, K)) aligned so logits[:, i]
     predicts labels[:, i], for the K columns from the first counted position on. Logits of the
     prompt columns before it are never computed (`logits_to_keep`). Inside `final_hidden` the
-    first item is the hidden states (B, K, H) instead."""
+    first item is the hidden states (B, K, H) instead. A batch with packed rows goes without an
+    attention mask: transformers then builds a block-causal mask from the positions, each run
+    0, 1, ... attending only to itself (the left padding is one such run, never counted)."""
     width = ids.shape[1]
     target = predicted(mask, att)                       # column c predicts token c + 1
     first = int(target.any(0).nonzero()[0])
     keep = width - first                                # columns first .. width-1
-    pos = (att.cumsum(-1) - 1).clamp(min=0)             # positions ignore the left padding
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=keep,
-                use_cache=False)
+    packed = bool((pos[:, 1:] < pos[:, :-1]).logical_and(att[:, 1:].bool()).any())
+    out = model(input_ids=ids, attention_mask=None if packed else att, position_ids=pos,
+                logits_to_keep=keep, use_cache=False)
     logits = out.logits[:, :-1]                         # the last column predicts nothing
     return logits, ids[:, first + 1:], target[:, first:]
 
@@ -299,7 +338,7 @@ def teacher_rows(cache, items, device):
     import torch
 
     lps, idss = [], []
-    for e in items:
+    for e in (part for item in items for part in item.segments):
         try:
             lp, ids = cache.get_tensor(f"{e.key}.logprobs"), cache.get_tensor(f"{e.key}.ids")
         except Exception:  # safetensors raises its own error for a missing key
@@ -342,7 +381,7 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
-                    "teacher_dtype")
+                    "teacher_dtype", "pack")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -527,6 +566,8 @@ def distill(cfg: DistillConfig) -> Path:
 
     # data
     train = encode_all(train_ex, tokenizer, cfg.max_length)
+    if cfg.pack:
+        train = pack(train, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     if len(train) < global_batch:
@@ -583,17 +624,17 @@ def distill(cfg: DistillConfig) -> Path:
     def forward(items, with_grad=True, prompt=False):
         """Summed (KD, CE) and the number of counted answer tokens for one micro-batch; with
         `prompt`, also the summed KD over the prompt tokens (else 0)."""
-        ids, att, mask = (t.to(device) for t in collate(items, tokenizer.pad_token_id))
+        ids, att, mask, pos = (t.to(device) for t in collate(items, tokenizer.pad_token_id))
         # --prompt-kd needs logits on every real token after a row's first; else only the answers
-        window = att if prompt else mask
+        window = att * (pos > 0) if prompt else mask  # every token after its example's first
         # the models return final hidden states; the loss projects them to logits chunk by chunk
         with final_hidden(acc.unwrap_model(model)) as lm_head, autocast:
             hidden, labels, wmask = logits_window(model if with_grad else acc.unwrap_model(model),
-                                                  ids, att, window)
+                                                  ids, att, window, pos)
         t_hidden = topk = t_head = None
         if teacher is not None and cfg.alpha_ce < 1:
             with final_hidden(teacher) as t_lm_head, autocast, torch.no_grad():
-                t_hidden, _, _ = logits_window(teacher, ids, att, window)
+                t_hidden, _, _ = logits_window(teacher, ids, att, window, pos)
             t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
         if cache is not None and cfg.alpha_ce < 1:
             topk = teacher_rows(cache, items, device)
@@ -676,7 +717,8 @@ def distill(cfg: DistillConfig) -> Path:
         # depend on how the batch is split over micro-batches and processes
         answers = sum(e.targets for e in mine)
         read = sum(len(e.ids) for e in mine)
-        counts = torch.tensor([answers, read, read - len(mine) - answers],  # prompt positions
+        firsts = sum(len(e.segments) for e in mine)  # each example's first token: no prediction
+        counts = torch.tensor([answers, read, read - firsts - answers],  # prompt positions
                               dtype=torch.float64, device=device)
         n_global, read, p_global = (float(x) for x in acc.reduce(counts, reduction="sum"))
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -767,10 +809,10 @@ def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
     autocast = precision.autocast(device, enabled=cfg.bf16)
     for i in tqdm(range(0, len(items), cfg.batch_size), desc="teacher top-k", file=sys.stderr):
         batch = items[i:i + cfg.batch_size]
-        ids, att, mask = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+        ids, att, mask, pos = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         with torch.no_grad():
             with final_hidden(teacher) as lm_head, autocast:
-                hidden, _, tmask = logits_window(teacher, ids, att, mask)
+                hidden, _, tmask = logits_window(teacher, ids, att, mask, pos)
             rows, cols = tmask.nonzero(as_tuple=True)  # row-major: each example's rows in order
             hidden, head = hidden[rows, cols], projector(lm_head, device, cfg.bf16, grad=False)
             parts = [F.log_softmax(head(hidden[j:j + cfg.chunk]).float(), -1).topk(k, dim=-1)
