@@ -393,6 +393,7 @@ def test_k_quant_fallbacks_are_summarised(cli, tiny_models, wide_llama, tmp_path
     assert code == 0 and "kept in" not in out
 
 
+@pytest.mark.slow  # 13 s on a quiet 2-core machine, 29 s on a busy one
 def test_default_q4_k_m_generates_in_llamacpp(cli, tmp_path):
     """The embedded SmolLM2-135M in Q4_K_M: llama.cpp's file type 15, K-quant tensors where the
     rows allow (its 576-wide ones fall back, and the summary says so), and it generates."""
