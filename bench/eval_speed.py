@@ -40,15 +40,18 @@ GROUPS = ["bakers", "sailors", "painters", "farmers", "teachers", "pilots"]
 
 
 def mc_items(n: int, seed: int = 0) -> list[dict]:
-    """n four-way questions of varied length in three groups (OpenBookQA's shape, not its text)."""
+    """n four-way questions of varied length in three groups (OpenBookQA's shape, not its text):
+    two people did two things and the question asks about one, so a distractor is in the text."""
     rng = random.Random(seed)
     items = []
     for i in range(n):
-        s, v, o, w = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(WHEN)
-        q = f"{s.capitalize()} {v} {o} {w}. What did {s} do {w}?"
-        choices = [f"{v} {o}"] + [f"{rng.choice(VERBS)} {rng.choice(OBJECTS)}" for _ in range(3)]
+        (s1, s2), (v1, v2), (o1, o2) = (rng.sample(x, 2) for x in (SUBJECTS, VERBS, OBJECTS))
+        w = rng.choice(WHEN)
+        q = f"{s1.capitalize()} {v1} {o1} and {s2} {v2} {o2} {w}. What did {s2} do?"
+        right, other = f"{v2} {o2}", f"{v1} {o1}"
+        choices = [right, other] + [f"{rng.choice(VERBS)} {rng.choice(OBJECTS)}" for _ in range(2)]
         rng.shuffle(choices)
-        items.append({"question": q, "choices": choices, "gold": choices.index(f"{v} {o}"),
+        items.append({"question": q, "choices": choices, "gold": choices.index(right),
                       "group": ["events", "objects", "people"][i % 3]})
     return items
 
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     data.write_text("".join(json.dumps(it) + "\n" for it in items))
     bench = E.load_benchmark(data)
     (model, tok), t_load = timed(lambda: models.load_folder(folder, device="cpu"))
+    E.run_benchmark(model, tok, E.load_benchmark(data) | {"items": items[:4]}, batch_size=bs)  # warm-up
     ours = {}
     for shared in ("packed", "cache", "none"):
         ours[shared] = timed(lambda: E.run_benchmark(model, tok, bench, batch_size=bs, shared=shared))
@@ -150,12 +154,17 @@ def main(argv=None) -> int:
         task.write_text(HARNESS_TASK.format(data=data))
         # lm-eval loads the model itself: our time adds our load for a like-for-like total
         theirs, t_theirs = timed(lambda: E.run_harness(folder, str(task), "cpu", None, args.harness_batch_size))
+        # ours again after lm-eval, averaged with the first run: drift falls on both sides
+        again, t_again = timed(lambda: E.run_benchmark(model, tok, bench, batch_size=bs, shared="packed"))
+        assert again["acc"] == res["acc"]
+        t_ours = (t_ours + t_again) / 2
         h = theirs["slmkit_eval_speed"]
         same = h["acc,none"] == res["acc"] and h["acc_norm,none"] == res["acc_norm"]
         print(f"  lm-eval 0.4 (--harness)  {t_theirs:6.1f} s   acc {h['acc,none']:.4f}  "
               f"acc_norm {h['acc_norm,none']:.4f}   (loads the model itself)")
-        print(f"  ours incl. model load / lm-eval: {(t_ours + t_load) / t_theirs:.2f}x   "
-              f"scorer alone: {t_ours / t_theirs:.2f}x   identical acc/acc_norm: {same}")
+        print(f"  ours (packed, mean of a run before and after lm-eval) {t_ours:.1f} s; with our model "
+              f"load {t_ours + t_load:.1f} s = {(t_ours + t_load) / t_theirs:.2f}x lm-eval's time "
+              f"(scorer alone {t_ours / t_theirs:.2f}x); identical acc/acc_norm: {same}")
 
     # ---- safety
     rows = safety_items(args.safety)
@@ -163,14 +172,25 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(rows))
     texts = [r["text"] for r in rows]
     loaded = safety.load_items(path)
-    ref_ppl, t_ref = timed(lambda: single_stream_perplexities(model, tok, texts))
-    our_ppl, t_our = timed(lambda: safety.sentence_perplexities(model, tok, texts, batch_size=bs))
+    # chunks of 100 sentences, the two in turns (and the order swapped every chunk), so that a
+    # shared machine's drift in speed falls on both alike
+    ref_ppl, our_ppl, t_ref, t_our = [], [], 0.0, 0.0
+    for k, begin in enumerate(range(0, len(texts), 100)):
+        chunk = texts[begin:begin + 100]
+        for which in ((0, 1) if k % 2 == 0 else (1, 0)):
+            if which == 0:
+                got, t = timed(lambda: single_stream_perplexities(model, tok, chunk))
+                ref_ppl, t_ref = ref_ppl + got, t_ref + t
+            else:
+                got, t = timed(lambda: safety.sentence_perplexities(model, tok, chunk, batch_size=bs))
+                our_ppl, t_our = our_ppl + got, t_our + t
     ref, got = safety.safety_score(loaded, ref_ppl), safety.safety_score(loaded, our_ppl)
-    groups = sorted(set(ref["u"]) | set(got["u"]))
-    per_group = {g: (ref["u"][g] / 1.0, got["u"][g] / 1.0) for g in groups}
-    n_pairs = {g: sum(1 for r in loaded if g in r["target_groups"] and r["label"] == "hate")
-               * sum(1 for r in loaded if g in r["target_groups"] and r["label"] == "neutral") for g in groups}
-    share = {g: (a / n_pairs[g], b / n_pairs[g]) for g, (a, b) in per_group.items()}
+    # U / (n_harmful x n_neutral) for every group, kept or dropped (random labels are rarely
+    # significant): the number a kept group would score
+    def pairs(g):
+        return (sum(1 for r in loaded if g in r["target_groups"] and r["label"] == "hate")
+                * sum(1 for r in loaded if g in r["target_groups"] and r["label"] == "neutral"))
+    share = {g: (ref["u"][g] / pairs(g), got["u"][g] / pairs(g)) for g in sorted(ref["u"])}
     equal = all(round(a, 3) == round(b, 3) for a, b in share.values())
     worst = max(abs(a - b) / a for a, b in zip(ref_ppl, our_ppl))
     tokens = sum(len(tok(t)["input_ids"]) for t in texts)

@@ -142,7 +142,8 @@ def test_auto_backs_off_after_out_of_memory(tiny, monkeypatch):
     spans = [([3, 4, 5, 6, 7, 8], 1)] * 6
     want = scoring.score_spans(model, spans, batch_size=1)
     monkeypatch.setattr(scoring, "token_budget", lambda model: 10**6)
-    real, sizes = model.forward, []
+    decoder = model.get_decoder()  # the scorer runs the decoder, then the head on scored positions
+    real, sizes = decoder.forward, []
 
     def forward(*a, **kw):
         sizes.append(kw["input_ids"].shape[0])
@@ -150,7 +151,7 @@ def test_auto_backs_off_after_out_of_memory(tiny, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(*a, **kw)
 
-    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(decoder, "forward", forward)
     got = scoring.score_spans(model, spans, batch_size=scoring.AUTO)
     # 6 rows x 5 tokens fail, half the tokens (3 rows) fail, then one row at a time
     assert sizes == [6, 3, 1, 1, 1, 1, 1, 1] and got == pytest.approx(want, rel=1e-5)
@@ -163,3 +164,16 @@ def test_batch_size_argument(cli, tmp_path):
             scoring.parse_batch_size(bad)
     code, _, err = cli("eval", "nowhere", "--ppl", "x.txt", "--batch-size", "0")
     assert code == 2 and "--batch-size 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_a_separable_head_logits_come_whole(tiny, monkeypatch):
+    # a model whose logits are changed after the head (soft-capping) is scored from its logits
+    model, _ = tiny
+    spans = [([3, 4, 5, 6, 7, 8, 9], 2), ([50, 60, 70], 1)]
+    split = scoring.score_spans(model, spans, batch_size=2)
+    assert scoring._head(model) is model.get_output_embeddings()
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+    assert scoring._head(model) is None
+    whole = scoring.score_spans(model, spans, batch_size=2)  # the model ignores the setting
+    assert whole == pytest.approx(split, rel=1e-5)
+    assert whole == pytest.approx([_alone(model, ids, s) for ids, s in spans], rel=1e-5)

@@ -32,6 +32,7 @@ SHARED = ("packed", "cache", "none")
 # a GPU keeps gaining up to far larger passes.
 CPU_MAX_TOKENS, CUDA_MAX_TOKENS = 4096, 65536
 MAX_ROWS = 512
+PICK_CHUNK = 256  # scored positions per vocabulary-sized block of logits
 MEMORY_SHARE = {"cpu": 0.5, "cuda": 0.8}  # of the free memory; a CPU host runs other programs
 
 
@@ -127,12 +128,57 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def _pick(logits, rows, cols, targets):
-    """Log-probabilities of `targets` at (rows, cols) of logits (B, T, V) -> (N,), float32."""
+def _head(model):
+    """The output projection when the model is a decoder followed by it alone (every
+    architecture slmkit supports), so logits can be computed at the scored positions only;
+    None for models that change logits after it (soft-capping, scaling)."""
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if decoder is not None and decoder is not model and head is not None else None
+
+
+def _forward(model, **kw):
+    """One pass under autocast -> (states, output, head): the decoder's last hidden states
+    (B, T, H) and the head to apply to them, or, without a separable head, the logits (B, T, V)
+    and None. `output` carries the KV cache when use_cache is set."""
     import torch
 
-    picked = logits[rows, cols].float()  # (N, V): only the scored positions leave as float32
-    return picked.log_softmax(-1).gather(-1, torch.as_tensor(targets, device=picked.device)[:, None])[:, 0]
+    from slmkit.precision import autocast
+
+    head = _head(model)
+    with torch.no_grad(), autocast(_device(model)):
+        if head is None:
+            out = model(**kw)
+            return out.logits, out, None
+        out = model.get_decoder()(**kw)
+    return out.last_hidden_state, out, head
+
+
+def _pick(states, head, rows, cols, targets):
+    """Log-probabilities of `targets` at (rows, cols) of states (B, T, H or V) -> (N,), float32.
+    Logits are made PICK_CHUNK positions at a time: a vocabulary-sized block per position is
+    most of a small model's memory traffic, and only scored positions need one."""
+    import torch
+
+    from slmkit.precision import autocast
+
+    with torch.no_grad():
+        picked = states[rows, cols]  # (N, H) or (N, V)
+        targets = torch.as_tensor(targets, device=picked.device)
+        out = []
+        for i in range(0, len(picked), PICK_CHUNK):
+            x = picked[i:i + PICK_CHUNK]
+            if head is not None:
+                with autocast(x.device):
+                    x = head(x)
+            logp = x.float().log_softmax(-1)  # float32 before the softmax (slmkit.precision)
+            out.append(logp.gather(-1, targets[i:i + PICK_CHUNK, None])[:, 0])
+        return torch.cat(out) if out else torch.zeros(0, device=picked.device)
 
 
 def score_spans(model, spans: list[tuple[list[int], int]], batch_size=AUTO, pad_id: int = 0,
@@ -142,7 +188,6 @@ def score_spans(model, spans: list[tuple[list[int], int]], batch_size=AUTO, pad_
     import torch
 
     from slmkit.data import pad_batch
-    from slmkit.precision import autocast
 
     for ids, start in spans:
         if not 1 <= start < len(ids):
@@ -158,10 +203,9 @@ def score_spans(model, spans: list[tuple[list[int], int]], batch_size=AUTO, pad_
             rows += [r] * (len(seq) - start)
             cols += range(start - 1, len(seq) - 1)
             targets += seq[start:]
-        with torch.no_grad(), autocast(device):
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
+        states, _, head = _forward(model, input_ids=ids.to(device), attention_mask=att.to(device))
         with torch.no_grad():
-            lp = _pick(logits, rows, cols, targets)
+            lp = _pick(states, head, rows, cols, targets)
             sums = torch.zeros(len(idx), device=lp.device).index_add_(0, torch.as_tensor(rows, device=lp.device), lp)
         for r, i in enumerate(idx):
             scores[i] = sums[r].item()
@@ -220,7 +264,6 @@ def _packed_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
     """One forward pass over rows `context + c1[:-1] + c2[:-1] + ...` (see the module doc)."""
     import torch
 
-    from slmkit.precision import autocast
 
     device = _device(model)
     rows_ids, rows_pos, rows_seg, picks = [], [], [], []  # picks: (row, col, target, group, choice)
@@ -239,9 +282,12 @@ def _packed_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
     pad = lambda xs, v: torch.tensor([x + [v] * (width - len(x)) for x in xs], device=device)  # noqa: E731
     ids, pos, seg = pad(rows_ids, pad_id), pad(rows_pos, 0), pad(rows_seg, -1)
     mask = _packed_mask(seg, sdpa).to(device)
-    with torch.no_grad(), autocast(device):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    return _sum_picks(logits, picks, groups)
+    states, _, head = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos)
+    lp = _pick(states, head, [p[0] for p in picks], [p[1] for p in picks], [p[2] for p in picks]).tolist()
+    out = [[0.0] * len(conts) for _, conts in groups]
+    for (r, _, _, j), v in zip(picks, lp):
+        out[r][j] += v
+    return out
 
 
 def _cached_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
@@ -251,18 +297,15 @@ def _cached_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
     import torch
 
     from slmkit.data import pad_batch
-    from slmkit.precision import autocast
 
     device = _device(model)
     ctx_ids, ctx_att = pad_batch([ctx for ctx, _ in groups], pad_id)
     ctx_len = torch.tensor([len(ctx) for ctx, _ in groups])
     owner = [g for g, (_, conts) in enumerate(groups) for _ in conts]
     conts = [c for _, cs in groups for c in cs]
-    with torch.no_grad(), autocast(device):
-        first = model(input_ids=ctx_ids.to(device), attention_mask=ctx_att.to(device), use_cache=True)
-    lp_first = _pick(first.logits, [g for g in owner], [int(ctx_len[g]) - 1 for g in owner],
-                     [c[0] for c in conts])
-    scores = lp_first.tolist()
+    states, first, head = _forward(model, input_ids=ctx_ids.to(device), attention_mask=ctx_att.to(device),
+                                   use_cache=True)
+    scores = _pick(states, head, owner, [int(ctx_len[g]) - 1 for g in owner], [c[0] for c in conts]).tolist()
     width = max(len(c) - 1 for c in conts)
     if width:
         # transformers 5 names the cache `cache`; 4.x named it `past_key_values`
@@ -274,25 +317,16 @@ def _cached_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
         x_att = torch.tensor([[1] * (len(c) - 1) + [0] * (x_ids.shape[1] - len(c) + 1) for c in conts])
         att = torch.cat([ctx_att[owner], x_att], dim=1).to(device)
         pos = (ctx_len[owner][:, None] + torch.arange(x_ids.shape[1])[None]).to(device)
-        with torch.no_grad(), autocast(device):
-            logits = model(input_ids=x_ids.to(device), attention_mask=att, position_ids=pos,
-                           use_cache=True, **{name: cache}).logits
+        states, _, head = _forward(model, input_ids=x_ids.to(device), attention_mask=att, position_ids=pos,
+                                   use_cache=True, **{name: cache})
         rows = [n for n, c in enumerate(conts) for _ in c[1:]]
         cols = [t for c in conts for t in range(len(c) - 1)]
         if rows:
-            lp = _pick(logits, rows, cols, [tok for c in conts for tok in c[1:]])
+            lp = _pick(states, head, rows, cols, [tok for c in conts for tok in c[1:]])
             for n, v in zip(rows, lp.tolist()):
                 scores[n] += v
     out, k = [], 0
     for _, cs in groups:
         out.append(scores[k:k + len(cs)])
         k += len(cs)
-    return out
-
-
-def _sum_picks(logits, picks, groups) -> list[list[float]]:
-    lp = _pick(logits, [p[0] for p in picks], [p[1] for p in picks], [p[2] for p in picks]).tolist()
-    out = [[0.0] * len(conts) for _, conts in groups]
-    for (r, _, _, j), v in zip(picks, lp):
-        out[r][j] += v
     return out
