@@ -5,6 +5,7 @@ A checkpoint folder holds:
   model.safetensors        the student's weights (tied tensors stored once)
   optimizer.safetensors    the optimizer's state tensors, keyed `{param index}.{name}`
   optimizer.json           its param groups and any non-tensor state values
+  (under --fsdp: model-{rank}.safetensors and optimizer-{rank}.*, each process's shards)
   scheduler.json           the LR scheduler's state_dict
   rng-{rank}.safetensors   torch's CPU (and CUDA) generator states of process `rank`
   rng-{rank}.json          Python's and NumPy's generator states of process `rank`
@@ -47,31 +48,43 @@ def read_state(folder: Path) -> dict:
 
 # --------------------------------------------------------------------------- pieces
 
-def save_optimizer(optimizer, folder: Path) -> None:
+def save_optimizer(optimizer, folder: Path, name: str = "optimizer") -> None:
+    """The optimizer's state as NAME.safetensors + NAME.json. Sharded (FSDP) state is saved as
+    this process's shards (give each process its own NAME), and their keys listed."""
     from safetensors.torch import save_file
 
     sd = optimizer.state_dict()
-    tensors, other = {}, {}
+    tensors, other, sharded = {}, {}, []
     for index, state in sd["state"].items():
-        for name, value in state.items():
+        for key, value in state.items():
+            if hasattr(value, "to_local"):  # a DTensor shard
+                sharded.append(f"{index}.{key}")
+                value = value.to_local()
             if hasattr(value, "detach"):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
             else:
-                other[f"{index}.{name}"] = value
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"],
-                                                       "values": other}))
+                other[f"{index}.{key}"] = value
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps({"param_groups": sd["param_groups"],
+                                                     "values": other, "sharded": sharded}))
 
 
-def load_optimizer(optimizer, folder: Path) -> None:
+def load_optimizer(optimizer, folder: Path, name: str = "optimizer") -> None:
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "optimizer.json").read_text())
+    meta = json.loads((folder / f"{name}.json").read_text())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = set(meta.get("sharded", ()))
     state: dict[int, dict] = {}
-    for key, value in [*load_file(str(folder / "optimizer.safetensors")).items(),
+    for key, value in [*load_file(str(folder / f"{name}.safetensors")).items(),
                        *meta["values"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, item = key.split(".", 1)
+        if key in sharded:  # back into a shard laid out like its parameter
+            from torch.distributed.tensor import DTensor
+
+            p = params[int(index)]
+            value = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements, run_check=False)
+        state.setdefault(int(index), {})[item] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
