@@ -589,3 +589,51 @@ def test_fsdp_two_processes_match_one_and_resume(setup, monkeypatch):
 def test_fsdp_needs_a_launcher(setup, cli):
     code, _, err = cli(*_args(setup, "fsdp-alone", "--fsdp"))
     assert code == 2 and "accelerate launch" in err
+
+
+# --------------------------------------------------------------------------- served teacher
+
+def test_served_teacher_kd_equals_the_offline_cache(setup, tmp_path):
+    # the same teacher, its top-8 log-probs read from a file or asked of `slm serve` over HTTP
+    # (vLLM's prompt_logprobs): the same KD, to the cache's float16 storage (~1e-3 relative)
+    from slmkit.serve import start_server
+
+    root, teacher, student, data = setup
+    cache = cache_teacher(_cfg(setup, "k8-cache"), tmp_path / "k8.safetensors", k=8)
+    offline = distill(_cfg(setup, "k8-offline", teacher=None, teacher_cache=str(cache), lr=0.0,
+                           max_steps=2))
+    with start_server([str(teacher)], names=["teacher"]) as server:
+        served = distill(_cfg(setup, "k8-served", teacher=f"openai:teacher@{server.url}", top_k=8,
+                              lr=0.0, max_steps=2))
+    a, b = _metrics(offline), _metrics(served)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2]
+    for x, y in zip(a, b):
+        for k in ("kd", "eval_kd"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=2e-3), (x["step"], k)
+
+
+def test_served_teacher_without_prompt_logprobs_or_with_another_tokenizer(setup, tmp_path, cli):
+    from slmkit.backends.hf import HFBackend
+    from slmkit.serve import start_server
+    from slmkit.served_teacher import ServedTeacher
+
+    root, teacher, student, data = setup
+
+    class NoScoring(HFBackend):
+        def score_prompt(self, ids, k):
+            raise NotImplementedError("this backend cannot score prompts")
+
+    with start_server([NoScoring(str(teacher), name="plain")]) as server:
+        code, _, err = cli(*_args(setup, "served-bad", "--teacher", f"openai:plain@{server.url}"))
+    assert code == 2 and f"{server.url}/v1/completions" in err and "prompt_logprobs" in err
+    assert not (root / "served-bad").exists()
+    tok = models.load_tokenizer(str(student))
+    st = ServedTeacher("openai:t@http://127.0.0.1:9", tok, k=1)
+    ids = tok("hello world").input_ids
+    reply = {"choices": [{"prompt_logprobs": [None] + [
+        {str(t): {"logprob": -1.0, "rank": 1, "decoded_token": "zz"}} for t in ids[1:]]}]}
+    with pytest.raises(UsageError, match="another tokenizer"):
+        st.parse(reply, ids)
+    with pytest.raises(UsageError, match="scored 1 positions"):
+        st.parse({"choices": [{"prompt_logprobs": [None]}]}, ids)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.errors import UsageError
+from slmkit.served_teacher import ServedTeacher, is_served
 
 CACHE_FORMAT = "slmkit-topk-v1"
 
@@ -59,7 +60,9 @@ class DistillConfig:
     """Everything one distillation run needs; CLI flags are these names with dashes."""
 
     student: str = _f(None, "student MODEL: HF folder, .gguf or `default` (usually `slm prune` output)")
-    teacher: str | None = _f(None, "teacher MODEL (same tokenizer); none = CE-only fine-tuning (--alpha-ce 1)")
+    teacher: str | None = _f(None, "teacher MODEL (same tokenizer), or `openai:NAME@URL` for one served "
+                             "with vLLM's prompt_logprobs (vLLM, slm serve); none = CE-only fine-tuning "
+                             "(--alpha-ce 1)")
     data: str = _f(None, "training JSONL (pairs, chat messages, plain text or task fields); "
                    "lines with \"split\": \"eval\" are held out, else --eval-fraction")
     task: str | None = _f(None, "task preset whose fields the data uses (e.g. summarize)")
@@ -88,6 +91,8 @@ class DistillConfig:
     bf16: bool = _f(True, "bf16 autocast where the GPU/CPU supports it (--no-bf16 to disable)")
     device: str | None = _f(None, "cpu or cuda (default: CUDA when present)")
     teacher_cache: str | None = _f(None, "offline teacher: top-k file from --cache-teacher")
+    top_k: int = _f(32, "k of the teacher's top-k log-probs: what --cache-teacher stores and what a "
+                    "served teacher is asked for")
     on_policy: float = _f(0.0, "GKD lambda: fraction of batches whose answers the student samples")
     max_new_tokens: int = _f(128, "longest on-policy sample")
     fsdp: bool = _f(False, "shard the student's parameters, gradients and optimizer state over the "
@@ -130,7 +135,8 @@ class DistillConfig:
                   ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
                   ("eval_fraction", 0 < self.eval_fraction < 1, "in (0, 1)")]
         checks += [(n, getattr(self, n) >= 1, "at least 1") for n in
-                   ("batch_size", "grad_accum", "eval_every", "save_every", "max_length", "chunk")]
+                   ("batch_size", "grad_accum", "eval_every", "save_every", "max_length", "chunk",
+                    "top_k")]
         checks += [(n, getattr(self, n) is None or getattr(self, n) >= 1, "at least 1")
                    for n in ("max_steps", "max_tokens", "stop_after")]
         for name, ok, what in checks:
@@ -155,6 +161,9 @@ class DistillConfig:
         if self.prompt_kd > 0 and not (self.teacher and self.alpha_ce < 1):
             raise UsageError("--prompt-kd needs an online --teacher and --alpha-ce below 1 (the "
                              "teacher cache holds answer positions only)")
+        if is_served(self.teacher) and (self.prompt_kd > 0 or self.on_policy > 0 or self.temperature != 1):
+            raise UsageError("a served teacher (openai:...) gives top-k log-probs at temperature 1 "
+                             "on the data's answers: drop --prompt-kd, --on-policy and --temperature")
         if self.teacher_cache and self.temperature != 1:
             raise UsageError("--teacher-cache holds log-probs at temperature 1; drop --temperature "
                              "or use an online --teacher")
@@ -577,8 +586,10 @@ def distill(cfg: DistillConfig) -> Path:
                                            trust_remote_code=cfg.trust_remote_code)
     student.train()
     student.config.use_cache = False
-    teacher = None
-    if cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
+    teacher = served = None
+    if is_served(cfg.teacher) and cfg.alpha_ce < 1:
+        served = ServedTeacher(cfg.teacher, tokenizer, cfg.top_k)
+    elif cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
         teacher, t_tok = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
                                            device=device, trust_remote_code=cfg.trust_remote_code)
         check_vocab(student, tokenizer, teacher, t_tok, cfg)
@@ -671,6 +682,8 @@ def distill(cfg: DistillConfig) -> Path:
             t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
         if cache is not None and cfg.alpha_ce < 1:
             topk = teacher_rows(cache, items, device)
+        elif served is not None:
+            topk = served.topk(items, device)
         answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
         kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
                   head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
@@ -693,7 +706,7 @@ def distill(cfg: DistillConfig) -> Path:
         if not n:
             return {}
         res = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_tokens": int(n)}
-        if teacher is not None or cache is not None:
+        if teacher is not None or cache is not None or served is not None:
             res["eval_kd"] = kd / n
         return res
 
@@ -824,7 +837,7 @@ def distill(cfg: DistillConfig) -> Path:
 
 # --------------------------------------------------------------------------- offline teacher
 
-def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
+def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
     """Write the teacher's top-k log-probs on every answer position of cfg.data (both splits) to
     one safetensors file (layout in the module docstring). Needs cfg.teacher."""
     import torch
@@ -836,8 +849,10 @@ def cache_teacher(cfg: DistillConfig, dest, k: int = 32) -> Path:
     from slmkit.data import file_hash
     from slmkit.tasks import get_task
 
-    if not cfg.teacher:
-        raise UsageError("--cache-teacher needs --teacher MODEL")
+    if not cfg.teacher or is_served(cfg.teacher):
+        raise UsageError("--cache-teacher needs a local --teacher MODEL (a served teacher is asked "
+                         "during training instead)")
+    k = k or cfg.top_k
     dest = Path(dest)
     task = get_task(cfg.task) if cfg.task else None
     train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
@@ -893,7 +908,6 @@ def add_arguments(parser) -> None:
             parser.add_argument(flag, type=typ, default=f.default, help=help_)
     parser.add_argument("--cache-teacher", metavar="FILE", default=None,
                         help="instead of training, write the teacher's top-k log-probs to FILE")
-    parser.add_argument("--top-k", type=int, default=32, help="k for --cache-teacher")
 
 
 def run(args) -> int:
@@ -901,7 +915,7 @@ def run(args) -> int:
     if args.cache_teacher:
         values["out"] = values["out"] or args.cache_teacher
         values["student"] = values["student"] or values["teacher"]
-        path = cache_teacher(DistillConfig(**values), args.cache_teacher, k=args.top_k)
+        path = cache_teacher(DistillConfig(**values), args.cache_teacher)
         print(path)
         return 0
     print(distill(DistillConfig(**values)))

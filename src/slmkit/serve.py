@@ -8,7 +8,10 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming by server-sent events with
 `"stream": true`, else one JSON answer; temperature, top_p, max_tokens, stop, seed, n, logprobs),
-GET /v1/models, GET /health, GET / (the playground). A model is named by its file or folder stem
+GET /v1/models, GET /health, GET / (the playground). /v1/completions with vLLM's `prompt_logprobs`
+(k <= 20, `prompt` a string or token ids, max_tokens 0 or 1) scores the prompt instead: the top-k
+log-probs at every position, as `slm distill --teacher openai:NAME@URL` asks a teacher for them
+(PyTorch backend). A model is named by its file or folder stem
 (`default` for the embedded model) unless --name is given, one --name per model.
 
 Backends: llama.cpp for .gguf files, PyTorch for Hugging Face folders and `default`. Concurrent
@@ -436,6 +439,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self._json_body(raw)
         chat = path == "/v1/chat/completions"
         name, backend = self.service.backend(body)
+        if not chat and body.get("prompt_logprobs") is not None:
+            return self._score_prompt(name, backend, body)
         prompts = [parse_messages(body)] if chat else parse_prompts(body)
         params = parse_params(body, self.service.limits)
         stream = _get(body, "stream", bool, False, None, "true or false")
@@ -467,6 +472,38 @@ class Handler(BaseHTTPRequestHandler):
         if any(c.finish_reason == "timeout" for c in done):
             raise timeout_error()
         self._json(200, response(rid, name, done, chat, logprobs, n))
+
+    def _score_prompt(self, name: str, backend: Backend, body: dict) -> None:
+        """vLLM's `prompt_logprobs` on /v1/completions: the model's top-k log-probs at every
+        position of one prompt (token ids or a string), for a student distilling from this
+        server. Scoring only: `max_tokens` must be 0 or 1, and no completion text is made."""
+        k = _get(body, "prompt_logprobs", int, 0, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
+        _get(body, "max_tokens", int, 1, lambda v: v in (0, 1), "0 or 1 with prompt_logprobs")
+        p = body.get("prompt")
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = p
+        elif isinstance(p, str) and p:
+            ids = backend.prompt_ids(p)
+        else:
+            raise APIError(400, "with prompt_logprobs, `prompt` is one string or one list of token "
+                           "ids", param="prompt")
+        if len(ids) > self.service.limits.max_input_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; at most "
+                           f"{self.service.limits.max_input_tokens} here", param="prompt")
+        try:
+            scored = backend.score_prompt(ids, k)
+        except NotImplementedError as e:
+            raise APIError(400, str(e), param="prompt_logprobs") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        lps = [None if d is None else {str(i): {"logprob": v, "rank": r, "decoded_token": text}
+                                       for i, (v, r, text) in d.items()} for d in scored]
+        self._json(200, {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
+                         "created": int(time.time()), "model": name,
+                         "choices": [{"index": 0, "text": "", "logprobs": None,
+                                      "finish_reason": "length", "prompt_logprobs": lps}],
+                         "usage": {"prompt_tokens": len(ids), "completion_tokens": 0,
+                                   "total_tokens": len(ids)}})
 
     def _stream(self, name: str, req: Request, rid: str, chat: bool, usage: bool) -> None:
         pieces: queue.Queue = queue.Queue()

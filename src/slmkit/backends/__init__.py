@@ -116,6 +116,11 @@ class Backend:
     def prompt_ids(self, prompt) -> list[int]:
         raise NotImplementedError
 
+    def score_prompt(self, ids: list[int], k: int) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: for each position t of `ids`, the model's top-k next-token
+        log-probs after ids[:t] plus ids[t]'s own, as {id: (logprob, rank, text)}; None at t = 0."""
+        raise NotImplementedError(f"`{self.name}` cannot score prompts (prompt_logprobs)")
+
     def generate(self, prompts: list, *, max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
                  n: int = 1, logprobs: int = 0) -> list[Completion]:

@@ -127,6 +127,29 @@ class HFBackend(Backend):
                                 position_ids=mask.sum(-1, keepdim=True) - 1,
                                 **{self.cache_kw: cache}, use_cache=True).logits[:, -1]
 
+    def score_prompt(self, ids: list[int], k: int) -> list[dict | None]:
+        import torch
+
+        if not ids or len(ids) > self.context_length:
+            raise ValueError(f"the prompt has {len(ids)} tokens; model `{self.name}` scores 1 to "
+                             f"{self.context_length}")
+        if min(ids) < 0 or max(ids) >= self.model.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.model.config.vocab_size})")
+        x = torch.tensor([ids], device=self.device)
+        with self.lock, torch.inference_mode(), precision.autocast(self.device):
+            logits = self.model(input_ids=x, use_cache=False).logits[0, :-1]
+        lp = logits.float().log_softmax(-1).cpu()  # (T - 1, V): row t - 1 predicts ids[t]
+        top = lp.topk(k, dim=-1) if k else None
+        out: list[dict | None] = [None]
+        dec = self.tokenizer.decode
+        for t in range(1, len(ids)):
+            row, own = lp[t - 1], ids[t]
+            picks = {own: float(row[own])}
+            if top is not None:
+                picks |= {int(i): float(v) for i, v in zip(top.indices[t - 1], top.values[t - 1])}
+            out.append({i: (v, int((row > v).sum()) + 1, dec([i])) for i, v in picks.items()})
+        return out
+
     def _logprobs(self, logits, token: int, k: int) -> TokenLogprobs:
         import torch
 
