@@ -107,3 +107,18 @@ def test_bad_lengths():
         metrics.rouge(["a"], [])
     with pytest.raises(ValueError):
         metrics.gleu(["a b"], ["a b"], [["a b"], ["c"]])
+
+
+def test_says_not_given_and_answerability_split():
+    assert metrics.says_not_given("The passage does not say.") and metrics.says_not_given("It doesn't mention that")
+    assert metrics.says_not_given("That is not stated in the passage.")
+    assert not metrics.says_not_given("No more than 3 tablets.") and not metrics.says_not_given("Say it twice.")
+    preds = ["The passage does not say.", "3 tablets", "Take 2 tablets.", "The passage does not say."]
+    refs = [["The passage does not say."], ["No more than 3 tablets."], ["The passage does not say."],
+            ["Two tablets."]]
+    split = metrics.answerability(preds, refs)
+    assert split["n_unanswerable"] == 2 and split["n_answerable"] == 2
+    assert split["unanswerable_acc"] == 0.5          # the first says so, the third answers anyway
+    f1_second = metrics.token_f1("3 tablets", ["No more than 3 tablets."])  # 2 / 3 of the gold tokens
+    assert split["f1_answerable"] == pytest.approx((f1_second + 0.0) / 2)  # a refusal scores 0
+    assert metrics.answerability(["Paris"], [["Paris"]]) == {}  # nothing unanswerable: nothing to split

@@ -145,6 +145,33 @@ def short_answer(predictions: list[str], references: list[list[str]]) -> dict[st
             "f1": sum(token_f1(p, r) for p, r in zip(predictions, references)) / n}
 
 
+NOT_GIVEN = re.compile(r"\b(does|do|did) ?n[o']?t (say|mention|state|specify|contain|give|include)\b"
+                       r"|\bnot (mentioned|stated|specified|given|said)\b")
+"""An answer saying the passage does not give it (matched on SQuAD-normalised text)."""
+
+
+def says_not_given(text: str) -> bool:
+    """Whether an answer says the passage does not give the answer ("The passage does not say.")."""
+    return bool(NOT_GIVEN.search(normalize_answer(text)))
+
+
+def answerability(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Unanswerable questions (a reference says the passage does not say) apart from answerable
+    ones: `unanswerable_acc`, the share of unanswerable questions whose answer says so, and
+    `f1_answerable`, token F1 on the others, with their counts. {} when no question is
+    unanswerable (the overall F1 says it all)."""
+    _check_lengths(predictions, references)
+    no = [i for i, refs in enumerate(references) if any(says_not_given(r) for r in refs)]
+    if not no:
+        return {}
+    yes = [i for i in range(len(predictions)) if i not in set(no)]
+    out = {"unanswerable_acc": sum(says_not_given(predictions[i]) for i in no) / len(no),
+           "n_unanswerable": len(no), "n_answerable": len(yes)}
+    if yes:
+        out["f1_answerable"] = sum(token_f1(predictions[i], references[i]) for i in yes) / len(yes)
+    return out
+
+
 # --------------------------------------------------------------------------- multiple choice
 
 def choice_accuracy(logliks: list[list[float]], choices: list[list[str]],
