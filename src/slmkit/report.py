@@ -17,6 +17,8 @@ from pathlib import Path
 # (key, label, higher is better). Quality scores are in [0, 1] and shown x100.
 TASK_METRICS = [("rouge1", "ROUGE-1", True), ("rouge2", "ROUGE-2", True), ("rougeL", "ROUGE-L", True),
                 ("gleu", "GLEU", True), ("exact", "exact match", True), ("f1", "token F1", True),
+                ("f1_answerable", "token F1, answerable questions", True),
+                ("unanswerable_acc", "unanswerable questions: says the passage does not say", True),
                 ("agreement", "agreement with reference (ROUGE-L)", True)]
 COST_METRICS = [("parameters", "parameters", False), ("bytes_on_disk", "size on disk", False),
                 ("peak_rss_bytes", "peak memory (RSS)", False), ("ttft_s", "time to first token", False),
@@ -119,7 +121,9 @@ def fmt(key: str, value) -> str:
 def rows(metrics: dict) -> list[list[str]]:
     """The scorecard: header row, then one row per figure; cells say value and relative."""
     models = metrics["models"]
-    header = ["", *(m["name"] + (" (reference)" if i == 0 else "") for i, m in enumerate(models))]
+    bases = metrics.get("baselines") or []
+    header = ["", *(m["name"] + (" (reference)" if i == 0 else "") for i, m in enumerate(models)),
+              *(f"{b['name']} (baseline)" for b in bases)]
     table = [header]
     all_q: dict[str, str] = {}
     all_c: dict[str, str] = {}
@@ -144,9 +148,26 @@ def rows(metrics: dict) -> list[list[str]]:
                 rel = m.get("relative", {}).get("quality_pct" if kind == "quality" else "cost_x", {})
                 if i > 0 and k in rel:
                     cell += f" ({rel[k]:.0f}%)" if kind == "quality" else f" ({rel[k]:.2f}x)"
+                if kind == "quality":
+                    cell += "".join(f" **below {b['name']}**" for b in below_baselines(m, bases, k))
+                row.append(cell)
+            for b in bases:
+                base = quality_values(b).get(k) if kind == "quality" else None
+                ref = quality_values(models[0]).get(k)
+                cell = "-" if base is None else fmt(k, base[1])
+                if base is not None and ref and ref[1]:
+                    cell += f" ({100 * base[1] / ref[1]:.0f}%)" if base[2] else ""
                 row.append(cell)
             table.append(row)
     return table
+
+
+def below_baselines(entry: dict, baselines: list[dict], key: str) -> list[dict]:
+    """The baselines that score better than the model on a higher-is-better figure `key`."""
+    mine = quality_values(entry).get(key)
+    if mine is None or not mine[2]:
+        return []
+    return [b for b in baselines if key in quality_values(b) and mine[1] < quality_values(b)[key][1]]
 
 
 def scorecard(metrics: dict) -> str:
