@@ -419,3 +419,16 @@ def test_default_q4_k_m_generates_in_llamacpp(cli, tmp_path):
     # checks are that the chat template, tokenizer and weights load and produce words
     text = reply["choices"][0]["message"]["content"]
     assert reply["usage"]["completion_tokens"] >= 2 and any(c.isalpha() for c in text), reply
+
+
+def test_a_killed_export_is_cleaned_and_exports_share_a_folder(tiny_models, tmp_path, cli):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / ".a.gguf.x1y2z3").write_bytes(b"half a file")  # what a killed export leaves
+    code, out, _ = cli("export", tiny_models["llama"], "--quant", "f16", "--out", folder / "a.gguf")
+    assert code == 0 and not (folder / ".a.gguf.x1y2z3").exists()
+    code, out, _ = cli("export", tiny_models["qwen2"], "--quant", "f16", "--out", folder / "b.gguf")
+    assert code == 0 and "b.Modelfile" in out
+    assert "FROM ./a.gguf" in (folder / "Modelfile").read_text()  # the first export's, kept
+    assert "FROM ./b.gguf" in (folder / "b.Modelfile").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "a.gguf", "b.Modelfile", "b.gguf"]

@@ -62,19 +62,22 @@ def add_arguments(p):
                    help="weight type: f32, f16, q8_0 (default; ~8.5 bits/weight), q6_k (~6.6), "
                         "q5_k_m (~5.7), q4_k_m (~4.9, Ollama's usual pick) or q4_0 (~4.5)")
     p.add_argument("--out", help="output .gguf file (default: ./NAME.QUANT.gguf); an Ollama "
-                                 "`Modelfile` is written in the same folder")
+                                 "`Modelfile` is written in the same folder (NAME.Modelfile when "
+                                 "the folder's Modelfile is another export's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model folder")
 
 
 def run(args) -> int:
     out = Path(args.out) if args.out else Path(f"{model_name(args.model)}.{args.quant}.gguf")
-    path = export_gguf(args.model, out, quant=args.quant)
+    path = export_gguf(args.model, out, quant=args.quant, trust_remote_code=args.trust_remote_code)
     size = path.stat().st_size
-    print(f"wrote {path} ({size / 2**20:.1f} MiB, {args.quant}) and {path.parent / 'Modelfile'}")
+    mf = modelfile_path(path)
+    print(f"wrote {path} ({size / 2**20:.1f} MiB, {args.quant}) and {mf}")
     fallbacks = kquant_fallbacks(path, args.quant)
     if fallbacks:
         print(f"  {fallbacks}")
     print(f"  llama.cpp: llama-cli -m {path} -cnv")
-    print(f"  Ollama:    cd {path.parent} && ollama create {path.stem.split('.')[0]} -f Modelfile")
+    print(f"  Ollama:    cd {path.parent} && ollama create {path.stem.split('.')[0]} -f {mf.name}")
     return 0
 
 
@@ -90,9 +93,10 @@ class Planned:
     permute_heads: int = 0      # >0: apply the rotary row permutation with this many heads
 
 
-def export_gguf(model, out, quant: str = "q8_0") -> Path:
+def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False) -> Path:
     """Write MODEL (an HF folder, a .gguf file or `default`) as a GGUF file at `out`, and an
-    Ollama `Modelfile` beside it. Written to a temporary sibling, then renamed into place.
+    Ollama `Modelfile` beside it (`modelfile_path`). Written to a temporary sibling, then renamed
+    into place; temporary files a killed export left beside `out` are removed first.
     Returns the path of the .gguf file."""
     import gguf
     from safetensors import safe_open
@@ -106,7 +110,7 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"--out {out}: give a file name ending in .gguf")
-    folder = models.resolve(model)
+    folder = models.resolve(model, trust_remote_code=trust_remote_code)
     cfg = models.read_config(folder)
     arch = gguf_arch(cfg, folder)
     tok = tokenizer_metadata(folder, cfg["vocab_size"])
@@ -125,6 +129,8 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
     plan = plan_tensors(cfg, arch, {k: s for k, (s, _) in shapes.items()}, written)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*"):  # mkstemp's names below: a killed export's
+        stale.unlink(missing_ok=True)
     temps = []
     for _ in range(2 if quant in BY_LLAMACPP else 1):
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
@@ -155,7 +161,7 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
         if quant in BY_LLAMACPP:
             llamacpp_quantize(temps[0], temps[1], quant)
             tmp = temps[1]
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is for sharing
+        models.share(Path(tmp))  # mkstemp makes it private; a model file is for sharing
         os.replace(tmp, out)
     except BaseException:
         writer.close()
@@ -163,10 +169,21 @@ def export_gguf(model, out, quant: str = "q8_0") -> Path:
     finally:
         for t in temps:
             Path(t).unlink(missing_ok=True)
-    with models.atomic_write(out.parent / "Modelfile") as f:
+    with models.atomic_write(modelfile_path(out)) as f:
         f.write(modelfile(out.name, tok["chat_template"], tok["eos_text"]))
-    os.chmod(out.parent / "Modelfile", 0o644)
     return out
+
+
+def modelfile_path(gguf_file: Path) -> Path:
+    """`Modelfile` beside the GGUF file, unless that one belongs to another GGUF file of the
+    folder (its FROM line says so): then `NAME.Modelfile`, so exports share a folder safely."""
+    plain = gguf_file.parent / "Modelfile"
+    if plain.is_file():
+        froms = [line.split(None, 1)[1].strip() for line in plain.read_text(errors="replace").splitlines()
+                 if line.startswith("FROM ") and len(line.split(None, 1)) == 2]
+        if froms and froms[0] != f"./{gguf_file.name}":
+            return gguf_file.with_suffix(".Modelfile")
+    return plain
 
 
 def _llama_cpp(quant: str):

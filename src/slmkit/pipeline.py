@@ -195,7 +195,8 @@ def stage_export(ctx: Context, opts: dict) -> dict:
 
     opts = {"quant": "q8_0", **opts}
     out = ctx.run_dir / "export" / f"{ctx.recipe.name}-student-{opts['quant']}.gguf"
-    export_gguf(ctx.student or ctx.best_teacher, str(out), **opts)
+    export_gguf(ctx.student or ctx.best_teacher, str(out),
+                trust_remote_code=ctx.recipe.trust_remote_code, **opts)
     return {"gguf": str(out)}
 
 
