@@ -169,3 +169,11 @@ def autocast_mode(request, monkeypatch) -> str:
     """Runs the test once per precision path, with SLMKIT_AUTOCAST set (inherited by subprocesses)."""
     monkeypatch.setenv("SLMKIT_AUTOCAST", request.param)
     return request.param
+
+
+def path_tol(float32_tol: float) -> float:
+    """The relative tolerance of a test that runs whichever precision path this machine takes
+    (bf16 CPUs and GPUs: bf16 autocast): `float32_tol` in float32, REL_TOL["bf16"] under bf16."""
+    from slmkit import precision
+
+    return REL_TOL["bf16"] if precision.autocast_dtype("cpu") is not None else float32_tol

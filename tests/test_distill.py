@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import AUTOCAST_MODES, CORPUS, REL_TOL, make_tiny_model
+from conftest import AUTOCAST_MODES, CORPUS, REL_TOL, make_tiny_model, path_tol
 from slmkit import losses, models, precision
 from slmkit.distill import (DistillConfig, cache_teacher, distill, encode_all, sample_answers,
                             split_rows, teacher_dtype)
@@ -384,7 +384,7 @@ def test_prompt_kd_is_the_kl_over_the_prompt_tokens(setup):
     lengths = [len(e.ids) for e in encode_all(train, tok, 1024)]
     batch = epoch_batches(lengths, 4, 0, 0)[0]
     total, n = _prompt_kl_sums(student, teacher, [train[i][1] for i in batch])
-    assert logged == pytest.approx(total / n, rel=1e-4)
+    assert logged == pytest.approx(total / n, rel=path_tol(1e-4))
 
 
 def test_prompt_kd_teaches_the_prompt_tokens_too(setup):
@@ -531,7 +531,7 @@ def test_packed_batch_gives_the_unpacked_loss(setup, tmp_path, prompt_kd):
         rows[packed] = next(r for r in _metrics(out) if r["step"] == 1)
     assert rows[True]["tokens"] == rows[False]["tokens"]
     for k in ("kd", "ce") + (("prompt_kd",) if prompt_kd else ()):
-        assert rows[True][k] == pytest.approx(rows[False][k], rel=1e-5), k
+        assert rows[True][k] == pytest.approx(rows[False][k], rel=path_tol(1e-5)), k
 
 
 def test_pack_with_on_policy_is_refused(setup):
@@ -610,7 +610,7 @@ def test_served_teacher_kd_equals_the_offline_cache(setup, tmp_path):
     for x, y in zip(a, b):
         for k in ("kd", "eval_kd"):
             if k in x:
-                assert y[k] == pytest.approx(x[k], rel=2e-3), (x["step"], k)
+                assert y[k] == pytest.approx(x[k], rel=path_tol(2e-3)), (x["step"], k)
 
 
 def test_served_teacher_without_prompt_logprobs_or_with_another_tokenizer(setup, tmp_path, cli):
