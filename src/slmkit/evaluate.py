@@ -57,6 +57,7 @@ def add_arguments(parser) -> None:
                         help="sequences per forward pass, or `auto` (default): as many tokens as "
                         "free memory allows (CPU and CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow code from model folders")
     parser.add_argument("--out", help="folder for report.html, report.md, metrics.json, predictions/")
 
 
@@ -69,7 +70,8 @@ def run(args) -> int:
                        bench=args.bench, shots=args.shots, seed=args.seed, ppl=args.ppl,
                        stride=args.stride, safety=args.safety, speed=args.speed, engine=args.engine,
                        harness=args.harness, out=args.out, max_new_tokens=args.max_new_tokens,
-                       cot_tokens=args.cot_tokens, batch_size=args.batch_size, device=args.device)
+                       cot_tokens=args.cot_tokens, batch_size=args.batch_size, device=args.device,
+                       trust_remote_code=args.trust_remote_code)
     print(report.scorecard(metrics))
     if args.out:
         print(f"\nreport: {Path(args.out) / 'report.html'}", file=sys.stderr)
@@ -83,7 +85,8 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
              bench: list[str] | None = None, shots: int = 0, seed: int = 1234, ppl: str | None = None,
              stride: int = 512, safety: str | None = None, speed: bool = False, engine: str = "torch",
              harness: str | None = None, out: str | None = None, max_new_tokens: int = 64,
-             cot_tokens: int = 256, batch_size="auto", device=None) -> dict:
+             cot_tokens: int = 256, batch_size: int | str = "auto", device=None,
+             trust_remote_code: bool = False) -> dict:
     """Evaluate every model; returns the metrics dict (also written to OUT/metrics.json with the
     report when `out` is given). Per model: name, path, parameters, bytes_on_disk, `task`
     (e.g. rouge1/rouge2/rougeL, agreement with the reference's outputs), `benchmarks`,
@@ -101,6 +104,9 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
     batch_size = parse_batch_size(batch_size)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: give a positive number of examples")
+    for flag, value in (("--max-new-tokens", max_new_tokens), ("--cot-tokens", cot_tokens)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
     if not (task or data or bench or ppl or safety or speed or harness):
         raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, --speed "
                          "or --harness")
@@ -122,8 +128,8 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
     if ppl:
         from slmkit.data import calibration_texts
 
-        ppl_text = "\n\n".join(calibration_texts(ppl))
-    folders = [M.resolve(m) for m in models]
+        ppl_text = "\n\n".join(calibration_texts(ppl, what="--ppl"))
+    folders = [M.resolve(m, trust_remote_code=trust_remote_code) for m in models]
     if examples:  # task prompts are user messages: an instruct model needs its chat template
         for spec, folder in zip(models, folders):
             if not M.has_chat_template(folder):
@@ -158,7 +164,7 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
                  **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
                                          "hidden_size", "heads", "kv_heads", "mlp_size")}}
         print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
-        model, tok = M.load_folder(folder, device=dev)
+        model, tok = M.load_folder(folder, device=dev, trust_remote_code=trust_remote_code)
         # a .gguf generates through llama.cpp when asked: the exported file judged as users run it
         backend = None
         if engine == "llamacpp" and generates and _gguf_path(spec):

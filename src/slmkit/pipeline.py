@@ -186,7 +186,8 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
         names.append("student")
     out = ctx.run_dir / "report"
     evaluate(specs, names=names, task=ctx.task_arg, data=ctx.eval_data, split=ctx.eval_split,
-             out=str(out), device=ctx.recipe.device, **opts)
+             out=str(out), device=ctx.recipe.device,
+             trust_remote_code=ctx.recipe.trust_remote_code, **opts)
     return {"report": str(out)}
 
 
