@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # and pip never pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-bf16 bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# the whole suite on the path bf16 CPUs and GPUs take by default (slow on CPUs without bf16)
+test-bf16: install
+	SLMKIT_AUTOCAST=bf16 $(BIN)/python -m pytest -q tests
 
 bench: install
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
