@@ -637,3 +637,11 @@ def test_served_teacher_without_prompt_logprobs_or_with_another_tokenizer(setup,
         st.parse(reply, ids)
     with pytest.raises(UsageError, match="scored 1 positions"):
         st.parse({"choices": [{"prompt_logprobs": [None]}]}, ids)
+
+
+def test_a_damaged_checkpoint_is_one_line(setup, cli):
+    ckpt = distill(_cfg(setup, "damaged", stop_after=1, max_steps=3))
+    (ckpt / "scheduler.json").write_bytes(b"\xff{not json")
+    code, _, err = cli(*_args(setup, "damaged", "--max-steps", 3, "--batch-size", 4, "--lr", "0.003",
+                              "--eval-every", 4))
+    assert code == 2 and "scheduler.json" in err and "Traceback" not in err

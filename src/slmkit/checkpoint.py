@@ -42,8 +42,18 @@ def recover(work: Path) -> Path | None:
     return work / LIVE
 
 
+FIX = "delete that checkpoint folder (the run then starts over) or restore it"
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; a damaged one is a one-line error naming it."""
+    from slmkit.models import read_json as read
+
+    return read(path, fix=FIX)
+
+
 def read_state(folder: Path) -> dict:
-    return json.loads((folder / STATE).read_text())
+    return read_json(folder / STATE)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -72,7 +82,7 @@ def save_optimizer(optimizer, folder: Path, name: str = "optimizer") -> None:
 def load_optimizer(optimizer, folder: Path, name: str = "optimizer") -> None:
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / f"{name}.json").read_text())
+    meta = read_json(folder / f"{name}.json")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sharded = set(meta.get("sharded", ()))
     state: dict[int, dict] = {}
@@ -114,7 +124,7 @@ def load_rng(folder: Path, rank: int) -> None:
     cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    states = json.loads((folder / f"rng-{rank}.json").read_text())
+    states = read_json(folder / f"rng-{rank}.json")
     version, mt, gauss = states["python"]
     random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = states["numpy"]

@@ -573,7 +573,7 @@ def distill(cfg: DistillConfig) -> Path:
     train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
     fp = fingerprint(cfg, world, device)
     if cfg.resume and (out / "training_record.json").is_file():
-        done = json.loads((out / "training_record.json").read_text())
+        done = models.read_json(out / "training_record.json", fix="delete OUT to train again")
         if done.get("fingerprint") == fp:
             return out  # finished already with these settings
     state, ckpt = find_resume_point(cfg, work, fp, acc)
@@ -647,7 +647,7 @@ def distill(cfg: DistillConfig) -> Path:
         else:
             safetensors.torch.load_model(acc.unwrap_model(model), str(ckpt / "model.safetensors"))
             checkpoint.load_optimizer(optimizer, ckpt)
-        scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+        scheduler.load_state_dict(checkpoint.read_json(ckpt / "scheduler.json"))
         checkpoint.load_rng(ckpt, acc.process_index)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         if main:
@@ -660,7 +660,7 @@ def distill(cfg: DistillConfig) -> Path:
         work.mkdir(parents=True, exist_ok=True)
         keep = []  # a killed run may have logged steps past its last checkpoint, or half a line
         if resuming and metrics_path.is_file():
-            keep = [line for line in metrics_path.read_text().splitlines()
+            keep = [line for line in metrics_path.read_text(errors="replace").splitlines()
                     if _logged_step(line) is not None and _logged_step(line) <= step]
         with models.atomic_write(metrics_path) as f:
             f.write("".join(l + "\n" for l in keep))
