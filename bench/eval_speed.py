@@ -49,7 +49,10 @@ def mc_items(n: int, seed: int = 0) -> list[dict]:
         w = rng.choice(WHEN)
         q = f"{s1.capitalize()} {v1} {o1} and {s2} {v2} {o2} {w}. What did {s2} do?"
         right, other = f"{v2} {o2}", f"{v1} {o1}"
-        choices = [right, other] + [f"{rng.choice(VERBS)} {rng.choice(OBJECTS)}" for _ in range(2)]
+        choices = [right, other]
+        while len(choices) < 4:  # distinct choices: a tie would be broken by float noise
+            if (filler := f"{rng.choice(VERBS)} {rng.choice(OBJECTS)}") not in choices:
+                choices.append(filler)
         rng.shuffle(choices)
         items.append({"question": q, "choices": choices, "gold": choices.index(right),
                       "group": ["events", "objects", "people"][i % 3]})
