@@ -107,3 +107,12 @@ def test_empty_and_broken_files(tmp_path):
     broken.write_text('[\n{"text": "a"},\n{"text": \n')
     with pytest.raises(UsageError, match=r"b\.json:\d+: not valid JSON"):
         safety.load_items(broken)
+
+
+def test_safety_file_that_is_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'[{"text": "caf\xe9"}]')
+    with pytest.raises(UsageError, match=r"bad.json:1: not UTF-8"):
+        safety.load_items(bad)
+    with pytest.raises(UsageError, match="is a folder"):
+        safety.load_items(tmp_path)

@@ -26,10 +26,10 @@ P_MAX = 0.05
 
 def load_items(path: str | Path) -> list[dict]:
     """Validated items, each with `where` (file:line) added for later messages."""
+    from slmkit.errors import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--safety: file `{path}` does not exist")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path, "--safety file")  # missing, a folder or not UTF-8: one line
     rows = _json_list_with_lines(path, raw) if raw.lstrip().startswith("[") else _jsonl(path)
     if not rows:
         raise UsageError(f"{path}: no sentences; the safety set needs harmful and neutral sentences")
