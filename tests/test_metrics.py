@@ -69,7 +69,7 @@ def test_gleu_corpus():
     assert both != pytest.approx((0.541083 + 1) / 2, abs=1e-3)
 
 
-def test_gleu_draws_references_like_jfleg_and_leaves_random_unseeded():
+def test_gleu_draws_references_like_jfleg_and_leaves_the_global_generator_alone():
     # two references: HYP scores 1 against itself and 0.541 against REF; round j uses
     # random.seed(j*101) then randint(0, 1) for the sentence
     state = random.getstate()
@@ -79,7 +79,10 @@ def test_gleu_draws_references_like_jfleg_and_leaves_random_unseeded():
         picks.append(random.randint(0, 1))
     random.setstate(state)
     expected = sum(1.0 if p == 0 else 0.541083 for p in picks) / 20
+    random.seed(7)
+    before = random.getstate()
     assert metrics.gleu([SRC], [HYP], [[HYP, REF]], iterations=20) == pytest.approx(expected, abs=1e-6)
+    assert random.getstate() == before  # neither reseeded nor advanced
     assert 0 < picks.count(0) < 20  # the draw really mixes both references
 
 

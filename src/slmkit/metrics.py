@@ -92,9 +92,8 @@ def gleu(sources: list[str], hypotheses: list[str], references: list[list[str]],
     # one reference index per sentence per round, drawn as gleu.py draws them
     indices = []
     for j in range(iterations):
-        random.seed(j * 101)
-        indices.append([random.randint(0, num_refs - 1) for _ in hyp])
-    random.seed()  # do not leave the global generator in a fixed state
+        rng = random.Random(j * 101)  # the same draws as gleu.py's random.seed(j * 101), and the
+        indices.append([rng.randint(0, num_refs - 1) for _ in hyp])  # global generator untouched
     # statistics of every (sentence, reference) pair, computed once
     per_ref = [[gleu_stats(s, h, r, order) for r in rs] for s, h, rs in zip(src, hyp, refs)]
     scores = []
