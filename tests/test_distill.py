@@ -645,3 +645,19 @@ def test_a_damaged_checkpoint_is_one_line(setup, cli):
     code, _, err = cli(*_args(setup, "damaged", "--max-steps", 3, "--batch-size", 4, "--lr", "0.003",
                               "--eval-every", 4))
     assert code == 2 and "scheduler.json" in err and "Traceback" not in err
+
+
+def test_final_hidden_then_lm_head_equals_the_logits(tiny_model):
+    # the loss projects hidden states itself (memory bounded in the vocabulary): for every
+    # architecture slmkit trains, that must be exactly the model's own logits
+    from slmkit.distill import final_hidden
+
+    model, _ = models.load_model(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, logits_to_keep=4).logits
+        with final_hidden(model) as lm_head:
+            hidden = model(input_ids=ids, logits_to_keep=4).logits
+        assert hidden.shape == (1, 4, model.config.hidden_size)
+        torch.testing.assert_close(lm_head(hidden), logits, rtol=0, atol=0)
+    assert model.get_output_embeddings() is lm_head  # put back
