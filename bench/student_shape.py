@@ -1,9 +1,11 @@
-"""One row of the demo's student table: prune a (tuned) teacher to a shape, distil it on the
-`summarize` preset, and score ROUGE-L on the preset's 40 held-out conversations.
+"""One row of the demo's student table: prune a (tuned) teacher to a shape, distil it on a
+preset (`summarize` unless --task says), and score the task's metric on the preset's held-out
+split (ROUGE-L on summarize's 40 conversations).
 
     python bench/student_shape.py                       # the demo's row (after `make demo`)
     python bench/student_shape.py runs/demo/teacher_tuned --work /tmp/shapes/h6 \\
         --shape '{"layers": 18, "hidden": 576, "ffn": 1280, "heads": 6, "kv_heads": 3}'
+    python bench/student_shape.py runs/grammar/teacher_tuned --task grammar --work /tmp/shapes/g
 
 Defaults are the demo's: its tuned teacher, shape 18/576/1152/9 heads, and distillation of
 200 steps of 1 example (lr 3e-4, alpha_ce 0.5, max_length 320); `--distill` overrides any of
@@ -30,6 +32,8 @@ def main() -> int:
     p.add_argument("--work", default=None, help="folder for the student (default: a temp folder)")
     p.add_argument("--shape", default=json.dumps(DEMO_SHAPE), help="prune shape as JSON")
     p.add_argument("--distill", default="{}", help="distill settings as JSON, over the demo's")
+    p.add_argument("--task", default="summarize", help="preset to distil and score (default: summarize)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer scored (default 48)")
     a = p.parse_args()
     if not Path(a.teacher, "config.json").is_file():
         print(f"skip: no teacher at {a.teacher} (run `make demo` first)", file=sys.stderr)
@@ -42,7 +46,7 @@ def main() -> int:
 
     work = Path(a.work or tempfile.mkdtemp(prefix="student-shape-"))
     shape = json.loads(a.shape)
-    data = str(preset_data("summarize"))
+    data = str(preset_data(a.task))
     t0 = time.perf_counter()
     pruned = work / "pruned"
     if not (pruned / "config.json").is_file():
@@ -51,12 +55,14 @@ def main() -> int:
     cfg = {"batch_size": 1, "lr": 3e-4, "alpha_ce": 0.5, "max_length": 320, "eval_max": 8,
            "max_steps": 200} | json.loads(a.distill)
     student = distill(DistillConfig(student=str(pruned), teacher=a.teacher, data=data,
-                                    task="summarize", out=str(work / "student"), seed=0, **cfg))
+                                    task=a.task, out=str(work / "student"), seed=0, **cfg))
     t2 = time.perf_counter()
-    m = evaluate([str(student)], task="summarize", split="eval", max_new_tokens=48, batch_size=8)
-    print(json.dumps({"shape": shape, "distill": cfg, "rougeL": m["models"][0]["task"]["rougeL"],
+    m = evaluate([str(student)], task=a.task, split="eval", max_new_tokens=a.max_new_tokens, batch_size=8)
+    key = m["headline"].split(".", 1)[1]
+    print(json.dumps({"shape": shape, "distill": cfg, key: m["models"][0]["task"][key],
+                      "task": m["models"][0]["task"], "baselines": m.get("baselines"),
                       "parameters": m["models"][0]["parameters"], "prune_s": round(t1 - t0, 1),
-                      "distill_s": round(t2 - t1, 1)}))
+                      "distill_s": round(t2 - t1, 1), "eval_s": round(time.perf_counter() - t2, 1)}))
     return 0
 
 
