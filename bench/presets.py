@@ -45,7 +45,7 @@ def row(name: str, metrics: dict, seconds: float) -> dict:
     by = {m["name"]: m for m in metrics["models"]}
     tuned, zero, student = (by[NAMES[k]] for k in ("tuned", "zero", "student"))
     ref = tuned["task"][key]
-    base = next(iter(metrics.get("baselines") or []), None)
+    base = next(iter(metrics.get("baselines") or []), None) or copy_baseline(name)
     extra = []
     for k, label in (("f1_answerable", "F1 answerable"), ("unanswerable_acc", "unanswerable acc")):
         if k in tuned["task"]:
@@ -58,6 +58,20 @@ def row(name: str, metrics: dict, seconds: float) -> dict:
             "seconds": seconds, "extra": "; ".join(extra)}
 
 
+def copy_baseline(name: str, data: str | None = None, split: str | None = "eval",
+                  limit: int | None = None) -> dict | None:
+    """Copy-the-input on the preset's eval split or on `data` (a report written before slm eval
+    showed baselines has none; it needs no model)."""
+    from slmkit.baselines import copy_input
+    from slmkit.data import load_examples
+    from slmkit.evaluate import score_task
+    from slmkit.tasks import get_task, preset_data
+
+    task = get_task(name)
+    ex = load_examples(data or str(preset_data(name)), task, split=split, need_answer=True, limit=limit)
+    return copy_input(ex, task, lambda preds: score_task(task.metric, ex, preds, task))
+
+
 def jfleg(runs: Path, limit: int | None) -> dict:
     """GLEU of the tuned teacher and the student on JFLEG dev, with copy-the-input."""
     from slmkit.evaluate import evaluate
@@ -67,7 +81,7 @@ def jfleg(runs: Path, limit: int | None) -> dict:
     m = evaluate([str(run / "teacher_tuned"), str(run / "student")], names=["teacher (tuned)", "student"],
                  task="grammar", data=str(JFLEG), split=None, limit=limit, max_new_tokens=60)
     gleu = {e["name"]: e["task"]["gleu"] for e in m["models"]}
-    base = next(iter(m.get("baselines") or []), None)
+    base = next(iter(m.get("baselines") or []), None) or copy_baseline("grammar", str(JFLEG), None, limit)
     return {"n": m["n_examples"], "gleu": gleu, "copy": base["task"]["gleu"] if base else None,
             "seconds": time.perf_counter() - t0}
 
