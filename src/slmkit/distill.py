@@ -551,33 +551,93 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
+@dataclass
+class Run:
+    """One training run as `setup` makes it: what the loop reads, and the position it advances."""
+
+    cfg: DistillConfig
+    acc: object              # accelerate.Accelerator: processes, DDP, reductions
+    fp: dict                 # the fingerprint a checkpoint must match to continue this run
+    out: Path
+    work: Path               # OUT.work: metrics.jsonl and checkpoint/ while training
+    model: object            # the student as prepared: DDP-wrapped, FSDP-sharded or plain
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    train: list[Encoded]
+    held: list[Encoded]
+    total: int               # optimizer steps
+    checkpointing: bool      # activation checkpointing on the student
+    teacher: object = None   # the teacher: online (frozen model), offline (top-k file) or served
+    cache: object = None
+    served: ServedTeacher | None = None
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def device(self):
+        return self.acc.device
+
+    @property
+    def student(self):
+        """The student module itself (under FSDP the sharded module is one)."""
+        return self.acc.unwrap_model(self.model)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
+    @property
+    def collective(self) -> bool:
+        """A sharded model evaluates on every process at once; otherwise the main one does."""
+        return self.cfg.fsdp
+
+    def autocast(self):
+        from slmkit import precision
+
+        return precision.autocast(self.device, self.cfg.bf16)
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Train the student; returns the student folder (cfg.out). With `stop_after`, returns the
     checkpoint folder after that many steps instead, as if the run had been killed."""
+    run = setup(cfg)
+    return Path(cfg.out) if run is None else fit(run)
+
+
+def setup(cfg: DistillConfig) -> Run | None:
+    """Data, models, optimizer and the resume point; None when OUT is already this run's
+    finished student (under --resume)."""
     import safetensors.torch
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm import tqdm
 
-    from slmkit import checkpoint, losses, models, precision, sharding
+    from slmkit import checkpoint, models, sharding
     from slmkit.tasks import get_task
 
     out = Path(cfg.out)
     work = out.with_name(out.name + ".work")
     acc = Accelerator(cpu=cfg.device == "cpu")
-    world, main = acc.num_processes, acc.is_main_process
     device = acc.device
     # the data first: a bad file is reported before minutes of model loading
     task = get_task(cfg.task) if cfg.task else None
     train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
-    fp = fingerprint(cfg, world, device)
+    fp = fingerprint(cfg, acc.num_processes, device)
     if cfg.resume and (out / "training_record.json").is_file():
         done = models.read_json(out / "training_record.json", fix="delete OUT to train again")
         if done.get("fingerprint") == fp:
-            return out  # finished already with these settings
+            return None  # finished already with these settings
     state, ckpt = find_resume_point(cfg, work, fp, acc)
-    resuming = state is not None
     set_seed(cfg.seed)
     return_freed_memory()
 
@@ -595,14 +655,13 @@ def distill(cfg: DistillConfig) -> Path:
         check_vocab(student, tokenizer, teacher, t_tok, cfg)
         teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
     cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
-    autocast = precision.autocast(device, enabled=cfg.bf16)
 
     # data
     train = encode_all(train_ex, tokenizer, cfg.max_length)
     if cfg.pack:
         train = pack(train, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     if len(train) < global_batch:
         raise UsageError(f"{cfg.data}: {len(train)} training examples, fewer than one global batch "
                          f"({global_batch} = --batch-size x --grad-accum x processes); lower them")
@@ -615,13 +674,12 @@ def distill(cfg: DistillConfig) -> Path:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    per_epoch = len(train) // global_batch
     if cfg.max_steps:
         total = cfg.max_steps
     elif cfg.max_tokens:
         total = max(1, math.ceil(cfg.max_tokens / (sum(lengths) / len(lengths) * global_batch)))
     else:
-        total = per_epoch
+        total = len(train) // global_batch  # one epoch
     warmup = int(cfg.warmup_ratio * total)
 
     if cfg.fsdp:
@@ -637,126 +695,62 @@ def distill(cfg: DistillConfig) -> Path:
         model, optimizer = student, acc.prepare(optimizer)
     else:
         model, optimizer = acc.prepare(student, optimizer)
-    rank = acc.process_index
+    run = Run(cfg, acc, fp, out, work, model, tokenizer, optimizer, scheduler, train, held, total,
+              checkpointing, teacher=teacher, cache=cache, served=served)
 
-    step, tokens, elapsed = 0, 0, 0.0
-    if resuming:
+    rank = acc.process_index
+    if state is not None:
         if cfg.fsdp:
             sharding.load_model_shard(model, ckpt, rank)
             checkpoint.load_optimizer(optimizer, ckpt, f"optimizer-{rank}")
         else:
-            safetensors.torch.load_model(acc.unwrap_model(model), str(ckpt / "model.safetensors"))
+            safetensors.torch.load_model(run.student, str(ckpt / "model.safetensors"))
             checkpoint.load_optimizer(optimizer, ckpt)
         scheduler.load_state_dict(checkpoint.read_json(ckpt / "scheduler.json"))
-        checkpoint.load_rng(ckpt, acc.process_index)
-        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-        if main:
-            print(f"slm distill: continuing from step {step} of `{ckpt}`", file=sys.stderr)
-    elif main and work.exists():
+        checkpoint.load_rng(ckpt, rank)
+        run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state["elapsed"]
+        if run.main:
+            print(f"slm distill: continuing from step {run.step} of `{ckpt}`", file=sys.stderr)
+    elif run.main and work.exists():
         shutil.rmtree(work)
     acc.wait_for_everyone()
-    metrics_path = work / "metrics.jsonl"
-    if main:
+    if run.main:
         work.mkdir(parents=True, exist_ok=True)
         keep = []  # a killed run may have logged steps past its last checkpoint, or half a line
-        if resuming and metrics_path.is_file():
-            keep = [line for line in metrics_path.read_text(errors="replace").splitlines()
-                    if _logged_step(line) is not None and _logged_step(line) <= step]
-        with models.atomic_write(metrics_path) as f:
-            f.write("".join(l + "\n" for l in keep))
+        if state is not None and (work / "metrics.jsonl").is_file():
+            keep = [line for line in (work / "metrics.jsonl").read_text(errors="replace").splitlines()
+                    if _logged_step(line) is not None and _logged_step(line) <= run.step]
+        with models.atomic_write(work / "metrics.jsonl") as f:
+            f.write("".join(line + "\n" for line in keep))
+    return run
 
-    def forward(items, with_grad=True, prompt=False):
-        """Summed (KD, CE) and the number of counted answer tokens for one micro-batch; with
-        `prompt`, also the summed KD over the prompt tokens (else 0)."""
-        ids, att, mask, pos = (t.to(device) for t in collate(items, tokenizer.pad_token_id))
-        # --prompt-kd needs logits on every real token after a row's first; else only the answers
-        window = att * (pos > 0) if prompt else mask  # every token after its example's first
-        # the models return final hidden states; the loss projects them to logits chunk by chunk
-        with final_hidden(acc.unwrap_model(model)) as lm_head, autocast:
-            hidden, labels, wmask = logits_window(model if with_grad else acc.unwrap_model(model),
-                                                  ids, att, window, pos)
-        t_hidden = topk = t_head = None
-        if teacher is not None and cfg.alpha_ce < 1:
-            with final_hidden(teacher) as t_lm_head, autocast, torch.no_grad():
-                t_hidden, _, _ = logits_window(teacher, ids, att, window, pos)
-            t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
-        if cache is not None and cfg.alpha_ce < 1:
-            topk = teacher_rows(cache, items, device)
-        elif served is not None:
-            topk = served.topk(items, device)
-        answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
-        kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
-                  head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
-        kd, ce, n = losses.loss_sums(hidden, labels, answer, teacher_logits=t_hidden,
-                                     teacher_topk=topk, **kw)
-        prompt_kd = kd.new_zeros(())
-        if prompt:
-            prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,
-                                               teacher_logits=t_hidden, **kw)
-        return kd, ce, n, prompt_kd
 
-    def evaluate() -> dict:
-        model.eval()
-        kd = ce = n = 0.0
-        with torch.no_grad():
-            for i in range(0, len(held), cfg.batch_size):
-                k, c, m, _ = forward(held[i:i + cfg.batch_size], with_grad=False)
-                kd, ce, n = kd + float(k), ce + float(c), n + m
-        model.train()
-        if not n:
-            return {}
-        res = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_tokens": int(n)}
-        if teacher is not None or cache is not None or served is not None:
-            res["eval_kd"] = kd / n
-        return res
+def fit(run: Run) -> Path:
+    """The training loop, from run.step to run.total; returns the student folder (or, at
+    --stop-after, the checkpoint folder)."""
+    import torch
+    from tqdm import tqdm
 
-    def log(row: dict) -> None:
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    from slmkit import losses, sharding
 
-    def save_checkpoint() -> None:
-        tmp = work / checkpoint.TMP
-        if main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        checkpoint.save_rng(tmp, rank)  # every process its own generators
-        if cfg.fsdp:  # and under FSDP its own shards
-            sharding.save_model_shard(model, tmp, rank)
-            checkpoint.save_optimizer(optimizer, tmp, f"optimizer-{rank}")
-        elif main:
-            safetensors.torch.save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
-            checkpoint.save_optimizer(optimizer, tmp)
-        if main:
-            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        acc.wait_for_everyone()
-        if main:
-            checkpoint.fsync_tree(tmp)
-            with models.atomic_write(tmp / checkpoint.STATE) as f:  # last: the folder is complete
-                json.dump({"step": step, "tokens": tokens, "elapsed": elapsed, "total_steps": total,
-                           "fingerprint": fp}, f, indent=1)
-            checkpoint.fsync_tree(tmp)
-            checkpoint.swap_in(work)
-        acc.wait_for_everyone()
-
-    bar = tqdm(total=total, initial=step, disable=not main, file=sys.stderr, unit="step",
-               desc="distill", dynamic_ncols=True)
+    cfg, acc = run.cfg, run.acc
+    lengths = [len(e.ids) for e in run.train]
+    per_epoch = len(run.train) // run.global_batch
+    bar = tqdm(total=run.total, initial=run.step, disable=not run.main, file=sys.stderr,
+               unit="step", desc="distill", dynamic_ncols=True)
     last_eval: dict = {}
     row: dict = {}
-    collective = cfg.fsdp  # a sharded model evaluates on every process at once
-    if step == 0 and (main or collective):
-        log({"step": 0, "tokens": 0} | evaluate())  # the starting point, for comparison
-    t0 = time.perf_counter() - elapsed
-    while step < total and not (cfg.max_tokens and tokens >= cfg.max_tokens):
-        epoch, index = divmod(step, per_epoch)
-        batch = epoch_batches(lengths, global_batch, cfg.seed, epoch)[index]
-        mine = [train[i] for i in batch[rank::world]]  # each process its share of the global batch
-        sampled = bool(cfg.on_policy) and random.Random(cfg.seed * 7919 + step).random() < cfg.on_policy
+    if run.step == 0 and (run.main or run.collective):
+        log(run, {"step": 0, "tokens": 0} | evaluate_held(run))  # the starting point
+    t0 = time.perf_counter() - run.elapsed
+    while run.step < run.total and not (cfg.max_tokens and run.tokens >= cfg.max_tokens):
+        epoch, index = divmod(run.step, per_epoch)
+        batch = epoch_batches(lengths, run.global_batch, cfg.seed, epoch)[index]
+        mine = [run.train[i] for i in batch[acc.process_index::run.world]]  # this process's share
+        sampled = bool(cfg.on_policy) and random.Random(cfg.seed * 7919 + run.step).random() < cfg.on_policy
         if sampled:
-            mine = sample_answers(acc.unwrap_model(model), mine, tokenizer, cfg.max_new_tokens,
-                                  device, autocast)
+            mine = sample_answers(run.student, mine, run.tokenizer, cfg.max_new_tokens,
+                                  run.device, run.autocast())
 
         def objective(kd, ce):
             # on the student's own samples only the divergence trains (GKD; TRL does the same):
@@ -769,70 +763,172 @@ def distill(cfg: DistillConfig) -> Path:
         read = sum(len(e.ids) for e in mine)
         firsts = sum(len(e.segments) for e in mine)  # each example's first token: no prediction
         counts = torch.tensor([answers, read, read - firsts - answers],  # prompt positions
-                              dtype=torch.float64, device=device)
+                              dtype=torch.float64, device=run.device)
         n_global, read, p_global = (float(x) for x in acc.reduce(counts, reduction="sum"))
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        sums = torch.zeros(3, dtype=torch.float64, device=run.device)
         micro = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         for m, items in enumerate(micro):
             last = m == len(micro) - 1
-            sync = (sharding.no_sync(model, not last) if cfg.fsdp
-                    else nullcontext() if last else acc.no_sync(model))
+            sync = (sharding.no_sync(run.model, not last) if cfg.fsdp
+                    else nullcontext() if last else acc.no_sync(run.model))
             with sync:
-                kd, ce, _, pkd = forward(items, prompt=cfg.prompt_kd > 0)
-                loss = objective(kd, ce) * (world / n_global)  # DDP averages grads
+                kd, ce, _, pkd = batch_losses(run, items, prompt=cfg.prompt_kd > 0)
+                loss = objective(kd, ce) * (run.world / n_global)  # DDP averages grads
                 if cfg.prompt_kd > 0:
-                    loss = loss + cfg.prompt_kd * pkd * (world / max(p_global, 1.0))
+                    loss = loss + cfg.prompt_kd * pkd * (run.world / max(p_global, 1.0))
                 acc.backward(loss)
             sums += torch.stack([kd.detach(), ce.detach(), pkd.detach()]).double()
-        grad_norm = (sharding.clip_grad_norm(model, cfg.clip) if cfg.fsdp
-                     else acc.clip_grad_norm_(model.parameters(), cfg.clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += int(read)
+        grad_norm = (sharding.clip_grad_norm(run.model, cfg.clip) if cfg.fsdp
+                     else acc.clip_grad_norm_(run.model.parameters(), cfg.clip))
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        run.tokens += int(read)
         kd_sum, ce_sum, pkd_sum = (float(x) for x in acc.reduce(sums, reduction="sum"))
-        elapsed = time.perf_counter() - t0
-        row = {"step": step, "tokens": tokens,
+        run.elapsed = time.perf_counter() - t0
+        row = {"step": run.step, "tokens": run.tokens,
                "loss": float(objective(torch.tensor(kd_sum / n_global), torch.tensor(ce_sum / n_global))),
-               "kd": kd_sum / n_global, "ce": ce_sum / n_global, "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
-               "elapsed_s": round(elapsed, 3)}
+               "kd": kd_sum / n_global, "ce": ce_sum / n_global, "lr": run.scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm), "tokens_per_s": run.tokens / max(run.elapsed, 1e-9),
+               "elapsed_s": round(run.elapsed, 3)}
         if cfg.prompt_kd > 0:
             row["prompt_kd"] = pkd_sum / max(p_global, 1.0)
         if sampled:
             row["on_policy"] = True
-        if step % cfg.eval_every == 0 or step == total:
-            if main or collective:
-                last_eval = evaluate()
+        if run.step % cfg.eval_every == 0 or run.step == run.total:
+            if run.main or run.collective:
+                last_eval = evaluate_held(run)
                 row |= last_eval
             acc.wait_for_everyone()
-        log(row)
+        log(run, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-        if step % cfg.save_every == 0 or step == cfg.stop_after:
-            save_checkpoint()
-        if step == cfg.stop_after:
+        if run.step % cfg.save_every == 0 or run.step == cfg.stop_after:
+            save_checkpoint(run)
+        if run.step == cfg.stop_after:
             bar.close()
-            return work / "checkpoint"
+            return run.work / "checkpoint"
     bar.close()
+    if not last_eval and (run.main or run.collective):
+        last_eval = evaluate_held(run)
+    save_student(run, row, last_eval, time.perf_counter() - t0)
+    return run.out
 
-    if not last_eval and (main or collective):
-        last_eval = evaluate()
-    full = sharding.full_state_dict(model) if cfg.fsdp else None  # every process takes part
+
+def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt: bool = False):
+    """Summed (KD, CE) and the number of counted answer tokens for one micro-batch; with
+    `prompt`, also the summed KD over the prompt tokens (else 0)."""
+    import torch
+
+    from slmkit import losses
+
+    cfg, device = run.cfg, run.device
+    ids, att, mask, pos = (t.to(device) for t in collate(items, run.tokenizer.pad_token_id))
+    # --prompt-kd needs logits on every real token after a row's first; else only the answers
+    window = att * (pos > 0) if prompt else mask  # every token after its example's first
+    # the models return final hidden states; the loss projects them to logits chunk by chunk
+    with final_hidden(run.student) as lm_head, run.autocast():
+        hidden, labels, wmask = logits_window(run.model if with_grad else run.student,
+                                              ids, att, window, pos)
+    t_hidden = topk = t_head = None
+    if run.teacher is not None and cfg.alpha_ce < 1:
+        with final_hidden(run.teacher) as t_lm_head, run.autocast(), torch.no_grad():
+            t_hidden, _, _ = logits_window(run.teacher, ids, att, window, pos)
+        t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
+    if run.cache is not None and cfg.alpha_ce < 1:
+        topk = teacher_rows(run.cache, items, device)
+    elif run.served is not None:
+        topk = run.served.topk(items, device)
+    answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
+    kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
+              head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
+    kd, ce, n = losses.loss_sums(hidden, labels, answer, teacher_logits=t_hidden,
+                                 teacher_topk=topk, **kw)
+    prompt_kd = kd.new_zeros(())
+    if prompt:
+        prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,
+                                           teacher_logits=t_hidden, **kw)
+    return kd, ce, n, prompt_kd
+
+
+def evaluate_held(run: Run) -> dict:
+    """Mean CE (and KD) over the held-out examples, with the student in eval mode."""
+    import torch
+
+    run.model.eval()
+    kd = ce = n = 0.0
+    with torch.no_grad():
+        for i in range(0, len(run.held), run.cfg.batch_size):
+            k, c, m, _ = batch_losses(run, run.held[i:i + run.cfg.batch_size], with_grad=False)
+            kd, ce, n = kd + float(k), ce + float(c), n + m
+    run.model.train()
+    if not n:
+        return {}
+    res = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_tokens": int(n)}
+    if run.teacher is not None or run.cache is not None or run.served is not None:
+        res["eval_kd"] = kd / n
+    return res
+
+
+def log(run: Run, row: dict) -> None:
+    if run.main:
+        with open(run.work / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def save_checkpoint(run: Run) -> None:
+    """Write OUT.work/checkpoint (layout in slmkit.checkpoint); every process takes part."""
+    import safetensors.torch
+
+    from slmkit import checkpoint, models, sharding
+
+    acc, main, rank = run.acc, run.main, run.acc.process_index
+    tmp = run.work / checkpoint.TMP
     if main:
-        unwrapped = sharding.unsharded_copy(model, full) if cfg.fsdp else acc.unwrap_model(model)
-        record = {"config": dataclasses.asdict(cfg), "fingerprint": fp, "steps": step,
-                  "total_steps": total, "tokens": tokens, "processes": world, "device": str(device),
-                  "precision": precision.describe(device, cfg.bf16), "activation_checkpointing": checkpointing,
-                  "time_s": round(time.perf_counter() - t0, 2), "final_train": row,
-                  "final_eval": last_eval, "parameters": models.count_parameters(unwrapped)}
-        unwrapped.config.use_cache = True
-        models.save_model(unwrapped, tokenizer, out, extra={"training_record.json": record})
-        shutil.copy(metrics_path, out / "metrics.jsonl")
-        shutil.rmtree(work, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    return out
+    checkpoint.save_rng(tmp, rank)  # every process its own generators
+    if run.cfg.fsdp:  # and under FSDP its own shards
+        sharding.save_model_shard(run.model, tmp, rank)
+        checkpoint.save_optimizer(run.optimizer, tmp, f"optimizer-{rank}")
+    elif main:
+        safetensors.torch.save_model(run.student, str(tmp / "model.safetensors"))
+        checkpoint.save_optimizer(run.optimizer, tmp)
+    if main:
+        (tmp / "scheduler.json").write_text(json.dumps(run.scheduler.state_dict()))
+    acc.wait_for_everyone()
+    if main:
+        checkpoint.fsync_tree(tmp)
+        with models.atomic_write(tmp / checkpoint.STATE) as f:  # last: the folder is complete
+            json.dump({"step": run.step, "tokens": run.tokens, "elapsed": run.elapsed,
+                       "total_steps": run.total, "fingerprint": run.fp}, f, indent=1)
+        checkpoint.fsync_tree(tmp)
+        checkpoint.swap_in(run.work)
+    acc.wait_for_everyone()
+
+
+def save_student(run: Run, last_row: dict, last_eval: dict, seconds: float) -> None:
+    """OUT: the student (gathered whole under FSDP) with training_record.json and metrics.jsonl;
+    OUT.work goes."""
+    from slmkit import models, precision, sharding
+
+    full = sharding.full_state_dict(run.model) if run.cfg.fsdp else None  # every process takes part
+    if run.main:
+        student = sharding.unsharded_copy(run.model, full) if run.cfg.fsdp else run.student
+        record = {"config": dataclasses.asdict(run.cfg), "fingerprint": run.fp, "steps": run.step,
+                  "total_steps": run.total, "tokens": run.tokens, "processes": run.world,
+                  "device": str(run.device), "precision": precision.describe(run.device, run.cfg.bf16),
+                  "activation_checkpointing": run.checkpointing, "time_s": round(seconds, 2),
+                  "final_train": last_row, "final_eval": last_eval,
+                  "parameters": models.count_parameters(student)}
+        student.config.use_cache = True
+        models.save_model(student, run.tokenizer, run.out, extra={"training_record.json": record})
+        shutil.copy(run.work / "metrics.jsonl", run.out / "metrics.jsonl")
+        shutil.rmtree(run.work, ignore_errors=True)
+    run.acc.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- offline teacher
