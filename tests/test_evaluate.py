@@ -328,3 +328,31 @@ def test_llamacpp_engine_scores_generation_of_the_gguf(tiny_llama, tmp_path):
     assert preds[0] == preds[1] and any(preds[0])
     assert cpp["task"]["rougeL"] == pytest.approx(hf["task"]["rougeL"])
     assert cpp["benchmarks"]["g"]["accuracy"] == hf["benchmarks"]["g"]["accuracy"]
+
+
+def test_copy_baseline_in_the_scorecard(cli, tiny_llama, tmp_path):
+    rows = [{"input": f"She go to school number {i} .", "output": f"She goes to school number {i} ."}
+            for i in range(3)]
+    data = _write(tmp_path / "g.jsonl", rows)
+    out = tmp_path / "report"
+    code, stdout, err = cli("eval", tiny_llama, "--task", "grammar", "--data", data,
+                            "--max-new-tokens", "4", "--out", out)
+    assert code == 0, err
+    assert "copy the input (baseline)" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    from slmkit.data import load_examples
+    from slmkit.tasks import get_task
+
+    task = get_task("grammar")
+    ex = load_examples(data, task, need_answer=True)
+    assert m["baselines"][0]["task"] == E.score_task("gleu", ex, [r["input"] for r in rows], task)
+
+
+def test_qa_scores_unanswerable_apart():
+    from slmkit.data import Example
+
+    ex = [Example(references=["The passage does not say."]), Example(references=["Two tablets."])]
+    s = E.score_task("f1", ex, ["The passage does not say.", "Two tablets."])
+    assert s["unanswerable_acc"] == 1.0 and s["f1_answerable"] == 1.0 and s["n_unanswerable"] == 1
+    s = E.score_task("f1", ex, ["Take two tablets.", "The passage does not say."])
+    assert s["unanswerable_acc"] == 0.0 and s["f1_answerable"] == 0.0

@@ -156,6 +156,11 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
                      "greedy": True, "seed": seed, "stride": stride, "engine": engine},
         "models": [],
     }
+    if examples:  # what a model must beat: copying the input, where targets are close to inputs
+        from slmkit.baselines import copy_input
+
+        base = copy_input(examples, task_obj, lambda p: score_task(metrics["metric"], examples, p, task_obj))
+        metrics["baselines"] = [base] if base else []
     reference_predictions = None
     measured: dict = {}  # speed by model shape: (name, result)
     for spec, folder, name in zip(models, folders, names):
@@ -342,7 +347,7 @@ def score_task(metric: str, examples, predictions: list[str], task=None) -> dict
         return {"gleu": Q.gleu([tokenize(s) for s in sources], [tokenize(p) for p in predictions],
                                [[tokenize(r) for r in rs] for rs in padded]),
                 "n": len(examples)}
-    return Q.short_answer(predictions, refs) | {"n": len(examples)}
+    return Q.short_answer(predictions, refs) | Q.answerability(predictions, refs) | {"n": len(examples)}
 
 
 def _source(example, task=None) -> str:
