@@ -74,7 +74,7 @@ def test_build_cli_bad_recipe_exits_2(cli, tmp_path):
 def test_demo_recipe_is_valid():
     recipe = load_recipe(pipeline.DEMO)
     assert recipe.teacher == "default" and recipe.task.name == "summarize"
-    assert list(recipe.stages) == ["tune_teacher", "prune", "distill", "eval", "export"]
+    assert list(recipe.stages) == ["tune_teacher", "prune", "distill", "export", "eval"]
 
 
 @pytest.mark.slow
@@ -109,6 +109,55 @@ def test_tiny_build_end_to_end_then_skip_then_resume(tmp_path, tiny_llama, task_
     changed = write(recipe_path, recipe_path.read_text().replace("max_steps: 3", "max_steps: 4"))
     pipeline.build(load_recipe(changed), runs=runs)
     assert ran == ["distill", "eval"]
+
+
+@pytest.mark.slow
+def test_build_scores_the_exports_through_llamacpp(tmp_path, tiny_llama, task_data, monkeypatch):
+    """The report shows what a laptop gets: the exported student and the teacher exported the
+    same way, generated and timed by llama.cpp, beside the PyTorch rows."""
+    pytest.importorskip("llama_cpp")
+    recipe_path = tiny_recipe(tmp_path, tiny_llama, task_data, extra="  export: {quant: q4_k_m}")
+    write(recipe_path, recipe_path.read_text().replace("max_new_tokens: 8}",
+                                                       "max_new_tokens: 8, speed: true}"))
+    runs = tmp_path / "runs"
+    result = pipeline.build(load_recipe(recipe_path), runs=runs)
+    assert list(result["stages"]) == ["tune_teacher", "prune", "distill", "export", "eval"]
+    exported = result["stages"]["export"]["outputs"]
+    metrics = json.loads((runs / "tiny" / "report" / "metrics.json").read_text())
+    rows = {m["name"]: m for m in metrics["models"]}
+    assert list(rows) == ["teacher (tuned)", "teacher (zero-shot)", "student",
+                          "teacher q4_k_m (llama.cpp)", "student q4_k_m (llama.cpp)"]
+    for name, key in (("teacher q4_k_m (llama.cpp)", "teacher_gguf"),
+                      ("student q4_k_m (llama.cpp)", "gguf")):
+        row, gguf = rows[name], Path(exported[key])
+        assert row["source"] == str(gguf) and row["bytes_on_disk"] == gguf.stat().st_size
+        assert row["engines"]["generation"] == "llamacpp" and row["speed"]["engine"] == "llamacpp"
+        assert "rougeL" in row["task"]
+        assert all(row["speed"][k] > 0 for k in ("decode_tokens_per_s", "ttft_s", "peak_rss_bytes"))
+    assert {rows[n]["engines"]["generation"] for n in ("teacher (tuned)", "student")} == {"torch"}
+    assert "student q4_k_m (llama.cpp)" in (runs / "tiny" / "report" / "report.md").read_text()
+
+    # eval after export: new eval options rerun eval only; a new quant re-exports and re-scores
+    ran = []
+    for stage, fn in list(pipeline.RUNNERS.items()):
+        monkeypatch.setitem(pipeline.RUNNERS, stage,
+                            lambda ctx, opts, fn=fn, stage=stage: ran.append(stage) or fn(ctx, opts))
+    write(recipe_path, recipe_path.read_text().replace("speed: true", "speed: false"))
+    pipeline.build(load_recipe(recipe_path), runs=runs)
+    assert ran == ["eval"]
+    ran.clear()
+    write(recipe_path, recipe_path.read_text().replace("quant: q4_k_m", "quant: q8_0"))
+    pipeline.build(load_recipe(recipe_path), runs=runs)
+    assert ran == ["export", "eval"]
+    names = [m["name"] for m in json.loads((runs / "tiny" / "report" / "metrics.json").read_text())["models"]]
+    assert names[-2:] == ["teacher q8_0 (llama.cpp)", "student q8_0 (llama.cpp)"]
+
+
+def test_eval_engine_in_a_recipe_is_checked(tmp_path):
+    path = write(tmp_path / "bad.yaml", "teacher: default\ntask: summarize\nstages:\n  eval:\n    engine: vulkan\n")
+    with pytest.raises(UsageError) as e:
+        load_recipe(path)
+    assert ":5:" in str(e.value) and "llamacpp" in str(e.value)
 
 
 @pytest.mark.slow

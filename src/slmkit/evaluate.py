@@ -168,6 +168,8 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
         entry = {"name": name, "source": str(spec), "path": str(folder),
                  **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
                                          "hidden_size", "heads", "kv_heads", "mlp_size")}}
+        if _gguf_path(spec):  # a user downloads the file, not the folder it is converted to here
+            entry["bytes_on_disk"] = _gguf_path(spec).stat().st_size
         print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
         model, tok = M.load_folder(folder, device=dev, trust_remote_code=trust_remote_code)
         # a .gguf generates through llama.cpp when asked: the exported file judged as users run it

@@ -1,14 +1,16 @@
-"""Run a recipe end to end: generate -> tune_teacher -> prune -> distill -> eval -> export.
+"""Run a recipe end to end: generate -> tune_teacher -> prune -> distill -> export -> eval.
 
     slm build                          # the built-in demo: recipes/demo.yaml
     slm build recipes/grammar.yaml
     slm build recipes/demo.yaml --from distill   # rerun distill and everything after it
 
 Everything a run makes lives in one folder, `runs/NAME/`: the resolved recipe, `data/`,
-`teacher_tuned/`, `pruned/`, `student/`, `report/`, `export/` and `manifest.json` (per stage:
+`teacher_tuned/`, `pruned/`, `student/`, `export/`, `report/` and `manifest.json` (per stage:
 status, input fingerprint, outputs, seconds). A rerun skips every finished stage whose inputs
 (its options, the upstream stage's fingerprint, the teacher and data files) are unchanged; a
 killed run resumes at the unfinished stage, and a training stage resumes from its checkpoint.
+Export comes before eval: the report scores the exported student and teacher through llama.cpp
+beside the PyTorch models, so it shows what a laptop user gets.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Context:
     eval_split: str | None = "eval"
     report: str | None = None
     gguf: str | None = None
+    teacher_gguf: str | None = None  # the teacher exported in the student's quant, for the report
     fresh: bool = True
     """The running stage starts over: its partial outputs are from other inputs (or none)."""
 
@@ -184,6 +187,19 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
     if ctx.student:
         specs.append(ctx.student)
         names.append("student")
+    if ctx.gguf:  # the exported files, run through llama.cpp as `slm chat` and Ollama run them
+        quant = ctx.recipe.stages["export"].get("quant", EXPORT_QUANT)
+        opts = {"engine": "llamacpp", **opts}
+        if opts["engine"] == "llamacpp" and _is_gguf(ctx.teacher):
+            # the embedded default is itself a GGUF: its zero-shot row stays on PyTorch, so only
+            # the exports' rows are llama.cpp's
+            specs[names.index("teacher (zero-shot)")] = str(models.resolve(
+                ctx.teacher, trust_remote_code=ctx.recipe.trust_remote_code))
+        if ctx.teacher_gguf:
+            specs.append(ctx.teacher_gguf)
+            names.append(f"teacher {quant} (llama.cpp)")
+        specs.append(ctx.gguf)
+        names.append(f"{'student' if ctx.student else 'teacher'} {quant} (llama.cpp)")
     out = ctx.run_dir / "report"
     evaluate(specs, names=names, task=ctx.task_arg, data=ctx.eval_data, split=ctx.eval_split,
              out=str(out), device=ctx.recipe.device,
@@ -191,21 +207,35 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
     return {"report": str(out)}
 
 
+def _is_gguf(spec: str) -> bool:
+    return spec == models.DEFAULT or str(spec).endswith(".gguf")
+
+
+EXPORT_QUANT = "q4_k_m"  # README "## slm export": it kept the demo student's ROUGE-L
+
+
 def stage_export(ctx: Context, opts: dict) -> dict:
     from slmkit.export import export_gguf
 
-    opts = {"quant": "q8_0", **opts}
-    out = ctx.run_dir / "export" / f"{ctx.recipe.name}-student-{opts['quant']}.gguf"
+    opts = {"quant": EXPORT_QUANT, **opts}
+    folder = ctx.run_dir / "export"
+    out = folder / f"{ctx.recipe.name}-student-{opts['quant']}.gguf"
     export_gguf(ctx.student or ctx.best_teacher, str(out),
                 trust_remote_code=ctx.recipe.trust_remote_code, **opts)
-    return {"gguf": str(out)}
+    if not ctx.student:
+        return {"gguf": str(out)}
+    # the teacher in the same quant: the report compares like with like
+    teacher = folder / f"{ctx.recipe.name}-teacher-{opts['quant']}.gguf"
+    export_gguf(ctx.best_teacher, str(teacher), trust_remote_code=ctx.recipe.trust_remote_code,
+                **opts)
+    return {"gguf": str(out), "teacher_gguf": str(teacher)}
 
 
 RUNNERS = {"generate": stage_generate, "tune_teacher": stage_tune_teacher, "prune": stage_prune,
-           "distill": stage_distill, "eval": stage_eval, "export": stage_export}
+           "distill": stage_distill, "export": stage_export, "eval": stage_eval}
 # what each stage's outputs set in the context, and which must exist for a skip to be safe
 OUTPUT_PATHS = {"generate": ("data",), "tune_teacher": ("tuned",), "prune": ("student",),
-                "distill": ("student",), "eval": ("report",), "export": ("gguf",)}
+                "distill": ("student",), "export": ("gguf",), "eval": ("report",)}
 
 
 def _apply(ctx: Context, outputs: dict) -> None:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from slmkit.errors import UsageError, read_text
 
-STAGES = ("generate", "tune_teacher", "prune", "distill", "eval", "export")
+# export runs before eval so the scorecard can show the exported files as a laptop runs them
+STAGES = ("generate", "tune_teacher", "prune", "distill", "export", "eval")
 # a run name is one path component: it names runs/NAME/ and the exported files
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "seed", "device", "stages", "description"}
@@ -163,6 +164,10 @@ def _choices(stage: str, key: str):
         from slmkit.export import QUANTS
 
         return QUANTS
+    if stage == "eval" and key == "engine":
+        from slmkit.evaluate import ENGINES
+
+        return ENGINES
     if stage == "prune" and key == "method":
         from slmkit.prune import METHODS
 
