@@ -153,6 +153,26 @@ def test_build_scores_the_exports_through_llamacpp(tmp_path, tiny_llama, task_da
     assert names[-2:] == ["teacher q8_0 (llama.cpp)", "student q8_0 (llama.cpp)"]
 
 
+@pytest.mark.parametrize("teacher, exported", [
+    ("teacher-folder", ["student-folder", "teacher-folder"]),
+    ("openai:big@http://127.0.0.1:8000/v1", ["student-folder"]),  # no weights to export
+])
+def test_export_stage_exports_the_teacher_beside_the_student(tmp_path, monkeypatch, teacher, exported):
+    import types
+
+    calls = []
+    monkeypatch.setattr("slmkit.export.export_gguf",
+                        lambda model, out, quant, **kw: calls.append((model, Path(out).name)))
+    recipe = types.SimpleNamespace(name="r", trust_remote_code=False)
+    ctx = pipeline.Context(recipe=recipe, run_dir=tmp_path, teacher=teacher, student="student-folder")
+    outputs = pipeline.stage_export(ctx, {"quant": "q8_0"})
+    assert [m for m, _ in calls] == exported
+    assert Path(outputs["gguf"]).name == "r-student-q8_0.gguf"
+    assert ("teacher_gguf" in outputs) == (len(exported) == 2)
+    if len(exported) == 2:
+        assert calls[1][1] == Path(outputs["teacher_gguf"]).name == "r-teacher-q8_0.gguf"
+
+
 def test_eval_engine_in_a_recipe_is_checked(tmp_path):
     path = write(tmp_path / "bad.yaml", "teacher: default\ntask: summarize\nstages:\n  eval:\n    engine: vulkan\n")
     with pytest.raises(UsageError) as e:

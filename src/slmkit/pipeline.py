@@ -222,7 +222,7 @@ def stage_export(ctx: Context, opts: dict) -> dict:
     out = folder / f"{ctx.recipe.name}-student-{opts['quant']}.gguf"
     export_gguf(ctx.student or ctx.best_teacher, str(out),
                 trust_remote_code=ctx.recipe.trust_remote_code, **opts)
-    if not ctx.student:
+    if not ctx.student or ctx.best_teacher.startswith("openai:"):  # an API teacher has no weights
         return {"gguf": str(out)}
     # the teacher in the same quant: the report compares like with like
     teacher = folder / f"{ctx.recipe.name}-teacher-{opts['quant']}.gguf"
