@@ -46,6 +46,8 @@ def row(name: str, metrics: dict, seconds: float) -> dict:
     tuned, zero, student = (by[NAMES[k]] for k in ("tuned", "zero", "student"))
     ref = tuned["task"][key]
     base = next(iter(metrics.get("baselines") or []), None) or copy_baseline(name)
+    if metrics.get("metric") == "f1" and "unanswerable_acc" not in tuned["task"]:
+        answerability(metrics)
     extra = []
     for k, label in (("f1_answerable", "F1 answerable"), ("unanswerable_acc", "unanswerable acc")):
         if k in tuned["task"]:
@@ -56,6 +58,18 @@ def row(name: str, metrics: dict, seconds: float) -> dict:
             "copy": pct(base["task"][key], ref) if base else "-",
             "params": f"{student['parameters'] / 1e6:.1f}M ({100 * student['parameters'] / tuned['parameters']:.1f} %)",
             "seconds": seconds, "extra": "; ".join(extra)}
+
+
+def answerability(metrics: dict) -> None:
+    """Add qa's answerable F1 / unanswerable accuracy from the report's predictions (a report
+    written before slm eval split them has only the overall F1)."""
+    from slmkit.evaluate import _slug
+    from slmkit.metrics import answerability as split
+
+    for m in metrics["models"]:
+        path = Path(metrics["_report"]) / "predictions" / f"{_slug(m['name'])}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        m["task"] |= split([r["prediction"] for r in rows], [r["references"] for r in rows])
 
 
 def copy_baseline(name: str, data: str | None = None, split: str | None = "eval",
@@ -117,6 +131,7 @@ def main() -> int:
     for name in a.presets:
         seconds = build(name, runs)
         metrics = json.loads((runs / name / "report" / "metrics.json").read_text())
+        metrics["_report"] = str(runs / name / "report")
         rows.append(row(name, metrics, seconds))
     jf = None
     if "grammar" in a.presets and not a.no_jfleg:
