@@ -77,6 +77,16 @@ def test_demo_recipe_is_valid():
     assert list(recipe.stages) == ["tune_teacher", "prune", "distill", "export", "eval"]
 
 
+def test_every_shipped_recipe_loads():
+    # a recipe's option of the wrong type or an unknown key is refused at load: every preset
+    # recipe that ships must pass, with the stages in pipeline order
+    paths = sorted(pipeline.DEMO.parent.glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"demo", "grammar", "reply", "qa", "dialogsum"}
+    for path in paths:
+        stages = list(load_recipe(path).stages)
+        assert stages == sorted(stages, key=list(pipeline.RUNNERS).index), path.name
+
+
 @pytest.mark.slow
 def test_tiny_build_end_to_end_then_skip_then_resume(tmp_path, tiny_llama, task_data, monkeypatch):
     recipe_path = tiny_recipe(tmp_path, tiny_llama, task_data)
