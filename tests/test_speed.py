@@ -57,8 +57,10 @@ def test_measure_in_subprocess(tiny_llama, capsys):
     from slmkit import models
 
     out = speed.measure_in_subprocess(tiny_llama, prompt_tokens=16, new_tokens=4, requests=2, batch=2)
-    # the child's progress bar (warm-up, 2 requests, the batch) is relayed to our stderr
-    assert "speed: 100%" in capsys.readouterr().err
+    # the child's progress bar (warm-up, 2 requests, the batch: 4 runs) is relayed to our
+    # stderr; which frames it draws depends on the machine's speed, its total does not
+    err = capsys.readouterr().err
+    assert "speed:" in err and "/4 [" in err
     assert KEYS <= set(out) and out["engine"] == "torch"
     assert out["parameters"] == models.describe(tiny_llama)["parameters"]
     assert out["peak_rss_bytes"] >= out["baseline_rss_bytes"] > 0
