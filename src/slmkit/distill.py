@@ -5,8 +5,9 @@
     slm distill --teacher default --data train.jsonl --task summarize --cache-teacher topk.safetensors
     slm distill --student pruned/ --teacher-cache topk.safetensors --data train.jsonl \\
         --task summarize --out student/                                            # offline teacher
-    slm distill ... --resume                          # continue from OUT.work/checkpoint exactly
-    accelerate launch --num_processes 2 --cpu -m slmkit distill ...   # same command, DDP
+    slm distill ... --resume                          # insist on continuing OUT.work/checkpoint
+    slm distill --student pruned/ --teacher openai:teacher@http://HOST:8000 ...   # served teacher
+    accelerate launch --multi_gpu --num_processes 2 -m slmkit distill ... [--fsdp]  # DDP / FSDP2
 
 Loss = (1 - alpha_ce) * KD + alpha_ce * CE, means over answer tokens (prompt and padding masked;
 plain text: every token). KD is forward KL at tau = 1 unless --loss/--temperature say otherwise
@@ -17,16 +18,21 @@ The token budget (--max-tokens) counts every non-padding token the student reads
 answer; the schedule length is estimated from the mean example length.
 
 Files: OUT/ is the student (HF folder) with training_record.json and metrics.jsonl. While
-training, OUT.work/ holds metrics.jsonl and checkpoint/ (model, optimizer, scheduler, RNG states
-of every process, trainer_state.json with step, tokens and the run fingerprint); it is removed
-once OUT is written.
+training, OUT.work/ holds metrics.jsonl and checkpoint/ (safetensors and JSON only, layout in
+slmkit.checkpoint); it is removed once OUT is written. Rerunning a killed command continues from
+the checkpoint when the settings match (--restart starts over).
+
+The code: `setup` makes a `Run` (data, models, optimizer, resume point), `fit` is the loop;
+`batch_losses` is one micro-batch's loss, the rest (evaluation, checkpoints, the final save) take
+the Run. Memory: the loss projects hidden states to logits --chunk positions at a time
+(`final_hidden`), the student may recompute its activations (`checkpointing_pays`).
 
 Teacher cache (--cache-teacher FILE, read with --teacher-cache FILE): one safetensors file.
 For the example on data line N: `L{N}.tokens` int32 (T,) the input ids, `L{N}.ids` int32 (M, k)
 and `L{N}.logprobs` float16 (M, k), the teacher's top-k next-token ids and log-probs (tau = 1) at
 the M answer positions in order (position t predicts token t + 1). Metadata: format
 `slmkit-topk-v1`, k, tokenizer (hash of the vocabulary), data (sha256 of the file), task,
-max_length, teacher. Any writer (e.g. `slm generate`) that follows this layout works.
+max_length, teacher, autocast (the precision path that made it). Any writer (e.g. `slm generate`) that follows this layout works.
 """
 
 from __future__ import annotations
