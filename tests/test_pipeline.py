@@ -329,20 +329,25 @@ def test_build_refuses_an_unsafe_name_set_in_code(tmp_path):
 
 # --------------------------------------------------------------------------- changed options
 
+def kd_recipe(tmp_path, model, task_data, distill_opts: str):
+    """A recipe with only a distill stage (student = teacher = `model`)."""
+    return write(tmp_path / "kd.yaml", f"""
+        name: kd
+        teacher: {model}
+        student: {model}
+        task: summarize
+        data: {task_data}
+        stages:
+          distill: {{{distill_opts}}}
+        """)
+
+
 @pytest.mark.slow
 def test_killed_training_then_changed_options_restarts_the_stage(tmp_path, tiny_llama, task_data,
                                                                   monkeypatch):
     from slmkit import distill as distill_mod
 
-    recipe_path = write(tmp_path / "kd.yaml", f"""
-        name: kd
-        teacher: {tiny_llama}
-        student: {tiny_llama}
-        task: summarize
-        data: {task_data}
-        stages:
-          distill: {{max_steps: 3, batch_size: 4}}
-        """)
+    recipe_path = kd_recipe(tmp_path, tiny_llama, task_data, "max_steps: 3, batch_size: 4")
     runs = tmp_path / "runs"
     real = distill_mod.distill
 
@@ -368,15 +373,7 @@ def test_killed_training_then_changed_options_restarts_the_stage(tmp_path, tiny_
 
 def test_interrupted_stage_resumes_only_with_the_same_inputs(tmp_path, tiny_llama, task_data,
                                                            monkeypatch):
-    recipe_path = write(tmp_path / "kd.yaml", f"""
-        name: kd
-        teacher: {tiny_llama}
-        student: {tiny_llama}
-        task: summarize
-        data: {task_data}
-        stages:
-          distill: {{max_steps: 3}}
-        """)
+    recipe_path = kd_recipe(tmp_path, tiny_llama, task_data, "max_steps: 3")
     runs = tmp_path / "runs"
     calls = []
 

@@ -23,7 +23,7 @@ import random
 import shutil
 from pathlib import Path
 
-LIVE, TMP, OLD = "checkpoint", ".checkpoint.tmp", ".checkpoint.old-"
+LIVE, TMP, OLD = "checkpoint", ".checkpoint.tmp", ".checkpoint.old-"  # OLD: models.replace_dir's aside name
 STATE = "trainer_state.json"
 
 
@@ -139,15 +139,3 @@ def fsync_tree(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def swap_in(work: Path) -> None:
-    """Make the finished `.checkpoint.tmp` the live checkpoint; the old one goes only after."""
-    live, tmp = work / LIVE, work / TMP
-    old = None
-    if live.exists():
-        old = work / f"{OLD}{os.getpid()}"
-        os.replace(live, old)
-    os.replace(tmp, live)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -912,7 +912,7 @@ def save_checkpoint(run: Run) -> None:
             json.dump({"step": run.step, "tokens": run.tokens, "elapsed": run.elapsed,
                        "total_steps": run.total, "fingerprint": run.fp}, f, indent=1)
         checkpoint.fsync_tree(tmp)
-        checkpoint.swap_in(run.work)
+        models.replace_dir(tmp, run.work / checkpoint.LIVE)  # the old one goes only after
     acc.wait_for_everyone()
 
 
