@@ -503,7 +503,7 @@ def checkpointing_pays(cfg: DistillConfig, config, parameters: int, longest: int
     Activations ~ batch x longest example x layers x (4 hidden + 2 intermediate) x 4 bytes (each
     layer's input, attention and MLP intermediates in float32); training state = 16 bytes a
     parameter (float32 weights, gradients and AdamW's two moments). Recomputing costs about one
-    more forward pass per step (~30 %), so small batches of short examples train without it."""
+    more forward pass per step, so small batches of short examples train without it."""
     if cfg.activation_checkpointing != "auto":
         return cfg.activation_checkpointing == "on"
     hidden = config.hidden_size
