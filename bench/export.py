@@ -44,7 +44,7 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
         toks = [int(out.logits[0, -1].argmax())]
         t0 = time.perf_counter()
         for _ in range(n - 1):
-            out = model(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[toks[-1]]]), cache=out.cache, use_cache=True)
             toks.append(int(out.logits[0, -1].argmax()))
     return toks, time.perf_counter() - t0
 

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from slmkit.errors import UsageError
+from slmkit.models import context_length
 
 ENGINES = ("torch", "llamacpp")
 
@@ -296,7 +297,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_si
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                eos_token_id=stop_ids(model, tokenizer),
                                pad_token_id=tokenizer.pad_token_id)
-    context = getattr(model.config, "max_position_embeddings", None) or 4096
+    context = context_length(model.config)
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     device = next(model.parameters()).device
     # longest first: batches of similar length waste less compute on padding
@@ -486,7 +487,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size=16
     packed, cache or none); a pair longer than the model's context keeps its end."""
     from slmkit import scoring
 
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    limit = context_length(model.config)
     groups: dict[tuple[int, ...], list[int]] = {}  # context ids -> indices of its pairs
     encoded = []
     for k, (context, continuation) in enumerate(pairs):
@@ -581,7 +582,7 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
     n = len(ids)
     if n < 2:
         raise UsageError("--ppl: the text has fewer than two tokens")
-    max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 1024
+    max_length = max_length or context_length(model.config)
     stride = max(1, min(stride, max_length))
     spans, prev_end = [], 0
     for begin in range(0, n, stride):

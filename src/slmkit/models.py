@@ -222,6 +222,16 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted({int(e) for e in eos + [tokenizer.eos_token_id] if e is not None})
 
 
+CONTEXT_DEFAULT = 2048  # tokens, for a config that states no context length (remote code)
+
+
+def context_length(config) -> int:
+    """Tokens the model reads at most, from its transformers config. `max_position_embeddings`
+    is the one name to ask: configs that call it otherwise (GPT-2's n_positions, max_seq_len,
+    model_max_length, ...) alias it in their attribute_map."""
+    return int(getattr(config, "max_position_embeddings", None) or CONTEXT_DEFAULT)
+
+
 def load_model(spec, dtype: str = "float32", device=None, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a MODEL argument. The model is in eval mode on `device`."""
     folder = resolve(spec, trust_remote_code=trust_remote_code)

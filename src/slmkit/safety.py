@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from slmkit.errors import UsageError
+from slmkit.models import context_length
 
 LABELS = ("hate", "neutral")
 P_MAX = 0.05
@@ -124,7 +125,7 @@ def sentence_perplexities(model, tokenizer, texts: list[str], batch_size=16,
     special tokens as SafeNLP does (`tokenizer.encode(text)`), truncated to the model's context."""
     from slmkit import scoring
 
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    limit = context_length(model.config)
     encoded = [tokenizer(t)["input_ids"][:limit] for t in texts]
     for k, ids in enumerate(encoded):
         if len(ids) < 2:

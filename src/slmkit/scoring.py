@@ -292,8 +292,6 @@ def _packed_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
 
 def _cached_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
     """Contexts once with use_cache, then every choice as a continuation of its context's cache."""
-    import inspect
-
     import torch
 
     from slmkit.data import pad_batch
@@ -308,9 +306,7 @@ def _cached_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
     scores = _pick(states, head, owner, [int(ctx_len[g]) - 1 for g in owner], [c[0] for c in conts]).tolist()
     width = max(len(c) - 1 for c in conts)
     if width:
-        # transformers 5 names the cache `cache`; 4.x named it `past_key_values`
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        cache = getattr(first, name)
+        cache = first.cache
         sel = torch.tensor(owner, device=device)
         cache.batch_select_indices(sel)
         x_ids, x_att = pad_batch([c[:-1] or [pad_id] for c in conts], pad_id)
@@ -318,7 +314,7 @@ def _cached_rows(model, groups, pad_id: int, sdpa: bool) -> list[list[float]]:
         att = torch.cat([ctx_att[owner], x_att], dim=1).to(device)
         pos = (ctx_len[owner][:, None] + torch.arange(x_ids.shape[1])[None]).to(device)
         states, _, head = _forward(model, input_ids=x_ids.to(device), attention_mask=att, position_ids=pos,
-                                   use_cache=True, **{name: cache})
+                                   use_cache=True, cache=cache)
         rows = [n for n, c in enumerate(conts) for _ in c[1:]]
         cols = [t for c in conts for t in range(len(c) - 1)]
         if rows:

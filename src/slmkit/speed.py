@@ -239,7 +239,6 @@ def _greedy(model, ids, new_tokens: int) -> tuple[float, list[float]]:
         steps = []
         for _ in range(new_tokens - 1):
             t = time.perf_counter()
-            # transformers 5 names the KV cache `cache` (formerly `past_key_values`)
             out = model(input_ids=nxt, cache=out.cache, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             sync()

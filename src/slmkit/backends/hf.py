@@ -9,7 +9,6 @@ and cannot stream several rows at once.
 
 from __future__ import annotations
 
-import inspect
 import random
 import threading
 
@@ -28,13 +27,9 @@ class HFBackend(Backend):
         self.name = name
         self.device = self.model.device
         self.tokenizer.padding_side = "left"  # generation continues from the right end
-        cfg = self.model.config
-        self.context_length = int(getattr(cfg, "max_position_embeddings", None) or 2048)
+        self.context_length = models.context_length(self.model.config)
         self.eos_ids = set(models.stop_ids(self.model, self.tokenizer))
         self.lock = threading.Lock()
-        # transformers 5 renamed `past_key_values` to `cache`; older releases know only the former
-        params = inspect.signature(self.model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def prompt_ids(self, prompt) -> list[int]:
         tok = self.tokenizer
@@ -88,7 +83,7 @@ class HFBackend(Backend):
         # pad positions get position 0; they are masked out anyway
         logits = self.model(input_ids=ids, attention_mask=mask,
                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                            **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         while True:
             logits = logits.float().cpu()  # (rows, vocab)
             step = torch.empty(len(active), dtype=torch.long)
@@ -125,7 +120,7 @@ class HFBackend(Backend):
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             logits = self.model(input_ids=step[:, None].to(self.device), attention_mask=mask,
                                 position_ids=mask.sum(-1, keepdim=True) - 1,
-                                **{self.cache_kw: cache}, use_cache=True).logits[:, -1]
+                                cache=cache, use_cache=True).logits[:, -1]
 
     def score_prompt(self, ids: list[int], k: int) -> list[dict | None]:
         import torch
