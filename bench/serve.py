@@ -207,7 +207,7 @@ def main() -> int:
 
     if "load" not in args.skip:
         with start_server([args.teacher], names=["teacher"], max_batch=args.max_batch,
-                          batch_window_ms=20, timeout=900, n_threads=args.torch_threads) as s:
+                          batch_window_ms=20, timeout=900, threads=args.torch_threads) as s:
             r = load_test(s.url, "teacher", args.clients, args.requests, args.max_tokens)
             sizes = s.service.batchers["teacher"].batch_sizes
         mean_batch = sum(n * k for n, k in sizes.items()) / max(1, sum(sizes.values()))

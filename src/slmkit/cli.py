@@ -7,9 +7,12 @@ Each command module defines `add_arguments(parser)` and `run(args) -> int | None
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
+import types
+import typing
 
 from slmkit.errors import UsageError, chat_template_error
 
@@ -51,6 +54,55 @@ def check_counts(args) -> None:
         value = getattr(args, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: give at least 1")
+
+
+# --------------------------------------------------------------------------- config dataclasses
+
+def option(default=dataclasses.MISSING, help: str = "", type=None, wired: bool = False,
+           flags: tuple[str, ...] | None = None, **argparse_kw):
+    """A field of a verb's config dataclass: its default, its `--help` text (the one place that
+    text lives) and how the command line reads it. A field without a default is a required flag.
+
+    type: what argparse converts the text with; default: the annotation when it is int or float.
+        A bool field is a switch: `--X`, or `--no-X` when its default is True.
+    wired: `slm build` sets it itself (model paths, data, task, device), so a recipe may not.
+    flags: the command-line names instead of `--field-name`; a bare name makes it positional.
+    argparse_kw: the rest for add_argument (nargs, choices, metavar, action, const); `choices`
+        also limit the recipe key.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "wired": wired,
+                                                        "flags": flags, "argparse": argparse_kw})
+
+
+def _scalar(hint):
+    """int for `int | None`, float for `float`; None (text) for anything else."""
+    kinds = [k for k in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)
+                         else (hint,)) if k is not type(None)]
+    return kinds[0] if kinds in ([int], [float]) else None
+
+
+def add_config_arguments(parser, config) -> None:
+    """One argument per field of the dataclass `config`, as its `option(...)` says."""
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        kw = {"help": meta["help"], **meta["argparse"]}
+        flags = meta["flags"] or ((flag.replace("--", "--no-", 1),) if f.default is True else (flag,))
+        positional = not flags[0].startswith("-")  # then argparse names it by its flag
+        if hints[f.name] is bool:
+            kw["action"] = "store_false" if f.default else "store_true"
+        else:
+            kw["type"] = meta["type"] or _scalar(hints[f.name])
+            if f.default is not dataclasses.MISSING:
+                kw["default"] = f.default
+            elif not positional:
+                kw["required"] = True
+        parser.add_argument(*flags, **kw, **({} if positional else {"dest": f.name}))
+
+
+def config_from_args(config, args):
+    """The dataclass `config` built from parsed arguments (its validation runs here)."""
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
 
 
 def _silence_stdout() -> None:

@@ -42,6 +42,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError, check_file, read_text
 from slmkit.tasks import Task, get_task, preset_data
 
@@ -77,50 +78,49 @@ INPUT_WRITERS = {
 
 @dataclass
 class GenerateConfig:
-    teacher: str
-    """MODEL: HF folder, .gguf, `default`, or `openai:NAME@URL` (key from OPENAI_API_KEY / SLM_API_KEY)."""
-    task: str | Task
-    """Preset name (summarize, grammar, reply, qa) or a Task."""
-    inputs: str | None
-    """JSONL of task inputs; None = the preset's train inputs (or --topics)."""
-    out: str
-    """Output JSONL; appended to, so a rerun resumes."""
-    n: int = 4
-    """Candidates sampled per input (best-of-N); 1 = one greedy answer."""
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    """Inputs per backend call (hf: prompts per padded batch; openai: requests in flight)."""
-    judge: bool = True
-    """Score candidates with the teacher as judge (P(Yes) to a rubric question, or a 1-5 rating)."""
-    threshold: float = 0.2
-    """Drop an input whose best candidate scores below this (scores are in [0, 1])."""
-    dedup_threshold: float = 0.8
-    """Estimated Jaccard similarity (MinHash LSH) at which an example counts as a near-duplicate
-    (1 = off)."""
-    decontaminate: str | None = None
-    """Eval JSONL to keep out of the data (lines with split=train are ignored)."""
-    decontam_threshold: float = 0.2
-    """Share of word 8-grams found in the eval set at which a text counts as contaminated."""
-    topk_logprobs: int = 0
-    """Capture the teacher's top-k log-probs per answer token in distill's offline format (0 = off)."""
-    on_missing_logprobs: str = "continue"
-    """When the teacher cannot return log-probs: `continue` without them, or `stop`."""
-    topics: str | None = None
-    """Seed topics (.txt, one a line): the teacher first writes inputs about each (self-instruct)."""
-    inputs_per_topic: int = 4
-    seed: int = 0
-    limit: int | None = None
-    """Use only the first LIMIT inputs (a rerun without it goes on from there)."""
-    concurrency: int = 8
-    """openai backend: requests in flight at once."""
-    retries: int = 5
-    """openai backend: tries after the first on 429 / 5xx / timeouts / refused connections."""
-    tokenizer: str | None = None
-    """MODEL whose tokenizer an openai teacher uses; needed to write its top-k log-probs as ids."""
-    trust_remote_code: bool = False
-    """Allow a model folder that ships its own code (auto_map); never by default."""
+    """One `slm generate` run; CLI flags are these names with dashes."""
+
+    teacher: str = option(help="MODEL: HF folder, .gguf, `default`, or openai:NAME@URL (key from "
+                          "OPENAI_API_KEY / SLM_API_KEY)", wired=True)
+    task: str | Task = option(help="preset: summarize, grammar, reply, qa (from Python also a Task)",
+                              wired=True)
+    out: str = option(help="output JSONL (appended to, so a rerun resumes)", wired=True)
+    inputs: str | None = option(None, "JSONL of task inputs (default: the preset's train inputs, or "
+                                "--topics)", wired=True)
+    topics: str | None = option(None, "text file of seed topics, one a line: the teacher first "
+                                "writes inputs about each (self-instruct)")
+    n: int = option(4, "candidates sampled per input (best-of-N); 1 = one greedy answer",
+                    flags=("-n",))
+    temperature: float = option(0.8, "sampling temperature of the candidates")
+    top_p: float = option(0.95, "nucleus sampling: the smallest set of tokens with this much "
+                          "probability")
+    max_new_tokens: int = option(128, "longest answer, in tokens")
+    batch_size: int = option(16, "inputs per backend call (padded batch / requests in flight)")
+    judge: bool = option(True, "the teacher judges the candidates (P(Yes) to a rubric question, or "
+                         "a 1-5 rating); --no-judge turns it off")
+    threshold: float = option(0.2, "drop an input whose best candidate scores below this (scores "
+                              "are in [0, 1])")
+    dedup_threshold: float = option(0.8, "MinHash Jaccard at which two examples are near-duplicates "
+                                    "(1 = off)")
+    decontaminate: str | None = option(None, "eval JSONL to keep out of the data (its split=train "
+                                       "lines are ignored)", metavar="EVAL_JSONL", wired=True)
+    decontam_threshold: float = option(0.2, "share of word 8-grams found in the eval set that marks "
+                                       "a text contaminated")
+    topk_logprobs: int = option(0, "capture the teacher's top-k log-probs per answer token in "
+                                "distill's offline format (0 = off, at most 20)")
+    on_missing_logprobs: str = option("continue", "when the teacher returns no log-probs: continue "
+                                      "without them, or stop", choices=MISSING_LOGPROBS)
+    inputs_per_topic: int = option(4, "inputs the teacher writes per topic")
+    seed: int = option(0, "random seed (sampling)")
+    limit: int | None = option(None, "use only the first LIMIT inputs (a rerun without it goes on "
+                               "from there)")
+    concurrency: int = option(8, "openai teacher: requests in flight at once")
+    retries: int = option(5, "openai teacher: tries after the first on 429 / 5xx / timeouts / "
+                          "refused connections, with exponential backoff")
+    tokenizer: str | None = option(None, "MODEL whose tokenizer an openai teacher uses; needed to "
+                                   "write its top-k log-probs as ids")
+    trust_remote_code: bool = option(False, "allow a model folder that ships its own code (auto_map)",
+                                     wired=True)
 
     def __post_init__(self):
         for name, lo in (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("inputs_per_topic", 1),
@@ -794,46 +794,12 @@ def fill_ids(row, used: int) -> None:
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(p):
-    d = GenerateConfig.__dataclass_fields__
-    p.add_argument("--teacher", required=True, help="MODEL: HF folder, .gguf, `default`, or openai:NAME@URL")
-    p.add_argument("--task", required=True, help="preset: summarize, grammar, reply, qa")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--inputs", help="JSONL of task inputs (default: the preset's train inputs)")
-    src.add_argument("--topics", help="text file of seed topics, one a line: the teacher writes the inputs")
-    p.add_argument("--out", required=True, help="output JSONL (appended; a rerun resumes)")
-    p.add_argument("-n", type=int, default=d["n"].default, help="candidates per input (best-of-N)")
-    p.add_argument("--temperature", type=float, default=d["temperature"].default)
-    p.add_argument("--top-p", type=float, default=d["top_p"].default)
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default,
-                   help="inputs per backend call (padded batch / requests in flight)")
-    p.add_argument("--no-judge", dest="judge", action="store_false", help="do not ask the teacher to judge")
-    p.add_argument("--threshold", type=float, default=d["threshold"].default,
-                   help="drop an input whose best score is below this (0-1)")
-    p.add_argument("--dedup-threshold", type=float, default=d["dedup_threshold"].default,
-                   help="MinHash Jaccard at which two examples are near-duplicates")
-    p.add_argument("--decontaminate", metavar="EVAL_JSONL", help="keep this eval set out of the data")
-    p.add_argument("--decontam-threshold", type=float, default=d["decontam_threshold"].default,
-                   help="share of 8-grams found in the eval set that marks a text contaminated")
-    p.add_argument("--topk-logprobs", type=int, default=0, help="capture the teacher's top-k log-probs per token (<= 20)")
-    p.add_argument("--on-missing-logprobs", choices=MISSING_LOGPROBS, default="continue",
-                   help="when the teacher returns no log-probs: continue without them, or stop")
-    p.add_argument("--inputs-per-topic", type=int, default=d["inputs_per_topic"].default)
-    p.add_argument("--concurrency", type=int, default=d["concurrency"].default,
-                   help="openai teacher: requests in flight")
-    p.add_argument("--retries", type=int, default=d["retries"].default,
-                   help="openai teacher: retries on 429/5xx/timeouts, with exponential backoff")
-    p.add_argument("--tokenizer", help="openai teacher with --topk-logprobs: a local MODEL with its tokenizer")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="use only the first LIMIT inputs")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a model folder that ships its own code (off by default)")
+    add_config_arguments(p, GenerateConfig)
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
 
 
 def run(args) -> int:
-    fields = GenerateConfig.__dataclass_fields__
-    cfg = GenerateConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = config_from_args(GenerateConfig, args)
     stats = generate(cfg)
     if args.json:
         print(json.dumps(stats, indent=2))

@@ -21,9 +21,9 @@ one left-padded batch; rows leave the batch as they finish, and requests that co
 for the next batch. llama.cpp decodes one request at a time.
 
 Limits: prompt length (--max-input-tokens), max_tokens (--max-tokens), wall time per request
-including the wait in the queue (--timeout), body size (1 MiB), silence on a connection
-(--read-timeout: idle or half-sent ones are closed), open connections (--max-connections, one
-thread each; more get 503). A bad request gets a 4xx with an OpenAI-style body {"error":
+including the wait in the queue (--timeout), body size (--max-body-bytes, 1 MiB), silence on a
+connection (--read-timeout: idle or half-sent ones are closed), open connections
+(--max-connections, one thread each; more get 503). A bad request gets a 4xx with an OpenAI-style body {"error":
 {"message", "type", "param", "code"}}, checked before it joins a batch; a request that still
 fails inside a batch fails alone, and the server keeps serving. It binds 127.0.0.1 unless --host
 says otherwise; --api-key (or $SLM_API_KEY) makes every /v1 route require `Authorization: Bearer
@@ -48,31 +48,51 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from jinja2.exceptions import TemplateError
 
 from slmkit.backends import MAX_SEED, Backend, Completion, Request, load_backend, model_name, now
+from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
+from slmkit.models import DTYPES
 
 
 @dataclass
-class Limits:
-    max_input_tokens: int = 4096
-    """Longest prompt accepted, in tokens (the model's context may be shorter still)."""
-    max_tokens: int = 1024
-    """Largest `max_tokens` a request may ask for."""
-    default_max_tokens: int = 256
-    """`max_tokens` when the request gives none."""
-    timeout: float = 120.0
-    """Seconds a request may take, waiting in the queue included."""
-    max_batch: int = 16
-    """Most requests decoded together by a PyTorch model."""
-    batch_window_ms: float = 5.0
-    """How long the batcher waits for more requests after the first one arrives."""
-    max_body_bytes: int = 1 << 20
-    read_timeout: float = 30.0
-    """Seconds a connection may stay silent (idle keep-alive, or a request half sent) before
-    it is closed."""
-    max_connections: int = 256
-    """Open connections served at once, one thread each; more are answered 503 and closed."""
+class ServeConfig:
+    """`slm serve`: what to serve, where, and the limits on each request and connection; CLI
+    flags are these names with dashes."""
+
+    models: list = option(help="Hugging Face folder, .gguf file or `default`; several may be given "
+                          "(from Python also loaded Backends)", flags=("models",), nargs="+",
+                          metavar="MODEL")
+    names: list[str] | None = option(None, "served name of each MODEL, in order (default: file or "
+                                     "folder stem)", flags=("--name",), action="append",
+                                     metavar="NAME")
+    host: str = option("127.0.0.1", "address to bind (default: loopback only)")
+    port: int = option(8000, "port to listen on (0: any free one)")
+    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on /v1 routes "
+                                 "(default: $SLM_API_KEY)")
+    device: str | None = option(None, "PyTorch device (default: cuda when present)")
+    dtype: str = option("float32", "PyTorch dtype", choices=DTYPES)
+    threads: int | None = option(None, "CPU threads for llama.cpp and PyTorch (default: theirs)")
+    verbose: bool = option(False, "log every request to stderr")
+    max_input_tokens: int = option(4096, "longest prompt accepted, in tokens (the model's context "
+                                   "may be shorter still)")
+    max_tokens: int = option(1024, "largest max_tokens a request may ask for")
+    default_max_tokens: int = option(256, "max_tokens when a request gives none")
+    timeout: float = option(120.0, "seconds per request, queueing included")
+    max_batch: int = option(16, "most concurrent requests decoded together (PyTorch models)")
+    batch_window_ms: float = option(5.0, "wait this long for more requests before starting a batch")
+    max_body_bytes: int = option(1 << 20, "largest request body, in bytes")
+    read_timeout: float = option(30.0, "close a connection silent this many seconds (idle, or a "
+                                 "request half sent)")
+    max_connections: int = option(256, "open connections served at once, one thread each; more "
+                                  "get 503")
 
     def __post_init__(self):
+        if not self.models:
+            raise UsageError("give at least one MODEL to serve")
+        if self.names and len(self.names) != len(self.models):
+            raise UsageError(f"--name given {len(self.names)} times for {len(self.models)} models; "
+                             "give one --name per model, in the same order")
+        if not 0 <= self.port < 65536:
+            raise UsageError(f"--port {self.port}: give a port between 0 and 65535")
         for key in ("max_input_tokens", "max_tokens", "default_max_tokens", "max_batch",
                     "max_body_bytes", "max_connections"):
             if int(getattr(self, key)) < 1:
@@ -236,7 +256,7 @@ def parse_prompts(body: dict) -> list[str]:
                    "are not supported)", param="prompt", code="missing" if p is None else "invalid_value")
 
 
-def parse_params(body: dict, limits: Limits) -> dict:
+def parse_params(body: dict, limits: ServeConfig) -> dict:
     """Sampling parameters shared by both endpoints -> Request keyword arguments."""
     num = (int, float)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -270,7 +290,7 @@ def parse_params(body: dict, limits: Limits) -> dict:
 class Service:
     """What the request handlers share: the models, their batchers, the limits, the key."""
 
-    def __init__(self, backends: dict[str, Backend], limits: Limits, api_key: str | None):
+    def __init__(self, backends: dict[str, Backend], limits: ServeConfig, api_key: str | None):
         self.backends, self.limits, self.api_key = backends, limits, api_key
         self.batchers = {}
         for name, b in backends.items():
@@ -329,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses connections
     service: Service  # set on the subclass made per server
     quiet = True
-    timeout = Limits.read_timeout  # per socket read and write; the subclass sets --read-timeout
+    timeout = ServeConfig.read_timeout  # per socket read and write; the subclass sets --read-timeout
 
     def log_message(self, fmt, *args):
         if not self.quiet:
@@ -667,83 +687,45 @@ class Server:
         self.close()
 
 
-def start_server(models: list, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 names: list[str] | None = None, device: str | None = None, dtype: str = "float32",
-                 n_threads: int | None = None, verbose: bool = False, **limits) -> Server:
-    """Load the models and serve them from a background thread.
+def start_server(models: list, port: int = 0, **options) -> Server:
+    """Load the models and serve them from a background thread: `serve` with the fields of
+    ServeConfig as keywords, except that port 0 (a free port; read it from `.url`) is the default."""
+    return serve(ServeConfig(models=list(models), port=port, **options))
 
-    Arguments:
-        models: MODEL arguments (HF folder, .gguf file, `default`) or already loaded Backends.
-        port: 0 picks a free port; read it from the returned `.url`.
-        names: one served name per model; default: the file or folder stem.
-        limits: fields of `Limits` (max_input_tokens, max_tokens, timeout, max_batch, ...).
-    """
-    if not models:
-        raise UsageError("give at least one MODEL to serve")
-    if names and len(names) != len(models):
-        raise UsageError(f"--name given {len(names)} times for {len(models)} models; give one "
-                         "--name per model, in the same order")
+
+def serve(cfg: ServeConfig) -> Server:
+    """Load `cfg.models` and serve them from a background thread."""
     backends: dict[str, Backend] = {}
-    for i, m in enumerate(models):
-        name = names[i] if names else (m.name if isinstance(m, Backend) else model_name(m))
+    for i, m in enumerate(cfg.models):
+        name = cfg.names[i] if cfg.names else (m.name if isinstance(m, Backend) else model_name(m))
         if name in backends:
             raise UsageError(f"two models would be served as `{name}`; tell them apart with "
                              "--name (one per model)")
         backends[name] = m if isinstance(m, Backend) else load_backend(
-            m, name=name, device=device, dtype=dtype, n_threads=n_threads)
-    service = Service(backends, Limits(**limits), api_key)
-    handler = type("BoundHandler", (Handler,), {"service": service, "quiet": not verbose,
-                                                "timeout": service.limits.read_timeout})
+            m, name=name, device=cfg.device, dtype=cfg.dtype, n_threads=cfg.threads)
+    service = Service(backends, cfg, cfg.api_key)
+    handler = type("BoundHandler", (Handler,), {"service": service, "quiet": not cfg.verbose,
+                                                "timeout": cfg.read_timeout})
     try:
-        httpd = HTTPServer((host, port), handler, service.limits.max_connections)
+        httpd = HTTPServer((cfg.host, cfg.port), handler, cfg.max_connections)
     except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+        raise UsageError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); pick another "
+                         "--port") from None
     return Server(httpd, service)
 
 
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(p) -> None:
-    p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="Hugging Face folder, .gguf file or `default`; several may be given")
-    p.add_argument("--name", action="append", dest="names", metavar="NAME",
-                   help="served name of each MODEL, in order (default: file or folder stem)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("SLM_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $SLM_API_KEY)")
-    p.add_argument("--max-input-tokens", type=int, default=Limits.max_input_tokens)
-    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens,
-                   help="largest max_tokens a request may ask for")
-    p.add_argument("--timeout", type=float, default=Limits.timeout,
-                   help="seconds per request, queueing included")
-    p.add_argument("--max-batch", type=int, default=Limits.max_batch,
-                   help="most concurrent requests decoded together (PyTorch models)")
-    p.add_argument("--batch-window-ms", type=float, default=Limits.batch_window_ms,
-                   help="wait this long for more requests before starting a batch")
-    p.add_argument("--read-timeout", type=float, default=Limits.read_timeout,
-                   help="close a connection silent this many seconds (idle, or a request half sent)")
-    p.add_argument("--max-connections", type=int, default=Limits.max_connections,
-                   help="open connections served at once; more get 503")
-    p.add_argument("--device", default=None, help="PyTorch device (default: cuda when present)")
-    p.add_argument("--dtype", default="float32", help="PyTorch dtype: float32, bfloat16, float16")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for llama.cpp and PyTorch (default: theirs)")
-    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    add_config_arguments(p, ServeConfig)
 
 
 def run(args) -> int:
-    if not 0 <= args.port < 65536:
-        raise UsageError(f"--port {args.port}: give a port between 0 and 65535")
-    server = start_server(args.models, host=args.host, port=args.port, api_key=args.api_key,
-                          names=args.names, device=args.device, dtype=args.dtype,
-                          n_threads=args.threads, verbose=args.verbose,
-                          max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens,
-                          timeout=args.timeout, max_batch=args.max_batch,
-                          batch_window_ms=args.batch_window_ms, read_timeout=args.read_timeout,
-                          max_connections=args.max_connections)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"slm serve: warning: listening on {args.host} without --api-key; anyone who can "
+    cfg = config_from_args(ServeConfig, args)
+    cfg.api_key = cfg.api_key or os.environ.get("SLM_API_KEY")
+    server = serve(cfg)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        print(f"slm serve: warning: listening on {cfg.host} without --api-key; anyone who can "
               "reach this port can use the models", file=sys.stderr)
     print(f"slm serve: {', '.join(server.model_names)} at {server.url}/v1 "
           f"(playground: {server.url}/); Ctrl-C stops", file=sys.stderr)
