@@ -120,13 +120,8 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
               f"attends the whole context, so past {window} tokens it differs from transformers",
               file=sys.stderr)
 
-    shards = models.weight_files(folder)
-    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for shard in shards:
-        for name, meta in models.safetensors_header(shard).items():
-            if name != "__metadata__":
-                shapes[name] = (tuple(meta["shape"]), shard)
-    plan = plan_tensors(cfg, arch, {k: s for k, (s, _) in shapes.items()}, written)
+    tensors = models.tensor_headers(folder)
+    plan = plan_tensors(cfg, arch, {k: tuple(meta["shape"]) for k, meta in tensors.items()}, written)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*"):  # mkstemp's names below: a killed export's
@@ -150,7 +145,7 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
         handles = {}
         for t in tqdm(plan, desc=f"export {written}", unit="tensor", file=sys.stderr,
                       disable=len(plan) < 50):
-            shard = shapes[t.hf_name][1]
+            shard = tensors[t.hf_name]["file"]
             if shard not in handles:
                 handles[shard] = safe_open(str(shard), framework="pt")
             w = handles[shard].get_tensor(t.hf_name).float().numpy()

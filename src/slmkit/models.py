@@ -155,6 +155,13 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def tensor_headers(folder: Path) -> dict[str, dict]:
+    """Every tensor of a folder's safetensors shards, from their headers alone (no weights read):
+    name -> {"dtype", "shape", "data_offsets"} as the header states them, plus "file", its shard."""
+    return {name: meta | {"file": shard} for shard in weight_files(folder)
+            for name, meta in safetensors_header(shard).items() if name != "__metadata__"}
+
+
 # --------------------------------------------------------------------------- GGUF conversion
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -346,14 +353,9 @@ def describe(spec, trust_remote_code: bool = False) -> dict:
     """Facts about a model from its files alone (no weights loaded, so it is fast)."""
     folder = resolve(spec, trust_remote_code=trust_remote_code)
     cfg = read_config(folder)
-    shapes: dict[str, list[int]] = {}
-    dtypes: set[str] = set()
-    for shard in weight_files(folder):
-        for name, meta in safetensors_header(shard).items():
-            if name != "__metadata__":
-                shapes[name] = meta["shape"]
-                dtypes.add(meta["dtype"])
-    return describe_shapes(cfg, shapes) | {
+    tensors = tensor_headers(folder)
+    dtypes = {meta["dtype"] for meta in tensors.values()}
+    return describe_shapes(cfg, {name: meta["shape"] for name, meta in tensors.items()}) | {
         "path": str(folder),
         "source": str(spec),
         "dtype": cfg.get("dtype") or cfg.get("torch_dtype") or ",".join(sorted(dtypes)),

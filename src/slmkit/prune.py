@@ -138,12 +138,7 @@ def count_params(cfg: dict, shapes: dict[str, list[int]], dst: Shape) -> int:
 
 
 def header_shapes(folder: Path) -> dict[str, list[int]]:
-    shapes = {}
-    for shard in models.weight_files(folder):
-        for name, meta in models.safetensors_header(shard).items():
-            if name != "__metadata__":
-                shapes[name] = meta["shape"]
-    return shapes
+    return {name: meta["shape"] for name, meta in models.tensor_headers(folder).items()}
 
 
 def check_shape(src: Shape, dst: Shape) -> None:
