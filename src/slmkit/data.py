@@ -105,6 +105,24 @@ def load_examples(path, task: Task | None = None, split: str | None = None,
     return examples
 
 
+EVAL_FRACTION, EVAL_MAX = 0.1, 100  # the held-out part of data whose lines name no eval split
+
+
+def held_out(rows: list[dict], fraction: float = EVAL_FRACTION, most: int = EVAL_MAX) -> list[bool]:
+    """Which rows are held out for evaluation (the one rule of `slm distill` and `slm build`):
+    those marked "split": "eval" when any row is; else round(fraction x rows), at least 1 of two
+    or more and at most `most`, picked by a shuffle with a fixed seed, so a file always splits
+    the same way whatever the run's seed."""
+    import random
+
+    if any(row.get("split") == "eval" for row in rows):
+        return [row.get("split") == "eval" for row in rows]
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    chosen = set(order[:min(most, max(1, round(fraction * len(rows))))] if len(rows) > 1 else [])
+    return [i in chosen for i in range(len(rows))]
+
+
 # --------------------------------------------------------------------------- tokenisation
 
 def apply_chat_template(tokenizer, messages: list[dict], **kw) -> str:

@@ -200,23 +200,14 @@ class Encoded:
 
 
 def split_rows(path, task, eval_fraction: float, eval_max: int):
-    """(train examples, eval examples): lines marked "split": "eval" are held out; without any,
-    a fixed fraction chosen by a fixed seed (the same for every run on this file)."""
-    from slmkit.data import read_jsonl, to_example
+    """(train examples, eval examples), held out by data.held_out's rule."""
+    from slmkit.data import held_out, read_jsonl, to_example
 
     rows = read_jsonl(path)
     examples = [(n, to_example(row, f"{path}:{n}", task, need_answer=True)) for n, row in rows]
-    marked = [row.get("split") == "eval" for _, row in rows]
-    if any(marked):
-        train = [e for e, m in zip(examples, marked) if not m]
-        held = [e for e, m in zip(examples, marked) if m]
-    else:
-        order = list(range(len(examples)))
-        random.Random(1234).shuffle(order)
-        n_eval = min(eval_max, max(1, round(eval_fraction * len(examples)))) if len(examples) > 1 else 0
-        held_idx = set(order[:n_eval])
-        train = [e for i, e in enumerate(examples) if i not in held_idx]
-        held = [e for i, e in enumerate(examples) if i in held_idx]
+    held_mask = held_out([row for _, row in rows], eval_fraction, eval_max)
+    train = [e for e, h in zip(examples, held_mask) if not h]
+    held = [e for e, h in zip(examples, held_mask) if h]
     if not train:
         raise UsageError(f"`{path}` has no training examples (every line is \"split\": \"eval\")")
     return train, held[:eval_max]

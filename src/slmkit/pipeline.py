@@ -258,7 +258,7 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
     manifest = Manifest(run_dir / "manifest.json")
     data = str(preset_data(recipe.task.name)) if recipe.data == "preset" else recipe.data
     if not recipe.eval_data:
-        data = ensure_split(data, run_dir / "data" / "split.jsonl", seed=recipe.seed)
+        data = ensure_split(data, run_dir / "data" / "split.jsonl")
     ctx = Context(recipe=recipe, run_dir=run_dir, teacher=recipe.teacher, data=data,
                   eval_data=recipe.eval_data or data,
                   eval_split=None if recipe.eval_data else "eval")
@@ -308,23 +308,17 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
     return manifest.data
 
 
-def ensure_split(path: str, out: Path, seed: int = 0, eval_fraction: float = 0.1,
-                 max_eval: int = 100) -> str:
-    """Data whose lines carry no `split` get a fixed held-out part (10 %, at most 100 lines,
-    chosen by a seeded shuffle) written to the run folder; data with splits is used as it is."""
-    import random
-
-    from slmkit.data import read_jsonl
+def ensure_split(path: str, out: Path) -> str:
+    """Data with lines marked "split": "eval" is used as it is; other data gets its held-out part
+    (data.held_out, the rule `slm distill` applies) marked in a copy written to `out`."""
+    from slmkit.data import held_out, read_jsonl
 
     rows = [row for _, row in read_jsonl(path)]
-    if any("split" in row for row in rows):
+    if any(row.get("split") == "eval" for row in rows):
         return path
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[: max(1, min(max_eval, int(len(rows) * eval_fraction)))])
     with models.atomic_write(out) as f:
-        for i, row in enumerate(rows):
-            f.write(json.dumps(row | {"split": "eval" if i in held else "train"}) + "\n")
+        for row, held in zip(rows, held_out(rows)):
+            f.write(json.dumps(row | {"split": "eval" if held else "train"}) + "\n")
     return str(out)
 
 
