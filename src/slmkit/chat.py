@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
-from slmkit.backends import Backend, load_backend
+from slmkit.backends import Backend, check_sampling, load_backend
 from slmkit.errors import UsageError, chat_template_error
 
 
@@ -32,10 +32,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens {args.max_tokens}: give at least 1")
-    if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
-        raise UsageError("--temperature must be in [0, 2] and --top-p in (0, 1]")
+    try:
+        check_sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
+    except ValueError as e:  # "NAME must be ...": name the flag and its value
+        name, why = str(e).split(" ", 1)
+        raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {why}") from None
     backend = load_backend(args.model, device=args.device, dtype=args.dtype, n_threads=args.threads)
     print(f"slm chat: {backend.name} ({backend.context_length} tokens of context); "
           "/reset forgets, /exit quits", file=sys.stderr)

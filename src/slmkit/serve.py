@@ -47,7 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from jinja2.exceptions import TemplateError
 
-from slmkit.backends import MAX_SEED, Backend, Completion, Request, load_backend, model_name, now
+from slmkit.backends import Backend, Completion, Request, load_backend, model_name, now
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
@@ -277,11 +277,10 @@ def parse_params(body: dict, limits: ServeConfig) -> dict:
                        code="invalid_value")
     return dict(
         max_tokens=max_tokens,
-        temperature=float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
-        top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+        temperature=float(_get(body, "temperature", num, 1.0, why="a number")),
+        top_p=float(_get(body, "top_p", num, 1.0, why="a number")),
         stop=stop or [],
-        seed=_get(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED,
-                  "an integer in [0, 2**63 - 1]"),
+        seed=_get(body, "seed", int, None, why="an integer"),
     )
 
 
@@ -330,14 +329,12 @@ class Service:
             room = backend.context_length - n_in
             for j in range(n):
                 seed = params["seed"]
-                reqs.append(Request(prompt, **(params | dict(
-                    max_tokens=min(params["max_tokens"], room),
-                    seed=None if seed is None else seed + j)), logprobs=logprobs, deadline=deadline))
-        for r in reqs:
-            try:
-                r.check()
-            except ValueError as e:  # the message starts with the field's name
-                raise APIError(400, str(e), param=str(e).split()[0], code="invalid_value")
+                try:  # Request checks the sampling ranges (backends.check_sampling)
+                    reqs.append(Request(prompt, **(params | dict(
+                        max_tokens=min(params["max_tokens"], room),
+                        seed=None if seed is None else seed + j)), logprobs=logprobs, deadline=deadline))
+                except ValueError as e:  # the message starts with the field's name
+                    raise APIError(400, str(e), param=str(e).split()[0], code="invalid_value")
         return reqs
 
 

@@ -71,6 +71,24 @@ class Completion:
 MAX_SEED = 2**63 - 1
 
 
+def check_sampling(max_tokens: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int | None = None, logprobs: int = 0) -> None:
+    """The one range check of sampling parameters (every backend, `slm serve`, `slm chat`):
+    a ValueError whose message starts with the parameter's name, for the caller to name its
+    JSON key or flag."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError("max_tokens must be an integer >= 1")
+    if not 0.0 <= temperature <= 2.0:
+        raise ValueError("temperature must be in [0, 2] (0 is greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    if not 0 <= logprobs <= 20:
+        raise ValueError("logprobs must be in [0, 20]")
+    # PyTorch's generators take 64-bit seeds; a larger one would fail the request's batch
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**63 - 1)")
+
+
 @dataclass
 class Request:
     prompt: str | list[dict]
@@ -87,19 +105,8 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     """Set it (e.g. when a streaming client hangs up) to stop decoding this request."""
 
-    def check(self) -> None:
-        """Reject parameters no backend can honour, naming the field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError("max_tokens must be an integer >= 1")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError("temperature must be between 0 and 2")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if not 0 <= self.logprobs <= 20:
-            raise ValueError("logprobs must be between 0 and 20")
-        # PyTorch's generators take 64-bit seeds; a larger one would fail the request's batch
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer between 0 and {MAX_SEED} (2**63 - 1)")
+    def __post_init__(self):
+        check_sampling(self.max_tokens, self.temperature, self.top_p, self.seed, self.logprobs)
 
 
 class Backend:
@@ -128,15 +135,12 @@ class Backend:
                         stop=list(stop or []), seed=None if seed is None else seed + j,
                         logprobs=logprobs)
                 for p in prompts for j in range(n)]
-        for r in reqs:
-            r.check()
         return self.run(reqs)
 
     def stream(self, prompt, **kw) -> Iterator[str]:
         """Yield text pieces as they are decoded (decoding runs in a helper thread)."""
         pieces: queue.Queue = queue.Queue()
         req = Request(prompt, on_text=pieces.put, **kw)
-        req.check()
         done = object()
 
         def work():
