@@ -120,13 +120,13 @@ def main() -> int:
     pruned = Path(args.student) if args.student else work / "pruned"
     if not args.student and not (pruned / "config.json").is_file():
         try:
-            from slmkit.prune import prune
+            from slmkit.prune import PruneConfig, prune
         except ImportError:
             print("bench/distill.py: slmkit.prune is not available; run "
                   "`slm prune default --target 0.5 --calib ../shared/data/dialogsum-dev.jsonl "
                   "--out pruned` and pass --student pruned", file=sys.stderr)
             return 2
-        prune("default", pruned, target=args.target, calib=train_file)
+        prune(PruneConfig("default", pruned, target=args.target, calib=train_file))
 
     random_init = work / "random-init"
     if not (random_init / "config.json").is_file():

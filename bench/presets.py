@@ -88,12 +88,13 @@ def copy_baseline(name: str, data: str | None = None, split: str | None = "eval"
 
 def jfleg(runs: Path, limit: int | None) -> dict:
     """GLEU of the tuned teacher and the student on JFLEG dev, with copy-the-input."""
-    from slmkit.evaluate import evaluate
+    from slmkit.evaluate import EvalConfig, evaluate
 
     run = runs / "grammar"
     t0 = time.perf_counter()
-    m = evaluate([str(run / "teacher_tuned"), str(run / "student")], names=["teacher (tuned)", "student"],
-                 task="grammar", data=str(JFLEG), split=None, limit=limit, max_new_tokens=60)
+    m = evaluate(EvalConfig([str(run / "teacher_tuned"), str(run / "student")],
+                            names=["teacher (tuned)", "student"], task="grammar", data=str(JFLEG),
+                            split=None, limit=limit, max_new_tokens=60))
     gleu = {e["name"]: e["task"]["gleu"] for e in m["models"]}
     base = next(iter(m.get("baselines") or []), None) or copy_baseline("grammar", str(JFLEG), None, limit)
     return {"n": m["n_examples"], "gleu": gleu, "copy": base["task"]["gleu"] if base else None,

@@ -40,8 +40,8 @@ def main() -> int:
         return 0
 
     from slmkit.distill import DistillConfig, distill
-    from slmkit.evaluate import evaluate
-    from slmkit.prune import prune
+    from slmkit.evaluate import EvalConfig, evaluate
+    from slmkit.prune import PruneConfig, prune
     from slmkit.tasks import preset_data
 
     work = Path(a.work or tempfile.mkdtemp(prefix="student-shape-"))
@@ -50,14 +50,16 @@ def main() -> int:
     t0 = time.perf_counter()
     pruned = work / "pruned"
     if not (pruned / "config.json").is_file():
-        prune(a.teacher, str(pruned), calib=data, shape=shape, num_samples=16, seq_len=256, seed=0)
+        prune(PruneConfig(a.teacher, str(pruned), calib=data, shape=shape, num_samples=16, seq_len=256,
+                          seed=0))
     t1 = time.perf_counter()
     cfg = {"batch_size": 1, "lr": 3e-4, "alpha_ce": 0.5, "max_length": 320, "eval_max": 8,
            "max_steps": 200} | json.loads(a.distill)
     student = distill(DistillConfig(student=str(pruned), teacher=a.teacher, data=data,
                                     task=a.task, out=str(work / "student"), seed=0, **cfg))
     t2 = time.perf_counter()
-    m = evaluate([str(student)], task=a.task, split="eval", max_new_tokens=a.max_new_tokens, batch_size=8)
+    m = evaluate(EvalConfig([str(student)], task=a.task, split="eval", max_new_tokens=a.max_new_tokens,
+                            batch_size=8))
     key = m["headline"].split(".", 1)[1]
     print(json.dumps({"shape": shape, "distill": cfg, key: m["models"][0]["task"][key],
                       "task": m["models"][0]["task"], "baselines": m.get("baselines"),

@@ -239,7 +239,7 @@ def test_harness_missing_is_a_clear_error(tiny_llama):
     except ImportError:
         pass
     with pytest.raises(UsageError, match="pip install lm-eval"):
-        E.evaluate([str(tiny_llama)], harness="arc_easy")
+        E.evaluate(E.EvalConfig([str(tiny_llama)], harness="arc_easy"))
 
 
 def test_speed_measured_once_per_shape(tiny_pair, tmp_path, monkeypatch):
@@ -253,8 +253,8 @@ def test_speed_measured_once_per_shape(tiny_pair, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(SP, "measure_in_subprocess",
                         lambda path, **kw: calls.append(str(path)) or {"decode_tokens_per_s": 10.0 + len(calls)})
-    m = E.evaluate([tiny_pair["llama"], str(copy), tiny_pair["qwen2"]], names=["a", "b", "c"],
-                   speed=True, out=str(tmp_path / "r"))
+    m = E.evaluate(E.EvalConfig([tiny_pair["llama"], str(copy), tiny_pair["qwen2"]],
+                                names=["a", "b", "c"], speed=True, out=str(tmp_path / "r")))
     a, b, c = m["models"]
     assert len(calls) == 2 and calls[1] == str(models.resolve(tiny_pair["qwen2"]))
     assert b["speed"] == a["speed"] | {"measured_as": "a"} and "measured_as" not in c["speed"]
@@ -289,7 +289,7 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(tiny_llama, tmp_path,
     data = _write(tmp_path / "mc.jsonl", items)
     task = tmp_path / "mc_check.yaml"
     task.write_text(HARNESS_TASK.format(data=data))
-    m = E.evaluate([str(tiny_llama)], bench=[str(data)], harness=str(task), device="cpu")
+    m = E.evaluate(E.EvalConfig([str(tiny_llama)], bench=[str(data)], harness=str(task), device="cpu"))
     ours = m["models"][0]["benchmarks"]["mc"]
     theirs = m["models"][0]["harness"]["slmkit_mc_check"]
     assert ours["n"] == len(items)
@@ -300,11 +300,11 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(tiny_llama, tmp_path,
 
 def test_harness_task_file_errors(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="no such task file"):
-        E.evaluate([str(tiny_llama)], harness=str(tmp_path / "missing.yaml"))
+        E.evaluate(E.EvalConfig([str(tiny_llama)], harness=str(tmp_path / "missing.yaml")))
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset_path: json\n")
     with pytest.raises(UsageError, match="needs a `task: NAME` line"):
-        E.evaluate([str(tiny_llama)], harness=str(bad))
+        E.evaluate(E.EvalConfig([str(tiny_llama)], harness=str(bad)))
 
 
 def test_llamacpp_engine_scores_generation_of_the_gguf(tiny_llama, tmp_path):
@@ -319,8 +319,9 @@ def test_llamacpp_engine_scores_generation_of_the_gguf(tiny_llama, tmp_path):
                                          "type": "gen"} for i in range(3)])
     kw = dict(task="summarize", data=str(data), bench=[str(gen)], max_new_tokens=6, cot_tokens=6,
               device="cpu")
-    hf = E.evaluate([str(tiny_llama)], out=str(tmp_path / "hf"), **kw)["models"][0]
-    cpp = E.evaluate([str(gguf)], engine="llamacpp", out=str(tmp_path / "cpp"), **kw)["models"][0]
+    hf = E.evaluate(E.EvalConfig([str(tiny_llama)], out=str(tmp_path / "hf"), **kw))["models"][0]
+    cpp = E.evaluate(E.EvalConfig([str(gguf)], engine="llamacpp", out=str(tmp_path / "cpp"),
+                                      **kw))["models"][0]
     assert cpp["engines"] == {"generation": "llamacpp", "log-likelihoods": "torch"}
     assert hf["engines"]["generation"] == "torch"
     preds = [[json.loads(line)["prediction"] for line in (tmp_path / d / "predictions" / f"{n}.jsonl").read_text().splitlines()]

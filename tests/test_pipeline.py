@@ -261,15 +261,15 @@ def test_trust_remote_code_reaches_prune_and_generate(tmp_path, tiny_llama, monk
     import shutil
 
     from slmkit import models
-    from slmkit.prune import prune
+    from slmkit.prune import PruneConfig, prune
 
     remote = tmp_path / "remote"  # a folder that asks for its own code
     shutil.copytree(tiny_llama, remote)
     cfg = json.loads((remote / "config.json").read_text())
     (remote / "config.json").write_text(json.dumps(cfg | {"auto_map": {"AutoModelForCausalLM": "x.X"}}))
     with pytest.raises(UsageError, match="--trust-remote-code"):
-        prune(remote, target=0.5, dry_run=True)
-    assert prune(remote, target=0.5, dry_run=True, trust_remote_code=True)["parameters_after"]
+        prune(PruneConfig(remote, target=0.5, dry_run=True))
+    assert prune(PruneConfig(remote, target=0.5, dry_run=True, trust_remote_code=True))["parameters_after"]
     loaded = {}
 
     def load_folder(folder, **kw):  # stop before any remote code would be imported
@@ -278,14 +278,14 @@ def test_trust_remote_code_reaches_prune_and_generate(tmp_path, tiny_llama, monk
 
     monkeypatch.setattr(models, "load_folder", load_folder)
     with pytest.raises(KeyboardInterrupt):
-        prune(remote, tmp_path / "out", target=0.5, task="summarize", trust_remote_code=True)
+        prune(PruneConfig(remote, tmp_path / "out", target=0.5, task="summarize", trust_remote_code=True))
     assert loaded["trust_remote_code"] is True
 
     path = write(tmp_path / "r.yaml", "teacher: default\ntask: summarize\n"
                                       "stages: {generate: {n: 1}, prune: {target: 0.5}}\n")
     recipes = {flag: load_recipe(path, trust_remote_code=flag) for flag in (False, True)}
     seen = {}
-    monkeypatch.setattr("slmkit.prune.prune", lambda *a, **kw: seen.setdefault("prune", kw) and {})
+    monkeypatch.setattr("slmkit.prune.prune", lambda cfg: seen.setdefault("prune", cfg) and {})
     monkeypatch.setattr("slmkit.generate.generate", lambda cfg: seen.setdefault("generate", cfg) and {})
     monkeypatch.setattr("slmkit.backends.load_backend",
                         lambda spec, **kw: seen.setdefault("backend", kw) and None)
@@ -294,7 +294,7 @@ def test_trust_remote_code_reaches_prune_and_generate(tmp_path, tiny_llama, monk
                                data="d.jsonl")
         pipeline.stage_generate(ctx, recipe.stages["generate"])
         pipeline.stage_prune(ctx, recipe.stages["prune"])
-        assert seen.pop("prune")["trust_remote_code"] is flag
+        assert seen.pop("prune").trust_remote_code is flag
         cfg = seen.pop("generate")
         assert cfg.trust_remote_code is flag
         from slmkit.generate import teacher_backend

@@ -225,7 +225,8 @@ def test_cli_explicit_shape(tiny_models, calib_file, tmp_path, cli):
 def test_budget_depth_is_the_most_layers_that_fit(tiny_models, calib_file):
     cfg = models.read_config(tiny_models["mistral"])
     shapes = P.header_shapes(tiny_models["mistral"])
-    plan = P.prune(tiny_models["mistral"], target=0.8, method="depth", calib=calib_file, dry_run=True)
+    plan = P.prune(P.PruneConfig(tiny_models["mistral"], target=0.8, method="depth", calib=calib_file,
+                                 dry_run=True))
     dst = P.Shape(**plan["shape_after"])
     assert plan["parameters_after"] <= plan["target_parameters"]
     assert P.count_params(cfg, shapes, P.Shape(**{**plan["shape_after"], "layers": dst.layers + 1})) \
@@ -233,7 +234,8 @@ def test_budget_depth_is_the_most_layers_that_fit(tiny_models, calib_file):
 
 
 def test_budget_both_removes_layers_then_width(tiny_models, calib_file):
-    plan = P.prune(tiny_models["mistral"], target=0.5, method="both", calib=calib_file, dry_run=True)
+    plan = P.prune(P.PruneConfig(tiny_models["mistral"], target=0.5, method="both", calib=calib_file,
+                                 dry_run=True))
     after = plan["shape_after"]
     assert after["layers"] == 3  # a quarter of 4 layers, then width
     assert after["ffn"] < 64 and plan["parameters_after"] <= plan["target_parameters"]
@@ -288,8 +290,8 @@ def test_bad_data_and_arch_exit_2(tiny_llama, tmp_path, cli):
 def test_task_preset_as_calibration(tiny_models, tmp_path):
     from slmkit import data, tasks
 
-    plan = P.prune(tiny_models["phi3"], tmp_path / "p", shape={"layers": 2, "ffn": 32},
-                   task="summarize", num_samples=2, seq_len=16)
+    plan = P.prune(P.PruneConfig(tiny_models["phi3"], tmp_path / "p", shape={"layers": 2, "ffn": 32},
+                                 task="summarize", num_samples=2, seq_len=16))
     assert plan["calibration"]["task"] == "summarize"
     assert plan["calibration"]["sha256"] == data.file_hash(tasks.preset_data("summarize"))
     assert plan["calibration"]["sequences"] == 2 and plan["method"] == "shape"

@@ -47,80 +47,84 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.cli import add_config_arguments, option
 from slmkit.errors import UsageError
+from slmkit.models import DTYPES
 from slmkit.served_teacher import ServedTeacher, is_served
 
 CACHE_FORMAT = "slmkit-topk-v1"
 
 
-def _f(default, help, type=None, **kw):
-    """A config field whose help text is shown by `slm distill --help` (the one place it lives)."""
-    return field(default=default, metadata={"help": help, "type": type}, **kw)
+LOSSES = ("forward_kl", "reverse_kl", "jsd")  # the divergences losses.divergence computes
 
 
 @dataclass
 class DistillConfig:
     """Everything one distillation run needs; CLI flags are these names with dashes."""
 
-    student: str = _f(None, "student MODEL: HF folder, .gguf or `default` (usually `slm prune` output)")
-    teacher: str | None = _f(None, "teacher MODEL (same tokenizer), or `openai:NAME@URL` for one served "
-                             "with vLLM's prompt_logprobs (vLLM, slm serve); none = CE-only fine-tuning "
-                             "(--alpha-ce 1)")
-    data: str = _f(None, "training JSONL (pairs, chat messages, plain text or task fields); "
-                   "lines with \"split\": \"eval\" are held out, else --eval-fraction")
-    task: str | None = _f(None, "task preset whose fields the data uses (e.g. summarize)")
-    out: str = _f(None, "output folder for the student")
-    loss: str = _f("forward_kl", "KD divergence: forward_kl, reverse_kl or jsd")
-    beta: float = _f(0.5, "JSD beta: 0 = forward KL, 1 = reverse KL (GKD)")
-    temperature: float = _f(1.0, "softmax temperature of both models (loss scaled by tau^2)")
-    alpha_ce: float = _f(0.0, "weight of cross-entropy on the data: loss = (1-a) KD + a CE")
-    prompt_kd: float = _f(0.0, "also match the teacher on the prompt tokens, with this weight "
-                          "(more signal per example; ~45%% slower steps; online teacher only)")
-    max_steps: int | None = _f(None, "optimizer steps (default: one epoch)", int)
-    max_tokens: int | None = _f(None, "token budget: prompt + answer tokens read by the student", int)
-    batch_size: int = _f(8, "examples per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (simulates a bigger batch)")
-    lr: float = _f(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.05, "fraction of steps with linear warmup; cosine decay to 0 after")
-    clip: float = _f(1.0, "gradient norm clipping")
-    max_length: int = _f(1024, "max tokens per example (prompts cut from the left)")
-    eval_every: int = _f(50, "evaluate on the held-out split every N steps")
-    eval_fraction: float = _f(0.05, "held-out fraction when no line says \"split\": \"eval\"")
-    eval_max: int = _f(200, "at most this many held-out examples")
-    save_every: int = _f(100, "checkpoint every N steps")
-    seed: int = _f(0, "random seed (data order, sampling)")
-    dtype: str = _f("float32", "weights dtype: float32, bfloat16 or float16")
-    bf16: bool = _f(True, "bf16 autocast where the GPU/CPU supports it (--no-bf16 to disable)")
-    device: str | None = _f(None, "cpu or cuda (default: CUDA when present)")
-    teacher_cache: str | None = _f(None, "offline teacher: top-k file from --cache-teacher")
-    top_k: int = _f(32, "k of the teacher's top-k log-probs: what --cache-teacher stores and what a "
-                    "served teacher is asked for")
-    on_policy: float = _f(0.0, "GKD lambda: fraction of batches whose answers the student samples")
-    max_new_tokens: int = _f(128, "longest on-policy sample")
-    fsdp: bool = _f(False, "shard the student's parameters, gradients and optimizer state over the "
-                    "processes (FSDP2); start with `accelerate launch` or torchrun")
-    pack: bool = _f(False, "sequence packing: several training examples per row of up to "
-                    "--max-length tokens, each attending only to itself (--batch-size counts rows)")
-    chunk: int = _f(512, "loss positions processed at once: memory grows with chunk x vocabulary, "
-                    "never batch x length x vocabulary")
-    activation_checkpointing: str = _f("auto", "recompute the student's layer activations in "
-                                       "backward instead of keeping them: on, off or auto (on when "
-                                       "they would outweigh weights + AdamW state)")
-    teacher_dtype: str = _f("auto", "teacher weights dtype: float32, bfloat16, float16 or auto "
-                            "(bfloat16 when the forward runs under bf16 autocast, else --dtype)")
-    resume: bool | str = _f(False, "insist on continuing OUT.work/checkpoint (or the given checkpoint "
-                            "folder); without it a checkpoint of the same settings is continued anyway")
-    restart: bool = _f(False, "start over even if OUT.work holds a checkpoint of these settings")
-    stop_after: int | None = _f(None, "stop after this many steps leaving a checkpoint, as if killed", int)
-    trust_remote_code: bool = _f(False, "allow code from model folders")
+    student: str = option(None, "student MODEL: HF folder, .gguf or `default` (usually `slm prune` "
+                          "output)", wired=True)
+    teacher: str | None = option(None, "teacher MODEL (same tokenizer), or `openai:NAME@URL` for one "
+                                 "served with vLLM's prompt_logprobs (vLLM, slm serve); none = CE-only "
+                                 "fine-tuning (--alpha-ce 1)", wired=True)
+    data: str = option(None, "training JSONL (pairs, chat messages, plain text or task fields); "
+                       "lines with \"split\": \"eval\" are held out, else --eval-fraction", wired=True)
+    task: str | None = option(None, "task preset whose fields the data uses (e.g. summarize)",
+                              wired=True)
+    out: str = option(None, "output folder for the student", wired=True)
+    loss: str = option("forward_kl", "KD divergence", choices=LOSSES)
+    beta: float = option(0.5, "JSD beta: 0 = forward KL, 1 = reverse KL (GKD)")
+    temperature: float = option(1.0, "softmax temperature of both models (loss scaled by tau^2)")
+    alpha_ce: float = option(0.0, "weight of cross-entropy on the data: loss = (1-a) KD + a CE")
+    prompt_kd: float = option(0.0, "also match the teacher on the prompt tokens, with this weight "
+                              "(more signal per example; ~45%% slower steps; online teacher only)")
+    max_steps: int | None = option(None, "optimizer steps (default: one epoch)")
+    max_tokens: int | None = option(None, "token budget: prompt + answer tokens read by the student")
+    batch_size: int = option(8, "examples per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step (simulates a bigger batch)")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.05, "fraction of steps with linear warmup; cosine decay to 0 after")
+    clip: float = option(1.0, "gradient norm clipping")
+    max_length: int = option(1024, "max tokens per example (prompts cut from the left)")
+    eval_every: int = option(50, "evaluate on the held-out split every N steps")
+    eval_fraction: float = option(0.05, "held-out fraction when no line says \"split\": \"eval\"")
+    eval_max: int = option(200, "at most this many held-out examples")
+    save_every: int = option(100, "checkpoint every N steps")
+    seed: int = option(0, "random seed (data order, sampling)")
+    dtype: str = option("float32", "weights dtype", choices=DTYPES)
+    bf16: bool = option(True, "bf16 autocast where the GPU/CPU supports it (--no-bf16 to disable)")
+    device: str | None = option(None, "cpu or cuda (default: CUDA when present)", wired=True)
+    teacher_cache: str | None = option(None, "offline teacher: top-k file from --cache-teacher",
+                                       wired=True)
+    top_k: int = option(32, "k of the teacher's top-k log-probs: what --cache-teacher stores and what a "
+                        "served teacher is asked for")
+    on_policy: float = option(0.0, "GKD lambda: fraction of batches whose answers the student samples")
+    max_new_tokens: int = option(128, "longest on-policy sample")
+    fsdp: bool = option(False, "shard the student's parameters, gradients and optimizer state over the "
+                        "processes (FSDP2); start with `accelerate launch` or torchrun")
+    pack: bool = option(False, "sequence packing: several training examples per row of up to "
+                        "--max-length tokens, each attending only to itself (--batch-size counts rows)")
+    chunk: int = option(512, "loss positions processed at once: memory grows with chunk x vocabulary, "
+                        "never batch x length x vocabulary")
+    activation_checkpointing: str = option("auto", "recompute the student's layer activations in "
+                                           "backward instead of keeping them: on, off or auto (on when "
+                                           "they would outweigh weights + AdamW state)")
+    teacher_dtype: str = option("auto", "teacher weights dtype: float32, bfloat16, float16 or auto "
+                                "(bfloat16 when the forward runs under bf16 autocast, else --dtype)")
+    resume: bool | str = option(False, "insist on continuing OUT.work/checkpoint (or the given "
+                                "checkpoint folder); without it a checkpoint of the same settings is "
+                                "continued anyway", nargs="?", const=True, metavar="CKPT", wired=True)
+    restart: bool = option(False, "start over even if OUT.work holds a checkpoint of these settings",
+                           wired=True)
+    stop_after: int | None = option(None, "stop after this many steps leaving a checkpoint, as if "
+                                    "killed")
+    trust_remote_code: bool = option(False, "allow code from model folders", wired=True)
 
     def __post_init__(self):
-        from slmkit.losses import KINDS
-
         for name in ("student", "data", "out"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
@@ -131,8 +135,8 @@ class DistillConfig:
             from slmkit.models import torch_dtype
 
             torch_dtype(self.teacher_dtype)  # names the valid ones
-        if self.loss not in KINDS:
-            raise UsageError(f"--loss {self.loss}: choose one of {', '.join(KINDS)}")
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
         checks = [("beta", 0 <= self.beta <= 1, "between 0 and 1"),
                   ("alpha_ce", 0 <= self.alpha_ce <= 1, "between 0 and 1"),
                   ("on_policy", 0 <= self.on_policy <= 1, "between 0 and 1"),
@@ -987,18 +991,7 @@ def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser) -> None:
-    for f in dataclasses.fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata["help"]
-        if f.name == "resume":
-            parser.add_argument(flag, nargs="?", const=True, default=False, metavar="CKPT", help=help_)
-        elif f.name == "bf16":
-            parser.add_argument("--no-bf16", dest="bf16", action="store_false", help=help_)
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=help_)
-        else:
-            typ = f.metadata["type"] or (type(f.default) if f.default is not None else str)
-            parser.add_argument(flag, type=typ, default=f.default, help=help_)
+    add_config_arguments(parser, DistillConfig)
     parser.add_argument("--cache-teacher", metavar="FILE", default=None,
                         help="instead of training, write the teacher's top-k log-probs to FILE")
 

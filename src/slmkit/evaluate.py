@@ -20,59 +20,81 @@ import random
 import re
 import sys
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.models import context_length
 
 ENGINES = ("torch", "llamacpp")
 
 
+@dataclass
+class EvalConfig:
+    """One `slm eval` run; CLI flags are these names with dashes."""
+
+    models: list[str] = option(help="models to compare; the first is the reference (HF folder, "
+                               ".gguf, `default`)", flags=("models",), nargs="+", metavar="MODEL",
+                               wired=True)
+    names: list[str] | None = option(None, "comma-separated display names, one per MODEL",
+                                     type=lambda text: text.split(","), wired=True)
+    task: str | None = option(None, "task preset whose metric scores --data (summarize, grammar, "
+                              "reply, qa)", wired=True)
+    data: str | None = option(None, "task JSONL (default: the preset's shipped eval examples)",
+                              wired=True)
+    split: str | None = option("eval", "use lines whose `split` is this (default eval; lines "
+                               "without `split` always count); `all` for every line", wired=True)
+    limit: int | None = option(None, "score only the first N examples")
+    bench: list[str] | None = option(None, "benchmark JSONL files, K-shot", nargs="+",
+                                     metavar="FILE[:K]")
+    shots: int = option(0, "shots for --bench files without `:K` (default 0)")
+    seed: int = option(1234, "seed for choosing few-shot examples")
+    ppl: str | None = option(None, "text (.txt or JSONL) to measure perplexity on", metavar="FILE")
+    stride: int = option(512, "perplexity sliding-window stride in tokens")
+    safety: str | None = option(None, "ToxiGen-style JSON list for the safety score", metavar="FILE")
+    speed: bool = option(False, "measure latency, tokens/s, memory, energy")
+    engine: str = option("torch", "engine for .gguf models' generation (--task, generation "
+                         "benchmarks) and --speed; log-likelihood scores and HF folders always use "
+                         "torch", choices=ENGINES)
+    harness: str | None = option(None, "also run lm-evaluation-harness tasks (comma-separated)",
+                                 metavar="TASKS")
+    max_new_tokens: int = option(64, "generation length limit for --task")
+    cot_tokens: int = option(256, "generation length limit for chain-of-thought benchmark answers")
+    batch_size: int | str = option("auto", "sequences per forward pass, or `auto` (default): as "
+                                   "many tokens as free memory allows (CPU and CUDA)")
+    device: str | None = option(None, "cpu, cuda, cuda:1 (default: cuda when present)", wired=True)
+    trust_remote_code: bool = option(False, "allow code from model folders", wired=True)
+    out: str | None = option(None, "folder for report.html, report.md, metrics.json, predictions/",
+                             wired=True)
+
+    def __post_init__(self):
+        from slmkit.scoring import parse_batch_size
+
+        if not self.models:
+            raise UsageError("give at least one MODEL")
+        self.names = _names(self.models, self.names)
+        self.split = None if self.split == "all" else self.split
+        self.batch_size = parse_batch_size(self.batch_size)
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit {self.limit}: give a positive number of examples")
+        for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--cot-tokens", self.cot_tokens)):
+            if value < 1:
+                raise UsageError(f"{flag} {value}: must be at least 1")
+        if not (self.task or self.data or self.bench or self.ppl or self.safety or self.speed
+                or self.harness):
+            raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, "
+                             "--speed or --harness")
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="models to compare; the first is the reference (HF folder, .gguf, `default`)")
-    parser.add_argument("--names", help="comma-separated display names, one per MODEL")
-    parser.add_argument("--task", help="task preset whose metric scores --data "
-                        "(summarize, grammar, reply, qa)")
-    parser.add_argument("--data", help="task JSONL (default: the preset's shipped eval examples)")
-    parser.add_argument("--split", default="eval", help="use lines whose `split` is this (default eval; "
-                        "lines without `split` always count); `all` for every line")
-    parser.add_argument("--limit", type=int, help="score only the first N examples")
-    parser.add_argument("--bench", nargs="+", metavar="FILE[:K]", help="benchmark JSONL files, K-shot")
-    parser.add_argument("--shots", type=int, default=0,
-                        help="shots for --bench files without `:K` (default 0)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples")
-    parser.add_argument("--ppl", metavar="FILE", help="text (.txt or JSONL) to measure perplexity on")
-    parser.add_argument("--stride", type=int, default=512, help="perplexity sliding-window stride in tokens")
-    parser.add_argument("--safety", metavar="FILE", help="ToxiGen-style JSON list for the safety score")
-    parser.add_argument("--speed", action="store_true", help="measure latency, tokens/s, memory, energy")
-    parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="engine for .gguf models' generation (--task, generation benchmarks) "
-                        "and --speed; log-likelihood scores and HF folders always use torch")
-    parser.add_argument("--harness", metavar="TASKS",
-                        help="also run lm-evaluation-harness tasks (comma-separated)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit for --task")
-    parser.add_argument("--cot-tokens", type=int, default=256,
-                        help="generation length limit for chain-of-thought benchmark answers")
-    parser.add_argument("--batch-size", default="auto",
-                        help="sequences per forward pass, or `auto` (default): as many tokens as "
-                        "free memory allows (CPU and CUDA)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow code from model folders")
-    parser.add_argument("--out", help="folder for report.html, report.md, metrics.json, predictions/")
+    add_config_arguments(parser, EvalConfig)
 
 
 def run(args) -> int:
     from slmkit import report
 
-    names = args.names.split(",") if args.names else None
-    metrics = evaluate(args.models, names=names, task=args.task, data=args.data,
-                       split=None if args.split == "all" else args.split, limit=args.limit,
-                       bench=args.bench, shots=args.shots, seed=args.seed, ppl=args.ppl,
-                       stride=args.stride, safety=args.safety, speed=args.speed, engine=args.engine,
-                       harness=args.harness, out=args.out, max_new_tokens=args.max_new_tokens,
-                       cot_tokens=args.cot_tokens, batch_size=args.batch_size, device=args.device,
-                       trust_remote_code=args.trust_remote_code)
+    metrics = evaluate(config_from_args(EvalConfig, args))
     print(report.scorecard(metrics))
     if args.out:
         print(f"\nreport: {Path(args.out) / 'report.html'}", file=sys.stderr)
@@ -81,80 +103,63 @@ def run(args) -> int:
 
 # --------------------------------------------------------------------------- the whole evaluation
 
-def evaluate(models: list[str], *, names: list[str] | None = None, task: str | None = None,
-             data: str | None = None, split: str | None = "eval", limit: int | None = None,
-             bench: list[str] | None = None, shots: int = 0, seed: int = 1234, ppl: str | None = None,
-             stride: int = 512, safety: str | None = None, speed: bool = False, engine: str = "torch",
-             harness: str | None = None, out: str | None = None, max_new_tokens: int = 64,
-             cot_tokens: int = 256, batch_size: int | str = "auto", device=None,
-             trust_remote_code: bool = False) -> dict:
+def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate every model; returns the metrics dict (also written to OUT/metrics.json with the
-    report when `out` is given). Per model: name, path, parameters, bytes_on_disk, `task`
+    report when `cfg.out` is given). Per model: name, path, parameters, bytes_on_disk, `task`
     (e.g. rouge1/rouge2/rougeL, agreement with the reference's outputs), `benchmarks`,
-    `perplexity`, `safety`, `speed` (decode_tokens_per_s, ...) and `relative` to models[0]."""
+    `perplexity`, `safety`, `speed` (decode_tokens_per_s, ...) and `relative` to models[0].
+
+        evaluate(EvalConfig(["default", "runs/demo/student"], task="summarize", limit=40))
+    """
     from slmkit import models as M
     from slmkit import report
     from slmkit.data import load_examples
     from slmkit.tasks import get_task, preset_data
 
-    if not models:
-        raise UsageError("give at least one MODEL")
-    names = _names(models, names)
-    from slmkit.scoring import parse_batch_size
-
-    batch_size = parse_batch_size(batch_size)
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit {limit}: give a positive number of examples")
-    for flag, value in (("--max-new-tokens", max_new_tokens), ("--cot-tokens", cot_tokens)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: must be at least 1")
-    if not (task or data or bench or ppl or safety or speed or harness):
-        raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, --speed "
-                         "or --harness")
     # Check every input before loading any model: a typo should cost seconds, not minutes.
-    task_obj = get_task(task) if task else None
-    examples = []
+    task_obj = get_task(cfg.task) if cfg.task else None
+    data, examples = cfg.data, []
     if task_obj or data:
         data = data or str(preset_data(task_obj.name))
-        examples = load_examples(data, task_obj, split=split, need_answer=True, limit=limit)
+        examples = load_examples(data, task_obj, split=cfg.split, need_answer=True, limit=cfg.limit)
         plain = next((e for e in examples if e.text is not None), None)
         if plain is not None:
             raise UsageError(f"{plain.where}: a `text` line has no answer to score; give "
                              "`input`/`output` or `messages` lines, or the fields of --task")
-    benches = [load_benchmark(*_bench_spec(b, shots)) for b in bench or []]
-    if safety:
+    benches = [load_benchmark(*_bench_spec(b, cfg.shots)) for b in cfg.bench or []]
+    if cfg.safety:
         from slmkit import safety as S
 
-        S.load_items(safety)
-    if ppl:
+        S.load_items(cfg.safety)
+    if cfg.ppl:
         from slmkit.data import calibration_texts
 
-        ppl_text = "\n\n".join(calibration_texts(ppl, what="--ppl"))
-    folders = [M.resolve(m, trust_remote_code=trust_remote_code) for m in models]
+        ppl_text = "\n\n".join(calibration_texts(cfg.ppl, what="--ppl"))
+    folders = [M.resolve(m, trust_remote_code=cfg.trust_remote_code) for m in cfg.models]
     if examples:  # task prompts are user messages: an instruct model needs its chat template
-        for spec, folder in zip(models, folders):
+        for spec, folder in zip(cfg.models, folders):
             if not M.has_chat_template(folder):
                 raise UsageError(f"{folder / 'tokenizer_config.json'}: the tokenizer of `{spec}` has no chat "
                                  f"template, which task `{task_obj.name if task_obj else 'input/output'}` "
                                  "needs (its prompts are chat messages); use an instruct model or add a "
                                  "chat_template.jinja to the folder")
     generates = bool(examples) or any(b["kind"] == "gen" for b in benches)
-    if engine == "llamacpp" and (speed or generates) and any(_gguf_path(m) for m in models):
+    if cfg.engine == "llamacpp" and (cfg.speed or generates) and any(map(_gguf_path, cfg.models)):
         from slmkit import speed as SP
 
         SP.require_llamacpp()
-    dev = M.pick_device(device)
-    out_dir = Path(out) if out else None
+    dev = M.pick_device(cfg.device)
+    out_dir = Path(cfg.out) if cfg.out else None
 
     metrics: dict = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "reference": names[0],
+        "reference": cfg.names[0],
         "task": task_obj.name if task_obj else None,
         "metric": (task_obj.metric if task_obj else "rouge") if examples else None,
-        "data": data, "split": split, "n_examples": len(examples),
-        "settings": {"max_new_tokens": max_new_tokens, "cot_tokens": cot_tokens, "batch_size": batch_size,
-                     "device": str(dev),
-                     "greedy": True, "seed": seed, "stride": stride, "engine": engine},
+        "data": data, "split": cfg.split, "n_examples": len(examples),
+        "settings": {"max_new_tokens": cfg.max_new_tokens, "cot_tokens": cfg.cot_tokens,
+                     "batch_size": cfg.batch_size, "device": str(dev), "greedy": True,
+                     "seed": cfg.seed, "stride": cfg.stride, "engine": cfg.engine},
         "models": [],
     }
     if examples:  # what a model must beat: copying the input, where targets are close to inputs
@@ -164,7 +169,7 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
         metrics["baselines"] = [base] if base else []
     reference_predictions = None
     measured: dict = {}  # speed by model shape: (name, result)
-    for spec, folder, name in zip(models, folders, names):
+    for spec, folder, name in zip(cfg.models, folders, cfg.names):
         info = M.describe(spec)
         entry = {"name": name, "source": str(spec), "path": str(folder),
                  **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
@@ -172,18 +177,18 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
         if _gguf_path(spec):  # a user downloads the file, not the folder it is converted to here
             entry["bytes_on_disk"] = _gguf_path(spec).stat().st_size
         print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
-        model, tok = M.load_folder(folder, device=dev, trust_remote_code=trust_remote_code)
+        model, tok = M.load_folder(folder, device=dev, trust_remote_code=cfg.trust_remote_code)
         # a .gguf generates through llama.cpp when asked: the exported file judged as users run it
         backend = None
-        if engine == "llamacpp" and generates and _gguf_path(spec):
+        if cfg.engine == "llamacpp" and generates and _gguf_path(spec):
             from slmkit.backends.llamacpp import LlamaCppBackend
 
             backend = LlamaCppBackend(str(_gguf_path(spec)), name)
         entry["engines"] = {"generation": "llamacpp" if backend else "torch", "log-likelihoods": "torch"}
         if examples:
             preds = generate(model, tok, [e.prompt if e.prompt is not None else e.messages for e in examples],
-                             max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{name}: task",
-                             backend=backend)
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                             desc=f"{name}: task", backend=backend)
             entry["task"] = score_task(metrics["metric"], examples, preds, task_obj)
             if reference_predictions is None:
                 reference_predictions = preds
@@ -194,21 +199,23 @@ def evaluate(models: list[str], *, names: list[str] | None = None, task: str | N
             if out_dir:
                 _write_predictions(out_dir / "predictions" / f"{_slug(name)}.jsonl", examples, preds)
         if benches:
-            entry["benchmarks"] = {b["name"]: run_benchmark(model, tok, b, seed=seed, batch_size=batch_size,
-                                                            max_new_tokens=cot_tokens, backend=backend)
+            entry["benchmarks"] = {b["name"]: run_benchmark(model, tok, b, seed=cfg.seed,
+                                                            batch_size=cfg.batch_size,
+                                                            max_new_tokens=cfg.cot_tokens, backend=backend)
                                    for b in benches}
             entry["benchmark_average"] = sum(r["score"] for r in entry["benchmarks"].values()) / len(benches)
-        if ppl:
-            entry["perplexity"] = perplexity(model, tok, ppl_text, stride=stride, batch_size=batch_size)
-        if safety:
-            entry["safety"] = S.evaluate_safety(model, tok, safety, batch_size=batch_size)
+        if cfg.ppl:
+            entry["perplexity"] = perplexity(model, tok, ppl_text, stride=cfg.stride,
+                                             batch_size=cfg.batch_size)
+        if cfg.safety:
+            entry["safety"] = S.evaluate_safety(model, tok, cfg.safety, batch_size=cfg.batch_size)
         del model, backend
-        if harness:
-            entry["harness"] = run_harness(folder, harness, dev, limit, batch_size)
-        if speed:
+        if cfg.harness:
+            entry["harness"] = run_harness(folder, cfg.harness, dev, cfg.limit, cfg.batch_size)
+        if cfg.speed:
             from slmkit import speed as SP
 
-            use = "llamacpp" if engine == "llamacpp" and _gguf_path(spec) else "torch"
+            use = "llamacpp" if cfg.engine == "llamacpp" and _gguf_path(spec) else "torch"
             path = _gguf_path(spec) if use == "llamacpp" else folder
             # a dense model's cost follows its shape and dtype, not its weights' values: a tuned
             # model and its original are measured once (a GGUF by its file: quantisation varies)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit import models
+from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -55,25 +56,41 @@ SPLIT_NAMES = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
+@dataclass
+class ExportConfig:
+    """One `slm export` run; CLI flags are these names with dashes."""
+
+    model: str = option(help=models.WEIGHTS_HELP, flags=("model",), wired=True)
+    out: str | None = option(None, "output .gguf file (default: ./NAME.QUANT.gguf); an Ollama "
+                             "`Modelfile` is written in the same folder (NAME.Modelfile when the "
+                             "folder's Modelfile is another export's)", wired=True)
+    quant: str = option("q8_0", "weight type: f32, f16, q8_0 (default; ~8.5 bits/weight), q6_k "
+                        "(~6.6), q5_k_m (~5.7), q4_k_m (~4.9, Ollama's usual pick) or q4_0 (~4.5)",
+                        choices=QUANTS)
+    format: str = option("gguf", "output format (gguf)", choices=("gguf",))
+    trust_remote_code: bool = option(False, "allow code from the model folder", wired=True)
+
+    def __post_init__(self):
+        self.out = self.out or f"{model_name(self.model)}.{self.quant}.gguf"
+
+
+def export(cfg: ExportConfig) -> Path:
+    """`export_gguf` as `slm export` runs it. Returns the path of the .gguf file."""
+    return export_gguf(cfg.model, Path(cfg.out), quant=cfg.quant,
+                       trust_remote_code=cfg.trust_remote_code)
+
+
 def add_arguments(p):
-    p.add_argument("model", help=models.WEIGHTS_HELP)
-    p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf)")
-    p.add_argument("--quant", choices=QUANTS, default="q8_0",
-                   help="weight type: f32, f16, q8_0 (default; ~8.5 bits/weight), q6_k (~6.6), "
-                        "q5_k_m (~5.7), q4_k_m (~4.9, Ollama's usual pick) or q4_0 (~4.5)")
-    p.add_argument("--out", help="output .gguf file (default: ./NAME.QUANT.gguf); an Ollama "
-                                 "`Modelfile` is written in the same folder (NAME.Modelfile when "
-                                 "the folder's Modelfile is another export's)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model folder")
+    add_config_arguments(p, ExportConfig)
 
 
 def run(args) -> int:
-    out = Path(args.out) if args.out else Path(f"{model_name(args.model)}.{args.quant}.gguf")
-    path = export_gguf(args.model, out, quant=args.quant, trust_remote_code=args.trust_remote_code)
+    cfg = config_from_args(ExportConfig, args)
+    path = export(cfg)
     size = path.stat().st_size
     mf = modelfile_path(path)
-    print(f"wrote {path} ({size / 2**20:.1f} MiB, {args.quant}) and {mf}")
-    fallbacks = kquant_fallbacks(path, args.quant)
+    print(f"wrote {path} ({size / 2**20:.1f} MiB, {cfg.quant}) and {mf}")
+    fallbacks = kquant_fallbacks(path, cfg.quant)
     if fallbacks:
         print(f"  {fallbacks}")
     print(f"  llama.cpp: llama-cli -m {path} -cnv")

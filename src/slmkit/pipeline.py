@@ -160,12 +160,12 @@ def stage_tune_teacher(ctx: Context, opts: dict) -> dict:
 
 
 def stage_prune(ctx: Context, opts: dict) -> dict:
-    from slmkit.prune import prune
+    from slmkit.prune import PruneConfig, prune
 
     out = ctx.run_dir / "pruned"
-    calib = ctx.data if ctx.data else None
-    plan = prune(ctx.best_teacher, str(out), calib=calib, device=ctx.recipe.device,
-                 trust_remote_code=ctx.recipe.trust_remote_code, **{"seed": ctx.recipe.seed, **opts})
+    plan = prune(PruneConfig(ctx.best_teacher, str(out), calib=ctx.data or None,
+                             device=ctx.recipe.device, trust_remote_code=ctx.recipe.trust_remote_code,
+                             **{"seed": ctx.recipe.seed, **opts}))
     return {"student": str(out), "parameters": plan.get("parameters_after")}
 
 
@@ -176,7 +176,7 @@ def stage_distill(ctx: Context, opts: dict) -> dict:
 
 
 def stage_eval(ctx: Context, opts: dict) -> dict:
-    from slmkit.evaluate import evaluate
+    from slmkit.evaluate import EvalConfig, evaluate
 
     specs, names = [], []
     if ctx.tuned:
@@ -201,9 +201,9 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
         specs.append(ctx.gguf)
         names.append(f"{'student' if ctx.student else 'teacher'} {quant} (llama.cpp)")
     out = ctx.run_dir / "report"
-    evaluate(specs, names=names, task=ctx.task_arg, data=ctx.eval_data, split=ctx.eval_split,
-             out=str(out), device=ctx.recipe.device,
-             trust_remote_code=ctx.recipe.trust_remote_code, **opts)
+    evaluate(EvalConfig(specs, names=names, task=ctx.task_arg, data=ctx.eval_data,
+                        split=ctx.eval_split, out=str(out), device=ctx.recipe.device,
+                        trust_remote_code=ctx.recipe.trust_remote_code, **opts))
     return {"report": str(out)}
 
 
@@ -215,19 +215,17 @@ EXPORT_QUANT = "q4_k_m"  # README "## slm export": it kept the demo student's RO
 
 
 def stage_export(ctx: Context, opts: dict) -> dict:
-    from slmkit.export import export_gguf
+    from slmkit.export import ExportConfig, export
 
-    opts = {"quant": EXPORT_QUANT, **opts}
+    opts = {"quant": EXPORT_QUANT, "trust_remote_code": ctx.recipe.trust_remote_code, **opts}
     folder = ctx.run_dir / "export"
     out = folder / f"{ctx.recipe.name}-student-{opts['quant']}.gguf"
-    export_gguf(ctx.student or ctx.best_teacher, str(out),
-                trust_remote_code=ctx.recipe.trust_remote_code, **opts)
+    export(ExportConfig(ctx.student or ctx.best_teacher, str(out), **opts))
     if not ctx.student or ctx.best_teacher.startswith("openai:"):  # an API teacher has no weights
         return {"gguf": str(out)}
     # the teacher in the same quant: the report compares like with like
     teacher = folder / f"{ctx.recipe.name}-teacher-{opts['quant']}.gguf"
-    export_gguf(ctx.best_teacher, str(teacher), trust_remote_code=ctx.recipe.trust_remote_code,
-                **opts)
+    export(ExportConfig(ctx.best_teacher, str(teacher), **opts))
     return {"gguf": str(out), "teacher_gguf": str(teacher)}
 
 

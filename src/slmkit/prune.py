@@ -35,16 +35,18 @@ still be a multiple of the head count, which transformers' LlamaConfig checks.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import math
 import random
 import re
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from slmkit import models, precision
+from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
@@ -81,6 +83,57 @@ class Shape:
     ffn: int
     heads: int
     kv_heads: int
+
+SHAPE_KEYS = tuple(f.name for f in fields(Shape))  # layers, hidden, ffn, heads, kv_heads
+
+
+class ShapeFlag(argparse.Action):
+    """`--layers 2 --ffn 32` -> shape={"layers": 2, "ffn": 32}."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.shape = (namespace.shape or {}) | {option_string[2:].replace("-", "_"): value}
+
+
+@dataclass
+class PruneConfig:
+    """One `slm prune` run; CLI flags are these names with dashes, `shape` is the five below."""
+
+    model: str = option(help="the teacher: HF folder, .gguf file, or `default`", flags=("model",),
+                        wired=True)
+    out: str | None = option(None, "folder for the pruned model (a standard HF checkpoint)",
+                             wired=True)
+    target: float | str | None = option(None, "parameter budget: a fraction (0.5) or a count (60M, "
+                                        "1.2B)")
+    method: str = option("both", "how a --target is met: layers, width, or layers then width "
+                         "(default)", choices=METHODS)
+    shape: dict | None = option(None, "explicit shape: the layers, hidden size, MLP size, heads and "
+                                "KV heads to keep (those not given keep the teacher's)",
+                                flags=tuple("--" + k.replace("_", "-") for k in SHAPE_KEYS),
+                                type=int, action=ShapeFlag, metavar="N")
+    calib: str | None = option(None, "calibration text: .jsonl (string fields joined) or .txt",
+                               wired=True)
+    task: str | None = option(None, "use this task preset's examples as calibration data",
+                              wired=True)
+    num_samples: int | None = option(None, "calibration rows (default 256 on CUDA, 16 on CPU)")
+    seq_len: int = option(256, "tokens per calibration row")
+    seed: int = option(0, "shuffles the calibration texts")
+    device: str | None = option(None, "cpu, cuda, cuda:1 (default: CUDA when present)", wired=True)
+    dry_run: bool = option(False, "print the plan; load no weights, write nothing")
+    trust_remote_code: bool = option(False, "allow a model folder that ships its own code (off by "
+                                     "default)", wired=True)
+
+    def __post_init__(self):
+        if (self.target is None) == (self.shape is None):
+            raise UsageError("give either --target (a parameter budget) or an explicit shape "
+                             "(--layers/--hidden/--ffn/--heads/--kv-heads), not both or neither")
+        unknown = set(self.shape or ()) - set(SHAPE_KEYS)
+        if unknown:
+            raise UsageError(f"shape: unknown key(s) {', '.join(sorted(unknown))}; "
+                             f"use {', '.join(SHAPE_KEYS)}")
+        if not self.dry_run and self.out is None:
+            raise UsageError("give --out FOLDER for the pruned model (or --dry-run)")
+        if (self.num_samples is not None and self.num_samples < 1) or self.seq_len < 2:
+            raise UsageError("--num-samples must be >= 1 and --seq-len >= 2")
 
 
 # --------------------------------------------------------------------------- shapes and counts
@@ -524,77 +577,59 @@ def format_plan(plan: dict) -> str:
     return "\n".join(rows)
 
 
-def prune(teacher, out=None, *, target: float | str | None = None, shape: dict | None = None,
-          method: str = "both", calib=None, task: str | None = None, num_samples: int | None = None,
-          seq_len: int = 256, dry_run: bool = False, seed: int = 0, device=None,
-          trust_remote_code: bool = False) -> dict:
-    """Cut a smaller model out of `teacher` (a MODEL spec) and save it to `out`; return the plan.
+def prune(cfg: PruneConfig) -> dict:
+    """Cut a smaller model out of the teacher `cfg.model` and save it to `cfg.out`; return the
+    plan. With `cfg.dry_run`, print and return the plan (shape and parameter counts) without
+    loading weights.
 
-    Arguments:
-        target: a parameter budget, `0.5` (fraction), `"60M"` or a count; or give `shape`.
-        shape: {layers, hidden, ffn, heads, kv_heads}, missing keys keep the teacher's value.
-        method: depth | width | both, how a `target` is met (see the module docstring).
-        calib: a .txt/.jsonl calibration file; else `task` names a preset whose examples are used.
-        num_samples, seq_len: calibration rows x tokens; num_samples defaults to 256 on CUDA and
-            16 on CPU (a 135M model scored ~1.5-2.5k tokens a minute on two busy shared cores).
-        dry_run: print and return the plan (shape and parameter counts) without loading weights.
-        trust_remote_code: allow a model folder that ships its own code (never by default).
+        prune(PruneConfig("default", "pruned", target=0.5, calib="data.jsonl"))
     """
     import torch
 
-    folder = models.resolve(teacher, trust_remote_code=trust_remote_code)
-    cfg = models.read_config(folder)
-    check_arch(cfg, f"{folder}/config.json")
+    folder = models.resolve(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    config = models.read_config(folder)
+    check_arch(config, f"{folder}/config.json")
     shapes = header_shapes(folder)
-    src = source_shape(cfg)
-    total = models.describe_shapes(cfg, shapes)["parameters"]
-    if count_params(cfg, shapes, src) != total:  # the counting rules must cover every tensor
-        raise UsageError(f"{folder}: unexpected weights for a {cfg['model_type']} model; "
+    src = source_shape(config)
+    total = models.describe_shapes(config, shapes)["parameters"]
+    if count_params(config, shapes, src) != total:  # the counting rules must cover every tensor
+        raise UsageError(f"{folder}: unexpected weights for a {config['model_type']} model; "
                          "slm prune cannot account for all of them")
-    if (target is None) == (shape is None):
-        raise UsageError("give either --target (a parameter budget) or an explicit shape "
-                         "(--layers/--hidden/--ffn/--heads/--kv-heads), not both or neither")
-    target_n = None
-    if target is not None:
-        target_n = parse_target(target, total)
-        dst = plan_shape(src, lambda s: count_params(cfg, shapes, s), target_n, method)
+    target_n, method = None, cfg.method
+    if cfg.target is not None:
+        target_n = parse_target(cfg.target, total)
+        dst = plan_shape(src, lambda s: count_params(config, shapes, s), target_n, method)
     else:
-        unknown = set(shape) - {"layers", "hidden", "ffn", "heads", "kv_heads"}
-        if unknown:
-            raise UsageError(f"shape: unknown key(s) {', '.join(sorted(unknown))}; "
-                             "use layers, hidden, ffn, heads, kv_heads")
-        dst = explicit_shape(src, **shape)
+        dst = explicit_shape(src, **cfg.shape)
         if dst == src:
             raise UsageError("the shape equals the model's; give a smaller --layers/--hidden/"
                              "--ffn/--heads/--kv-heads or a --target")
         method = "shape"
-    if not dry_run and out is None:
-        raise UsageError("give --out FOLDER for the pruned model (or --dry-run)")
-    if (num_samples is not None and num_samples < 1) or seq_len < 2:
-        raise UsageError("--num-samples must be >= 1 and --seq-len >= 2")
     # read (and validated) before any heavy work; a dry run needs none but checks what it is given
-    texts = calibration_texts(calib, task) if (calib or task or not dry_run) else []
-    after = count_params(cfg, shapes, dst)
+    calib, task = cfg.calib, cfg.task
+    texts = calibration_texts(calib, task) if (calib or task or not cfg.dry_run) else []
+    after = count_params(config, shapes, dst)
     plan = {
-        "source": str(teacher), "architecture": cfg.get("architectures", [cfg["model_type"]])[0],
+        "source": str(cfg.model),
+        "architecture": config.get("architectures", [config["model_type"]])[0],
         "method": method, "target_parameters": target_n,
         "rule": RULES[method],
-        "shape_before": asdict(src), "shape_after": asdict(dst), "head_dim": head_dim(cfg),
+        "shape_before": asdict(src), "shape_after": asdict(dst), "head_dim": head_dim(config),
         "parameters_before": total, "parameters_after": after, "fraction": after / total,
     }
     print(format_plan(plan))
-    if dry_run:
+    if cfg.dry_run:
         return plan
 
-    device = models.pick_device(device)
-    num_samples = num_samples or (256 if device.type == "cuda" else 16)
-    model, tok = models.load_folder(folder, device=device, trust_remote_code=trust_remote_code)
-    ids = calibration_batch(tok, texts, num_samples, seq_len, seed=seed)
+    device = models.pick_device(cfg.device)
+    num_samples = cfg.num_samples or (256 if device.type == "cuda" else 16)
+    model, tok = models.load_folder(folder, device=device, trust_remote_code=cfg.trust_remote_code)
+    ids = calibration_batch(tok, texts, num_samples, cfg.seq_len, seed=cfg.seed)
     scores = measure_importance(model, ids, device=device)
     keep = select(scores, src, dst)
     # LayerNorm (phi) also centres its input, so the RMS factor would not be right there
     rescale = (norm_rescale(scores, keep, src)
-               if dst.hidden < src.hidden and cfg["model_type"] != "phi" else None)
+               if dst.hidden < src.hidden and config["model_type"] != "phi" else None)
     pruned = apply_plan(model, keep, dst, rescale)
     got = models.count_parameters(pruned)
     if got != after:
@@ -602,7 +637,7 @@ def prune(teacher, out=None, *, target: float | str | None = None, shape: dict |
     plan["calibration"] = {
         "file": str(calib) if calib is not None else None, "task": task if calib is None else None,
         "sha256": _calib_hash(calib, task), "sequences": int(ids.shape[0]),
-        "seq_len": int(ids.shape[1]), "seed": seed}
+        "seq_len": int(ids.shape[1]), "seed": cfg.seed}
     plan["kept"] = keep
     plan["norm_rescale"] = rescale
     plan["importance"] = {
@@ -615,8 +650,8 @@ def prune(teacher, out=None, *, target: float | str | None = None, shape: dict |
         "ffn_mean_per_layer": [round(v, 5) for v in scores["ffn"].mean(1).tolist()],
     }
     with torch.no_grad():
-        models.save_model(pruned, tok, out, extra={"prune_plan.json": plan})
-    print(f"wrote {out}: {got:,} parameters ({100 * got / total:.1f}% of {total:,})")
+        models.save_model(pruned, tok, cfg.out, extra={"prune_plan.json": plan})
+    print(f"wrote {cfg.out}: {got:,} parameters ({100 * got / total:.1f}% of {total:,})")
     return plan
 
 
@@ -627,29 +662,9 @@ def _calib_hash(calib, task) -> str:
 
 
 def add_arguments(p):
-    p.add_argument("model", help="the teacher: HF folder, .gguf file, or `default`")
-    p.add_argument("--out", help="folder for the pruned model (a standard HF checkpoint)")
-    p.add_argument("--target", help="parameter budget: a fraction (0.5) or a count (60M, 1.2B)")
-    p.add_argument("--method", choices=METHODS, default="both",
-                   help="how a --target is met: layers, width, or layers then width (default)")
-    for flag in ("layers", "hidden", "ffn", "heads", "kv-heads"):
-        p.add_argument(f"--{flag}", type=int, help=f"explicit shape: {flag} to keep")
-    p.add_argument("--calib", help="calibration text: .jsonl (string fields joined) or .txt")
-    p.add_argument("--task", help="use this task preset's examples as calibration data")
-    p.add_argument("--num-samples", type=int, help="calibration rows (default 256 on CUDA, 16 on CPU)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
-    p.add_argument("--seed", type=int, default=0, help="shuffles the calibration texts")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan; load no weights, write nothing")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a model folder that ships its own code (off by default)")
+    add_config_arguments(p, PruneConfig)
 
 
 def run(args) -> int:
-    shape = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "kv_heads")
-             if getattr(args, k) is not None} or None
-    prune(args.model, args.out, target=args.target, shape=shape, method=args.method,
-          calib=args.calib, task=args.task, num_samples=args.num_samples, seq_len=args.seq_len,
-          dry_run=args.dry_run, seed=args.seed, device=args.device,
-          trust_remote_code=args.trust_remote_code)
+    prune(config_from_args(PruneConfig, args))
     return 0

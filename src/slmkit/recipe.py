@@ -14,15 +14,16 @@ Every error names the recipe file, the line and the key, e.g.
       eval: {limit: 40}
       export: {quant: q8_0}
 
-Stage options are the keyword arguments of the stage's own API (slm prune / distill / eval /
-export / generate), so the recipe and the commands share one vocabulary; the options the pipeline
-wires itself (model paths, data, task, output folder) are not allowed in a recipe.
+Stage options are the fields of the stage's config dataclass (PruneConfig, DistillConfig,
+EvalConfig, ExportConfig, GenerateConfig), whose flags the commands are, so the recipe and the
+commands share one vocabulary and one set of types; the fields marked `wired` (model paths, data,
+task, output folder, device) are set by the pipeline and not allowed in a recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import importlib
 import re
 import types
 import typing
@@ -99,7 +100,7 @@ def read_yaml(path: Path) -> Node:
 
 
 def _type_ok(value, default) -> bool:
-    if default is None or default is inspect.Parameter.empty:
+    if default is None or default is dataclasses.MISSING:
         return True
     if isinstance(default, bool):
         return isinstance(value, bool)
@@ -158,80 +159,21 @@ def _hints(obj) -> dict:
         return {}
 
 
-def _choices(stage: str, key: str):
-    """The allowed values of options that take one of a few names, or None."""
-    if stage == "export" and key == "quant":
-        from slmkit.export import QUANTS
-
-        return QUANTS
-    if stage == "eval" and key == "engine":
-        from slmkit.evaluate import ENGINES
-
-        return ENGINES
-    if stage == "prune" and key == "method":
-        from slmkit.prune import METHODS
-
-        return METHODS
-    if stage in ("tune_teacher", "distill") and key == "loss":
-        from slmkit.losses import KINDS
-
-        return KINDS
-    if key == "dtype":
-        from slmkit.models import DTYPES
-
-        return DTYPES
-    if stage == "generate" and key == "on_missing_logprobs":
-        from slmkit.generate import MISSING_LOGPROBS
-
-        return MISSING_LOGPROBS
-    return None
+# stage -> (module, config dataclass): its fields are the stage's options and its verb's flags
+CONFIGS = {"generate": ("slmkit.generate", "GenerateConfig"),
+           "tune_teacher": ("slmkit.distill", "DistillConfig"), "prune": ("slmkit.prune", "PruneConfig"),
+           "distill": ("slmkit.distill", "DistillConfig"), "export": ("slmkit.export", "ExportConfig"),
+           "eval": ("slmkit.evaluate", "EvalConfig")}
 
 
-def stage_options(stage: str) -> dict[str, object]:
-    """The options a recipe may set for a stage: name -> default, from the stage's own API."""
-    return {k: v for k, (v, _) in _stage_api(stage).items()}
-
-
-def _stage_api(stage: str) -> dict[str, tuple[object, object]]:
-    """name -> (default, type annotation or None) of the options a recipe may set."""
-    if stage in ("tune_teacher", "distill"):
-        from slmkit.distill import DistillConfig
-
-        api = DistillConfig
-        opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-                for f in dataclasses.fields(DistillConfig)}
-        wired = {"student", "teacher", "data", "task", "out", "resume", "device", "teacher_cache"}
-    elif stage == "generate":
-        from slmkit.generate import GenerateConfig
-
-        api = GenerateConfig
-        opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-                for f in dataclasses.fields(GenerateConfig)}
-        wired = {"teacher", "task", "inputs", "out", "decontaminate"}
-    else:
-        fn = api = _stage_function(stage)
-        # options are the parameters with a default (the positional ones are the model paths)
-        opts = {n: p.default for n, p in inspect.signature(fn).parameters.items()
-                if p.default is not p.empty or p.kind == p.KEYWORD_ONLY}
-        wired = {"out", "task", "data", "names", "device", "calib", "teacher", "model", "split"}
-    hints = _hints(api)
-    return {k: (v, hints.get(k)) for k, v in opts.items() if k not in wired}
-
-
-def _stage_function(stage: str):
-    if stage == "prune":
-        from slmkit.prune import prune
-
-        return prune
-    if stage == "eval":
-        from slmkit.evaluate import evaluate
-
-        return evaluate
-    if stage == "export":
-        from slmkit.export import export_gguf
-
-        return export_gguf
-    raise KeyError(stage)
+def _stage_api(stage: str) -> dict[str, tuple[dataclasses.Field, object]]:
+    """name -> (field, type annotation or None) of the options a recipe may set: the fields of the
+    stage's config that `slm build` does not wire itself."""
+    module, name = CONFIGS[stage]
+    config = getattr(importlib.import_module(module), name)
+    hints = _hints(config)
+    return {f.name: (f, hints.get(f.name)) for f in dataclasses.fields(config)
+            if not f.metadata["wired"]}
 
 
 def check_name(name: str, where: str) -> str:
@@ -263,13 +205,13 @@ def _check_stage(stage: str, node, path: Path, line, trust_remote_code: bool = F
             continue
         if key not in allowed:
             raise UsageError(f"{where}: unknown option; allowed: {', '.join(sorted(allowed))}")
-        default, hint = allowed[key]
+        option, hint = allowed[key]
         # the annotation when there is one (`int | str = "auto"`), else the default's type
         if hint is not None and not _hint_ok(value, hint):
             raise UsageError(f"{where}: expected {_hint_name(hint)}, got {value!r}")
-        if hint is None and not _type_ok(value, default):
-            raise UsageError(f"{where}: expected {_type_name(default)}, got {value!r}")
-        choices = _choices(stage, key)
+        if hint is None and not _type_ok(value, option.default):
+            raise UsageError(f"{where}: expected {_type_name(option.default)}, got {value!r}")
+        choices = option.metadata["argparse"].get("choices")
         if choices and value not in choices:
             raise UsageError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     # the command-line flag, not the recipe, wires trust_remote_code (see pipeline._train)
