@@ -1,7 +1,10 @@
 """The `slm` entry point. One subcommand per module, imported only when it is run, so that
 `slm --help` starts without importing torch.
 
-Each command module defines `add_arguments(parser)` and `run(args) -> int | None`.
+Each command module defines `add_arguments(parser)` and `run(args) -> int | None`. A verb's
+options are the fields of its config dataclass, made with `option(...)`: `add_config_arguments`
+turns them into its flags, `config_from_args` back into the config, and `slm build` reads the
+fields not marked `wired` as the recipe keys of its stage (slmkit.recipe).
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ def option(default=dataclasses.MISSING, help: str = "", type=None, wired: bool =
 
 def _scalar(hint):
     """int for `int | None`, float for `float`; None (text) for anything else."""
-    kinds = [k for k in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)
-                         else (hint,)) if k is not type(None)]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = [k for k in (typing.get_args(hint) if union else (hint,)) if k is not type(None)]
     return kinds[0] if kinds in ([int], [float]) else None
 
 

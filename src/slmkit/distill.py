@@ -50,7 +50,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmkit.cli import add_config_arguments, option
+from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
 from slmkit.served_teacher import ServedTeacher, is_served
@@ -997,12 +997,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)}
-    if args.cache_teacher:
-        values["out"] = values["out"] or args.cache_teacher
-        values["student"] = values["student"] or values["teacher"]
-        path = cache_teacher(DistillConfig(**values), args.cache_teacher)
-        print(path)
+    if args.cache_teacher:  # the teacher alone runs: --student and --out may be left out
+        args.out = args.out or args.cache_teacher
+        args.student = args.student or args.teacher
+        print(cache_teacher(config_from_args(DistillConfig, args), args.cache_teacher))
         return 0
-    print(distill(DistillConfig(**values)))
+    print(distill(config_from_args(DistillConfig, args)))
     return 0
