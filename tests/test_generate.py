@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,47 @@ def test_validators():
     assert gen.yes_share([(1, " Yes", -0.1), (2, "no", -2.4), (3, "maybe", -1.0)]) == pytest.approx(
         0.9048 / (0.9048 + 0.0907), abs=1e-3)
     assert gen.yes_share([(1, "maybe", -1.0)]) is None
+
+
+def completion(text: str, finish_reason: str = "stop"):
+    from slmkit.backends import Completion
+
+    return Completion(text, finish_reason, prompt_tokens=10, completion_tokens=len(text.split()))
+
+
+def test_candidates_keep_valid_distinct_answers_scored_against_the_reference():
+    task = get_task("summarize")
+    row = {"dialogue": "#Person1#: I lost my keys at the station this morning.\n#Person2#: "
+                       "Go to the lost and found office.", "summary": "A traveller misplaced keys and is sent to an office."}
+    item = gen.Item("k", row, "in.jsonl:1")
+    good = "A traveller misplaced keys and is sent to an office."
+    group = gen.candidates(task, item, [completion(good), completion(" " + good + " "), completion(""),
+                                        completion("anything", "error"), completion("Keys were lost.")])
+    assert [c.text for c in group.valid] == [good, "Keys were lost."]
+    assert group.rejected == {"same_as_other_candidate": 1, "empty": 1, "teacher_error": 1}
+    assert group.valid[0].scores == {"reference": pytest.approx(1.0)}
+    assert 0 < group.valid[1].scores["reference"] < 1
+
+
+def test_keep_best_takes_the_highest_combined_score_and_drops_below_threshold():
+    task = get_task("summarize")
+    cfg = gen.GenerateConfig(teacher="t", task="summarize", out="o.jsonl", threshold=0.5)
+    item = gen.Item("k", {"dialogue": "#Person1#: hi\n#Person2#: hello"}, "in.jsonl:1")
+    cands = [gen.Candidate(completion("a"), {"reference": 0.9, "judge": 0.1}),   # 0.5
+             gen.Candidate(completion("b"), {"reference": 0.4, "judge": 0.8}),   # 0.6
+             gen.Candidate(completion("c"), {"reference": None, "judge": None})]
+    best = gen.keep_best(gen.Candidates(item, cands, Counter()), task, cfg, None, gen.NearDup(1.0))
+    assert best.text == "b" and best.score == pytest.approx(0.6)
+    weak = [gen.Candidate(completion("d"), {"judge": 0.3}),
+            gen.Candidate(completion("e"), {"reference": 0.4, "judge": 0.5})]   # 0.45 < 0.5
+    low = gen.keep_best(gen.Candidates(item, weak, Counter()), task, cfg, None, gen.NearDup(1.0))
+    assert low == gen.Drop("below_threshold", {"score": 0.45})
+    none = gen.keep_best(gen.Candidates(item, [], Counter(empty=2)), task, cfg, None, gen.NearDup(1.0))
+    assert none == gen.Drop("no_valid_candidate", {"candidates": {"empty": 2}})
+    row = gen.kept_row(task, cfg, gen.Candidates(item, cands, Counter(empty=1)), best)
+    assert row["summary"] == "b" and row["split"] == "train" and row["id"] == "k"
+    assert row["meta"]["score"] == 0.6 and row["meta"]["candidates"] == 3
+    assert row["meta"]["reasons"] == {"empty": 1}
 
 
 def test_topics_self_instruct(cli, tiny_llama, tmp_path):

@@ -108,6 +108,14 @@ def config_from_args(config, args):
     return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
 
 
+def flag_error(e: ValueError, config, renamed: dict[str, str] | None = None) -> UsageError:
+    """A range check's "NAME must be ..." (backends.check_sampling) as a UsageError that names the
+    flag and its value; renamed: the check's NAME -> the config's field, where they differ."""
+    name, why = str(e).split(" ", 1)
+    name = (renamed or {}).get(name, name)
+    return UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: {why}")
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again."""
     try:

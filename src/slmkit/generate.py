@@ -39,10 +39,11 @@ import string
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.cli import add_config_arguments, config_from_args, option
+from slmkit.backends import Completion, check_sampling
+from slmkit.cli import add_config_arguments, config_from_args, flag_error, option
 from slmkit.errors import UsageError, check_file, read_text
 from slmkit.tasks import Task, get_task, preset_data
 
@@ -123,22 +124,18 @@ class GenerateConfig:
                                      wired=True)
 
     def __post_init__(self):
-        for name, lo in (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("inputs_per_topic", 1),
-                         ("concurrency", 1)):
-            if int(getattr(self, name)) < lo:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least {lo}")
-        if self.limit is not None and self.limit < 1:
-            raise UsageError("--limit must be at least 1")
-        if not 0 <= self.topk_logprobs <= 20:
-            raise UsageError("--topk-logprobs must be between 0 (off) and 20 (what OpenAI-compatible "
-                             "servers return at most)")
-        for name in ("dedup_threshold", "decontam_threshold", "threshold", "top_p"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
-        if self.dedup_threshold <= 0 or self.decontam_threshold <= 0 or self.top_p <= 0:
-            raise UsageError("--dedup-threshold, --decontam-threshold and --top-p must be above 0")
-        if self.temperature < 0:
-            raise UsageError("--temperature must be >= 0")
+        try:  # max_new_tokens, temperature, top_p, seed, topk_logprobs: the backends' own ranges
+            check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.topk_logprobs)
+        except ValueError as e:
+            raise flag_error(e, self, {"max_tokens": "max_new_tokens", "logprobs": "topk_logprobs"}) from None
+        for name in ("n", "batch_size", "inputs_per_topic", "concurrency", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError("--threshold must be between 0 and 1")
+        for name in ("dedup_threshold", "decontam_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1]")
         if self.on_missing_logprobs not in MISSING_LOGPROBS:
             raise UsageError(f"--on-missing-logprobs must be one of {', '.join(MISSING_LOGPROBS)}")
         if self.inputs and self.topics:
@@ -540,6 +537,135 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+@dataclass
+class Candidate:
+    """A valid, distinct answer of the teacher and its scores, each in [0, 1] (None: not measured,
+    e.g. no reference or no judge)."""
+
+    completion: Completion
+    scores: dict[str, float | None]
+
+    @property
+    def text(self) -> str:
+        return self.completion.text.strip()
+
+    @property
+    def score(self) -> float | None:
+        return combine(self.scores)
+
+
+@dataclass
+class Candidates:
+    """An input's valid candidates, and the failed ones counted by reason."""
+
+    item: Item
+    valid: list[Candidate]
+    rejected: Counter
+
+
+@dataclass
+class Drop:
+    """Why an input yields no example, and what its line in OUT.rejected.jsonl adds."""
+
+    reason: str
+    extra: dict = field(default_factory=dict)
+
+
+def screen(item: Item, task: Task, cfg: GenerateConfig, eval_index: EvalIndex | None, dedup: NearDup,
+           fits) -> str | None:
+    """Why an input is not worth generating from (contaminated, a near-duplicate, too long), or None."""
+    text = input_text(task, item.row)
+    if eval_index and eval_index.overlap(text) >= cfg.decontam_threshold:
+        return "contaminated_input"
+    if dedup.has(text):
+        return "duplicate"
+    if not fits(user(task.prompt(item.row)), cfg.max_new_tokens):
+        return "prompt_too_long"
+    return None
+
+
+def no_logprobs(cfg: GenerateConfig) -> str:
+    return (f"the teacher `{cfg.teacher}` returned no log-probs although --topk-logprobs "
+            f"{cfg.topk_logprobs} asked for them")
+
+
+def sample(backend, cfg: GenerateConfig, task: Task, items: list[Item]) -> list[Completion]:
+    """cfg.n completions per item, item k's at [k * n, (k + 1) * n). Raises when the teacher refused
+    the whole batch (a systematic problem, not one prompt), or returned no log-probs that
+    --on-missing-logprobs stop requires."""
+    comps = backend.generate([user(task.prompt(it.row)) for it in items], n=cfg.n,
+                             max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_p=cfg.top_p, seed=cfg.seed, logprobs=cfg.topk_logprobs)
+    if all(c.finish_reason == "error" for c in comps):
+        raise UsageError(f"the teacher refused every request of a batch: {backend.last_error}")
+    if (cfg.topk_logprobs and cfg.on_missing_logprobs == "stop"
+            and any(c.logprobs is None for c in comps)):
+        raise UsageError(no_logprobs(cfg) + "; rerun with --on-missing-logprobs continue to write the "
+                         "data without them, or with --topk-logprobs 0")
+    return comps
+
+
+def candidates(task: Task, item: Item, comps: list[Completion]) -> Candidates:
+    """The item's completions through the validators, repeats removed, each valid one scored
+    against the row's reference (None without one)."""
+    valid, rejected, seen = [], Counter(), set()
+    for c in comps:
+        # `error`: the endpoint refused this request (e.g. the prompt is too long for it)
+        reason = "teacher_error" if c.finish_reason == "error" else validate(task, item.row, c.text)
+        if reason is None and c.text.strip() in seen:
+            reason = "same_as_other_candidate"
+        if reason:
+            rejected[reason] += 1
+            continue
+        seen.add(c.text.strip())
+        valid.append(Candidate(c, {"reference": reference_score(task, item.row, c.text.strip())}))
+    return Candidates(item, valid, rejected)
+
+
+def judge_candidates(judge: Judge, groups: list[Candidates]) -> None:
+    """Set every candidate's `judge` score, all of them in one batch of judge prompts."""
+    flat = [(g.item.row, c) for g in groups for c in g.valid]
+    for (_, c), score in zip(flat, judge.scores([(row, c.text) for row, c in flat])):
+        c.scores["judge"] = score
+
+
+def keep_best(group: Candidates, task: Task, cfg: GenerateConfig, eval_index: EvalIndex | None,
+              dedup: NearDup) -> Candidate | Drop:
+    """The candidate with the highest combined score (unscored ones last; the first of equals),
+    or why the input is dropped: nothing valid, the best under --threshold, a contaminated answer,
+    or a near-copy of an input kept earlier in this batch. A kept input is added to `dedup`."""
+    best = max(group.valid, key=lambda c: -1 if c.score is None else c.score, default=None)
+    if best is None:
+        return Drop("no_valid_candidate", {"candidates": dict(group.rejected)})
+    if best.score is not None and best.score < cfg.threshold:
+        return Drop("below_threshold", {"score": round(best.score, 4)})
+    if eval_index and eval_index.overlap(best.text) >= cfg.decontam_threshold:
+        return Drop("contaminated_output")
+    if dedup.seen(group.item.id, input_text(task, group.item.row)):
+        return Drop("duplicate")
+    return best
+
+
+def kept_row(task: Task, cfg: GenerateConfig, group: Candidates, best: Candidate) -> dict:
+    """The output line: the input row with the answer as its target, and `meta` (provenance)."""
+    it = group.item
+    row = {k: v for k, v in it.row.items() if k not in ("split", "unusable", "topic_index")}
+    if task.references(it.row):
+        row["reference"] = task.answer(it.row)  # the original, kept beside ours
+    row.update({"id": it.id, task.target: best.text, "split": "train"})
+    row["meta"] = {
+        "teacher": cfg.teacher,
+        "sampling": {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+        "score": None if best.score is None else round(best.score, 4),
+        "scores": {k: None if v is None else round(v, 4) for k, v in best.scores.items()},
+        "candidates": len(group.valid), "reasons": dict(group.rejected),
+        "finish_reason": best.completion.finish_reason}
+    if cfg.topk_logprobs and best.completion.logprobs is not None:
+        row["teacher_topk"] = topk_record(best.completion)
+    return row
+
+
 def generate(cfg: GenerateConfig) -> dict:
     """Run the teacher over the inputs; append kept examples to cfg.out. Returns the stats:
     {"inputs", "done_before", "kept", "dropped": {reason: count}, "candidates_rejected":
@@ -567,8 +693,6 @@ def generate(cfg: GenerateConfig) -> dict:
         items = topic_inputs(cfg, task, backend, topics)
     fits = prompt_fits(backend)
     judge = Judge(backend, task, fits) if cfg.judge else None
-    sampling = {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
     todo = [it for it in items if it.id not in done]
     dropped, rejected_cands = Counter(), Counter()
     kept = tokens = 0
@@ -585,89 +709,35 @@ def generate(cfg: GenerateConfig) -> dict:
         for chunk in batches(todo, cfg.batch_size):
             ready = []
             for it in chunk:
-                if eval_index and eval_index.overlap(input_text(task, it.row)) >= cfg.decontam_threshold:
-                    reject(it, "contaminated_input")
-                elif dedup.has(input_text(task, it.row)):
-                    reject(it, "duplicate")
-                elif not fits(user(task.prompt(it.row)), cfg.max_new_tokens):
-                    reject(it, "prompt_too_long")
+                reason = screen(it, task, cfg, eval_index, dedup, fits)
+                if reason:
+                    reject(it, reason)
                 else:
                     ready.append(it)
             bar.update(len(chunk) - len(ready))
             if not ready:
                 continue
             t0 = time.perf_counter()
-            comps = backend.generate([user(task.prompt(it.row)) for it in ready], n=cfg.n,
-                                     max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, seed=cfg.seed, logprobs=cfg.topk_logprobs)
+            comps = sample(backend, cfg, task, ready)
             gen_seconds += time.perf_counter() - t0
             tokens += sum(c.completion_tokens for c in comps)
-            if all(c.finish_reason == "error" for c in comps):  # a systematic problem, not one prompt
-                raise UsageError(f"the teacher refused every request of a batch: {backend.last_error}")
-            if cfg.topk_logprobs and any(c.logprobs is None for c in comps):
-                msg = (f"the teacher `{cfg.teacher}` returned no log-probs although "
-                       f"--topk-logprobs {cfg.topk_logprobs} asked for them")
-                if cfg.on_missing_logprobs == "stop":
-                    raise UsageError(msg + "; rerun with --on-missing-logprobs continue to write the "
-                                     "data without them, or with --topk-logprobs 0")
-                if not warned_logprobs:
-                    print(f"slm generate: {msg}; continuing without them (--on-missing-logprobs "
-                          "continue)", file=sys.stderr)
-                    warned_logprobs = True
-
+            if cfg.topk_logprobs and not warned_logprobs and any(c.logprobs is None for c in comps):
+                print(f"slm generate: {no_logprobs(cfg)}; continuing without them "
+                      "(--on-missing-logprobs continue)", file=sys.stderr)
+                warned_logprobs = True
             # validators first: only valid, distinct candidates are judged
-            cands: list[list[tuple[object, dict]]] = []
-            for k, it in enumerate(ready):
-                seen_texts, mine, reasons = set(), [], Counter()
-                for c in comps[k * cfg.n:(k + 1) * cfg.n]:
-                    # `error`: the endpoint refused this request (e.g. the prompt is too long for it)
-                    reason = "teacher_error" if c.finish_reason == "error" else validate(task, it.row, c.text)
-                    if reason is None and c.text.strip() in seen_texts:
-                        reason = "same_as_other_candidate"
-                    if reason:
-                        reasons[reason] += 1
-                        continue
-                    seen_texts.add(c.text.strip())
-                    mine.append((c, {"reference": reference_score(task, it.row, c.text.strip())}))
-                rejected_cands.update(reasons)
-                cands.append((mine, reasons))
+            groups = [candidates(task, it, comps[k * cfg.n:(k + 1) * cfg.n]) for k, it in enumerate(ready)]
             if judge:
                 t0 = time.perf_counter()
-                flat = [(it.row, c.text) for it, (mine, _) in zip(ready, cands) for c, _ in mine]
-                js = iter(judge.scores(flat))
-                for mine, _ in cands:
-                    for _, sc in mine:
-                        sc["judge"] = next(js)
+                judge_candidates(judge, groups)
                 judge_seconds += time.perf_counter() - t0
-
-            for it, (mine, reasons) in zip(ready, cands):
-                if not mine:
-                    reject(it, "no_valid_candidate", candidates=dict(reasons))
-                    continue
-                ranked = sorted(mine, key=lambda cs: -(combine(cs[1]) if combine(cs[1]) is not None else -1))
-                best, scores = ranked[0]
-                score = combine(scores)
-                answer = best.text.strip()
-                if score is not None and score < cfg.threshold:
-                    reject(it, "below_threshold", score=round(score, 4))
-                elif eval_index and eval_index.overlap(answer) >= cfg.decontam_threshold:
-                    reject(it, "contaminated_output")
-                elif dedup.seen(it.id, input_text(task, it.row)):  # a near-copy earlier in this batch
-                    reject(it, "duplicate")
+            for group in groups:
+                rejected_cands.update(group.rejected)
+                best = keep_best(group, task, cfg, eval_index, dedup)
+                if isinstance(best, Drop):
+                    reject(group.item, best.reason, **best.extra)
                 else:
-                    row = {k: v for k, v in it.row.items() if k not in ("split", "unusable", "topic_index")}
-                    if task.references(it.row):
-                        row["reference"] = task.answer(it.row)  # the original, kept beside ours
-                    row.update({"id": it.id, task.target: answer, "split": "train"})
-                    row["meta"] = {
-                        "teacher": cfg.teacher, "sampling": sampling,
-                        "score": None if score is None else round(score, 4),
-                        "scores": {k: None if v is None else round(v, 4) for k, v in scores.items()},
-                        "candidates": len(mine), "reasons": dict(reasons),
-                        "finish_reason": best.finish_reason}
-                    if cfg.topk_logprobs and best.logprobs is not None:
-                        row["teacher_topk"] = topk_record(best)
-                    kept_log.append(row)
+                    kept_log.append(kept_row(task, cfg, group, best))
                     kept += 1
             bar.update(len(ready))
             bar.set_postfix(kept=kept, dropped=sum(dropped.values()),
