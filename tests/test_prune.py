@@ -261,6 +261,11 @@ def test_dry_run_writes_nothing(tiny_llama, calib_file, tmp_path, cli):
     (["--target", "10", "--method", "depth"], "cannot be reached"),
     (["--target", "0.5", "--layers", "2"], "not both"),
     ([], "not both or neither"),
+    (["--search", "3"], "--search needs --target"),
+    (["--search", "1", "--target", "0.5"], "--search 1"),
+    (["--search", "3", "--target", "0.5", "--method", "depth"], "--method depth with --search"),
+    (["--search", "3", "--target", "0.5", "--layers", "2"], "--layers with --search"),
+    (["--search", "3", "--target", "0.1"], "cannot be reached with hidden 32 and 4 heads"),
 ])
 def test_bad_shapes_exit_2(tiny_llama, calib_file, tmp_path, cli, args, message):
     out = tmp_path / "out"
@@ -276,6 +281,8 @@ def test_bad_data_and_arch_exit_2(tiny_llama, tmp_path, cli):
     assert code == 2 and "no text" in err
     code, _, err = cli("prune", tiny_llama, "--target", "0.5", "--out", tmp_path / "o")
     assert code == 2 and "--calib" in err
+    code, _, err = cli("prune", tiny_llama, "--target", "0.5", "--search", "2", "--out", tmp_path / "o")
+    assert code == 2 and "--search needs --calib" in err
 
     alien = tmp_path / "alien"
     shutil.copytree(tiny_llama, alien)
@@ -321,3 +328,67 @@ def test_norm_rescale_makes_dead_hidden_channels_free(tiny_models):
     fixed = P.apply_plan(model, keep, dst, rescale)
     assert (logits(fixed) - logits(model)).abs().max() < 1e-4
     assert (logits(plain) - logits(model)).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------- --search
+
+def test_search_candidates_fit_the_budget_and_differ(tiny_llama):
+    """Tiny llama (49,952 parameters, 12,800 of them the tied embedding): from all 4 layers with a
+    small MLP to the fewest layers with the full one, each the largest MLP (grid of 8) that fits."""
+    cfg, shapes = models.read_config(tiny_llama), P.header_shapes(tiny_llama)
+    src = P.source_shape(cfg)
+
+    def count(s):
+        return P.count_params(cfg, shapes, s)
+
+    target = P.parse_target(0.6, count(src))
+    assert target == 29_971
+    family = P.search_candidates(src, count, target, 99)  # more than there are: all of them
+    assert [(c.layers, c.ffn) for c in family] == [(4, 8), (3, 24), (2, 56), (1, 64)]
+    assert [count(c) for c in family] == [28_448, 29_152, 29_856, 22_112]
+    assert all((c.hidden, c.heads, c.kv_heads) == (32, 4, 2) for c in family)  # every head kept
+    assert all(count(replace(c, ffn=c.ffn + 8)) > target for c in family if c.ffn < src.ffn)
+    assert P.search_candidates(src, count, target, 3) == [family[0], family[2], family[3]]
+    pinned = P.search_candidates(src, count, target, 3, P.explicit_shape(src, heads=2))
+    assert [(c.layers, c.ffn, c.heads, c.kv_heads) for c in pinned] == [(4, 16, 2, 2), (3, 32, 2, 2),
+                                                                        (2, 64, 2, 2)]
+
+
+def test_search_writes_the_lowest_loss_candidate(tiny_llama, calib_file, tmp_path, cli):
+    """The table is in prune_search.json and prune_plan.json; the folder holds its lowest-loss
+    row, and loading it gives that loss on the held-out rows."""
+    out = tmp_path / "searched"
+    code, stdout, err = cli("prune", tiny_llama, "--target", "0.7", "--search", "3", "--calib",
+                            calib_file, "--out", out, "--num-samples", "4", "--seq-len", "16")
+    assert code == 0, err
+    table = json.loads((out / "prune_search.json").read_text())
+    plan = json.loads((out / "prune_plan.json").read_text())
+    assert plan["search"] == table and plan["method"] == "search"
+    rows = table["candidates"]
+    assert [(r["shape"]["layers"], r["shape"]["ffn"], r["parameters"]) for r in rows] == [
+        (4, 24, 34_592), (3, 40, 33_760), (2, 64, 31_392)]
+    losses = [r["held_out_loss"] for r in rows]
+    assert len(set(losses)) == 3 and table["chosen"] == losses.index(min(losses))
+    best = rows[table["chosen"]]
+    assert plan["shape_after"] == best["shape"] and plan["parameters_after"] == best["parameters"]
+    assert "<- lowest loss" in stdout and "held-out loss" in stdout
+
+    model, tok = models.load_model(out)
+    assert models.count_parameters(model) == best["parameters"]
+    assert model.config.num_hidden_layers == best["shape"]["layers"]
+    _, held = P.search_split(P.calibration_texts(calib_file))
+    ids = P.calibration_batch(tok, held, 4, 16, seed=0)
+    assert (len(held), *ids.shape) == (1, 2, 16)  # one held-out text of the ten
+    assert (table["held_out"]["texts"], table["held_out"]["sequences"]) == (1, 2)
+    assert P.heldout_loss(model, ids) == pytest.approx(best["held_out_loss"], rel=1e-6)
+    teacher, _ = models.load_model(tiny_llama)
+    assert P.heldout_loss(teacher, ids) == pytest.approx(table["teacher_loss"], rel=1e-6)
+    assert not list(tmp_path.glob(".searched*")), "temporary folder left behind"
+
+
+def test_search_is_a_recipe_option(tmp_path):
+    from slmkit.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("teacher: default\ntask: summarize\nstages:\n  prune: {target: 0.5, search: 4}\n")
+    assert load_recipe(path).stages["prune"] == {"target": 0.5, "search": 4}

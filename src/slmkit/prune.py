@@ -6,6 +6,7 @@ checkpoint of the same architecture with a plain, homogeneous config.
     slm prune default --target 60M --method depth --calib data.jsonl --out pruned
     slm prune default --layers 24 --ffn 1024 --task summarize --out pruned   # an explicit shape
     slm prune default --target 0.5 --dry-run                                 # print the plan only
+    slm prune default --target 0.5 --search 4 --calib data.jsonl --out pruned  # compare 4 shapes
 
 Importance comes from forward passes over calibration text (no gradients):
   - depth: Block Influence of each layer, 1 - cos(layer input, layer output) averaged over tokens
@@ -31,6 +32,13 @@ calibration scale (see norm_rescale()).
 head_dim never changes: config.head_dim is written explicitly, so hidden need not equal
 heads * head_dim (as in Llama-3.1-Minitron-4B-Width: hidden 3072, 32 heads of 128); hidden must
 still be a multiple of the head count, which transformers' LlamaConfig checks.
+
+Shape search (`--search N`, see search_candidates()): N shapes at the budget, from "keep every
+layer, cut the MLP" to "cut layers, keep the MLP", each with every attention head and the full
+hidden size. Each is cut from importance measured once and scored by its held-out loss (next-token
+NLL before any training) on a part of the calibration data that importance never saw; the lowest
+loss is written. Minitron and ModelOpt's NAS rank candidate shapes the same way before a short
+distillation; here the start-of-distill loss ranked the grammar students as distillation did.
 """
 
 from __future__ import annotations
@@ -73,7 +81,11 @@ RULES = {  # how the shape was chosen, as written into prune_plan.json
     "depth": "depth: the most layers that fit the target",
     "width": "width: hidden, heads and ffn shrunk as evenly as possible, closest to the target from below",
     "both": f"both: up to {DEPTH_CAP:.0%} of the layers first, then width (shrunk as evenly as possible)",
+    "search": "search: shapes at the target trading layers against MLP (hidden and heads kept), "
+              "the lowest held-out loss before training",
 }
+SEARCH_PINS = ("hidden", "heads", "kv_heads")
+"""Shape keys `--search` takes as fixed for every candidate; layers and ffn are what it varies."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,11 @@ class PruneConfig:
                              wired=True)
     target: float | str | None = option(None, "parameter budget: a fraction (0.5) or a count (60M, "
                                         "1.2B)")
-    method: str = option("both", "how a --target is met: layers, width, or layers then width "
-                         "(default)", choices=METHODS)
+    method: str | None = option(None, "how a --target is met: layers, width, or layers then width "
+                                "(both, the default)", choices=METHODS)
+    search: int | None = option(None, "compare N shapes at the --target (layers traded against MLP, "
+                                "every head kept) by held-out loss on --calib; write the best",
+                                metavar="N")
     shape: dict | None = option(None, "explicit shape: the layers, hidden size, MLP size, heads and "
                                 "KV heads to keep (those not given keep the teacher's)",
                                 flags=tuple("--" + k.replace("_", "-") for k in SHAPE_KEYS),
@@ -114,7 +129,8 @@ class PruneConfig:
                                wired=True)
     task: str | None = option(None, "use this task preset's examples as calibration data",
                               wired=True)
-    num_samples: int | None = option(None, "calibration rows (default 256 on CUDA, 16 on CPU)")
+    num_samples: int | None = option(None, "calibration rows (default 256 on CUDA, 16 on CPU); with "
+                                     "--search also the most held-out rows")
     seq_len: int = option(256, "tokens per calibration row")
     seed: int = option(0, "shuffles the calibration texts")
     device: str | None = option(None, "cpu, cuda, cuda:1 (default: CUDA when present)", wired=True)
@@ -123,7 +139,9 @@ class PruneConfig:
                                      "default)", wired=True)
 
     def __post_init__(self):
-        if (self.target is None) == (self.shape is None):
+        if self.search is not None:
+            self._check_search()
+        elif (self.target is None) == (self.shape is None):
             raise UsageError("give either --target (a parameter budget) or an explicit shape "
                              "(--layers/--hidden/--ffn/--heads/--kv-heads), not both or neither")
         unknown = set(self.shape or ()) - set(SHAPE_KEYS)
@@ -134,6 +152,23 @@ class PruneConfig:
             raise UsageError("give --out FOLDER for the pruned model (or --dry-run)")
         if (self.num_samples is not None and self.num_samples < 1) or self.seq_len < 2:
             raise UsageError("--num-samples must be >= 1 and --seq-len >= 2")
+
+    def _check_search(self):
+        if self.search < 2:
+            raise UsageError(f"--search {self.search}: give the number of shapes to compare, at least 2")
+        if self.target is None:
+            raise UsageError("--search needs --target: the parameter budget every candidate shape "
+                             "must fit (e.g. --target 0.5)")
+        if self.method is not None:
+            raise UsageError(f"--method {self.method} with --search: the search compares shapes "
+                             "of its own at the --target; give one of the two")
+        for key in sorted(set(self.shape or ()) & {"layers", "ffn"}):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} with --search: the search chooses the layers and MLP size "
+                             "itself; only --hidden, --heads and --kv-heads may be fixed")
+        if not self.dry_run and self.calib is None and self.task is None:
+            raise UsageError("--search needs --calib FILE (or --task PRESET): its held-out part "
+                             "scores the candidate shapes")
 
 
 # --------------------------------------------------------------------------- shapes and counts
@@ -281,15 +316,55 @@ def width_candidates(src: Shape, layers: int, count, target: int) -> list[Shape]
         for heads, kv in head_counts(src):
             if hidden % heads:
                 continue
-            base = Shape(layers=layers, hidden=hidden, ffn=f_step, heads=heads, kv_heads=kv)
-            if count(base) > target:
-                continue
-            lo, hi = 1, src.ffn // f_step  # largest k with count(ffn = k * f_step) <= target
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if count(replace(base, ffn=mid * f_step)) <= target else (lo, mid - 1)
-            out.append(replace(base, ffn=lo * f_step))
+            shape = largest_ffn(src, Shape(layers=layers, hidden=hidden, ffn=f_step, heads=heads,
+                                           kv_heads=kv), count, target)
+            if shape is not None:
+                out.append(shape)
     return out
+
+
+def largest_ffn(src: Shape, base: Shape, count, target: int) -> Shape | None:
+    """`base` with the largest MLP on the grid of step_of(src.ffn) (up to src.ffn) that fits the
+    budget; None when not even one step fits."""
+    f_step = step_of(src.ffn)
+    if count(replace(base, ffn=src.ffn)) <= target:
+        return replace(base, ffn=src.ffn)
+    if count(replace(base, ffn=f_step)) > target:
+        return None
+    lo, hi = 1, src.ffn // f_step  # largest k with count(ffn = k * f_step) <= target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(replace(base, ffn=mid * f_step)) <= target else (lo, mid - 1)
+    return replace(base, ffn=lo * f_step)
+
+
+def search_candidates(src: Shape, count, target: int, n: int, base: Shape | None = None) -> list[Shape]:
+    """N shapes for `--search`, spread evenly over the family at the budget: for every layer
+    count, from all of them down to the most that fit with the full MLP (the depth rule's
+    answer), the largest MLP on its grid that fits; fewer when the family is smaller.
+    `base` gives the hidden size and heads every candidate keeps (default: the teacher's).
+
+    Why this family: every candidate keeps every attention head and the hidden size, because
+    what cut heads lost did not come back in distillation (README: the demo's student shapes),
+    and trades depth against MLP, the choice the measured winners differ in: 18 layers with
+    3/4 of the MLP for summarize, all 30 with under 1/3 for grammar (which copies through
+    attention). Fewer layers also decode faster on a CPU; the held-out loss decides the rest."""
+    base = base or src
+    family = []
+    for layers in range(src.layers, 0, -1):
+        shape = largest_ffn(src, replace(base, layers=layers), count, target)
+        if shape is None:  # too deep for even the smallest MLP
+            continue
+        family.append(shape)
+        if shape.ffn == src.ffn:  # the full MLP fits: fewer layers only move away from the target
+            break
+    if not family:
+        raise UsageError(f"--target: {target:,} parameters cannot be reached with hidden "
+                         f"{base.hidden} and {base.heads} heads even at one layer; use a larger "
+                         "target, or give a smaller --hidden/--heads with --search")
+    if len(family) <= n:
+        return family
+    return [family[round(i * (len(family) - 1) / (n - 1))] for i in range(n)]
 
 
 def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
@@ -361,6 +436,32 @@ def calibration_batch(tokenizer, texts: list[str], num_samples: int, seq_len: in
         return torch.tensor([stream])
     n = min(num_samples, len(stream) // seq_len)
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def search_split(texts: list[str]) -> tuple[list[str], list[str]]:
+    """(importance texts, held-out texts) for `--search`: data.held_out's rule over the texts
+    (10 %, at least 1, at most 100, a fixed-seed shuffle), so the same texts score the shapes
+    whatever --seed, and importance never sees them."""
+    from slmkit import data
+
+    if len(texts) < 2:
+        raise UsageError("--search needs at least 2 calibration texts: one part measures "
+                         "importance, a held-out part scores the shapes")
+    held = data.held_out([{} for _ in texts])
+    return ([t for t, h in zip(texts, held) if not h], [t for t, h in zip(texts, held) if h])
+
+
+def heldout_loss(model, ids) -> float:
+    """Mean next-token NLL (nats per predicted token) of `model` on ids (N, T): every row predicts
+    its tokens 1..T-1 from those before, N x (T - 1) predictions; float32 log-probs under the
+    precision rule (slmkit.scoring)."""
+    from slmkit import scoring
+
+    if ids.shape[1] < 2:
+        raise UsageError("the held-out calibration text is a single token; give more text")
+    sums = scoring.score_spans(model, [(row.tolist(), 1) for row in ids], desc="held-out loss",
+                               unit="row")
+    return -sum(sums) / (ids.shape[0] * (ids.shape[1] - 1))
 
 
 # --------------------------------------------------------------------------- importance
@@ -564,6 +665,34 @@ def apply_plan(model, keep: dict, dst: Shape, rescale: dict | None = None):
     return new.to(next(model.parameters()).device).eval()
 
 
+def cut(model, scores: dict, src: Shape, dst: Shape):
+    """select() + norm_rescale() + apply_plan(): (pruned model, keep, rescale)."""
+    keep = select(scores, src, dst)
+    # LayerNorm (phi) also centres its input, so the RMS factor would not be right there
+    rescale = (norm_rescale(scores, keep, src)
+               if dst.hidden < src.hidden and model.config.model_type != "phi" else None)
+    return apply_plan(model, keep, dst, rescale), keep, rescale
+
+
+def search(model, scores: dict, src: Shape, candidates: list[Shape], held, total: int):
+    """Cut every candidate from the same importance scores and score it by heldout_loss() on
+    `held` (N, T). Returns (table, chosen index, (pruned model, keep, rescale) of the chosen):
+    the lowest loss wins, the first among equals. Only the best model so far stays in memory."""
+    from tqdm import tqdm
+
+    table, best, chosen = [], math.inf, None
+    for i, shape in enumerate(tqdm(candidates, desc="search", unit="shape", file=sys.stderr)):
+        made = cut(model, scores, src, shape)
+        loss = heldout_loss(made[0], held)
+        n = models.count_parameters(made[0])
+        table.append({"shape": asdict(shape), "parameters": n, "fraction": n / total,
+                      "held_out_loss": loss if math.isfinite(loss) else None})
+        if chosen is None or (math.isfinite(loss) and loss < best):
+            best, chosen, kept = (loss if math.isfinite(loss) else math.inf), i, made
+        del made
+    return table, chosen, kept
+
+
 # --------------------------------------------------------------------------- the command
 
 def format_plan(plan: dict) -> str:
@@ -574,6 +703,33 @@ def format_plan(plan: dict) -> str:
                 f"({100 * plan['fraction']:.1f}%)")
     if plan.get("target_parameters"):
         rows.append(f"  target   {plan['target_parameters']:>12,} ({plan['rule']})")
+    return "\n".join(rows)
+
+
+def format_search(plan: dict) -> str:
+    """The search table: a row per candidate (shape, parameters, share of the teacher, held-out
+    loss once scored), the teacher's loss for reference, and the chosen one."""
+    s, n = plan["search"], plan["parameters_before"]
+    rows = [f"prune search for {plan['source']} ({plan['architecture']}): {len(s['candidates'])} "
+            f"shapes at <= {plan['target_parameters']:,} parameters",
+            f"  {'layers':>6} {'hidden':>6} {'ffn':>6} {'heads/kv':>8} {'parameters':>12} "
+            f"{'of teacher':>10} {'held-out loss':>13}"]
+
+    def loss(x):
+        return f"{x:>13.4f}" if x is not None else f"{'-':>13}"
+
+    for i, c in enumerate(s["candidates"]):
+        h = c["shape"]
+        mark = "  <- lowest loss" if i == s.get("chosen") else ""
+        rows.append(f"  {h['layers']:>6} {h['hidden']:>6} {h['ffn']:>6} "
+                    f"{str(h['heads']) + '/' + str(h['kv_heads']):>8} {c['parameters']:>12,} "
+                    f"{100 * c['fraction']:>9.1f}% {loss(c.get('held_out_loss'))}{mark}")
+    if "teacher_loss" in s:
+        rows.append(f"  {'teacher':<29} {n:>12,} {100.0:>9.1f}% {loss(s['teacher_loss'])}")
+        h = s["held_out"]
+        rows.append(f"held-out loss: mean next-token NLL (nats) before any training, on "
+                    f"{h['sequences']} rows of {h['seq_len']} tokens from the held-out calibration "
+                    f"texts ({h['texts']}; importance did not see them)")
     return "\n".join(rows)
 
 
@@ -595,10 +751,18 @@ def prune(cfg: PruneConfig) -> dict:
     if count_params(config, shapes, src) != total:  # the counting rules must cover every tensor
         raise UsageError(f"{folder}: unexpected weights for a {config['model_type']} model; "
                          "slm prune cannot account for all of them")
-    target_n, method = None, cfg.method
-    if cfg.target is not None:
+    def count(shape):
+        return count_params(config, shapes, shape)
+
+    target_n, method, candidates = None, cfg.method or "both", None
+    if cfg.search is not None:
+        target_n, method = parse_target(cfg.target, total), "search"
+        candidates = search_candidates(src, count, target_n, cfg.search,
+                                       explicit_shape(src, **(cfg.shape or {})))
+        dst = None  # the search picks it
+    elif cfg.target is not None:
         target_n = parse_target(cfg.target, total)
-        dst = plan_shape(src, lambda s: count_params(config, shapes, s), target_n, method)
+        dst = plan_shape(src, count, target_n, method)
     else:
         dst = explicit_shape(src, **cfg.shape)
         if dst == src:
@@ -608,16 +772,26 @@ def prune(cfg: PruneConfig) -> dict:
     # read (and validated) before any heavy work; a dry run needs none but checks what it is given
     calib, task = cfg.calib, cfg.task
     texts = calibration_texts(calib, task) if (calib or task or not cfg.dry_run) else []
-    after = count_params(config, shapes, dst)
+    held_texts = []
+    if candidates and texts:
+        texts, held_texts = search_split(texts)
+    after = count(dst) if dst else None
     plan = {
         "source": str(cfg.model),
         "architecture": config.get("architectures", [config["model_type"]])[0],
         "method": method, "target_parameters": target_n,
         "rule": RULES[method],
-        "shape_before": asdict(src), "shape_after": asdict(dst), "head_dim": head_dim(config),
-        "parameters_before": total, "parameters_after": after, "fraction": after / total,
+        "shape_before": asdict(src), "shape_after": asdict(dst) if dst else None,
+        "head_dim": head_dim(config), "parameters_before": total, "parameters_after": after,
+        "fraction": after / total if dst else None,
     }
-    print(format_plan(plan))
+    if candidates:
+        if len(candidates) < cfg.search:
+            print(f"only {len(candidates)} shapes of this family fit the target; --search "
+                  f"{cfg.search} compares all of them", file=sys.stderr)
+        plan["search"] = {"candidates": [{"shape": asdict(c), "parameters": count(c),
+                                          "fraction": count(c) / total} for c in candidates]}
+    print(format_search(plan) if candidates else format_plan(plan))
     if cfg.dry_run:
         return plan
 
@@ -626,11 +800,28 @@ def prune(cfg: PruneConfig) -> dict:
     model, tok = models.load_folder(folder, device=device, trust_remote_code=cfg.trust_remote_code)
     ids = calibration_batch(tok, texts, num_samples, cfg.seq_len, seed=cfg.seed)
     scores = measure_importance(model, ids, device=device)
-    keep = select(scores, src, dst)
-    # LayerNorm (phi) also centres its input, so the RMS factor would not be right there
-    rescale = (norm_rescale(scores, keep, src)
-               if dst.hidden < src.hidden and config["model_type"] != "phi" else None)
-    pruned = apply_plan(model, keep, dst, rescale)
+    extra = {}
+    if candidates:
+        # seed 0, not --seed: the same held-out rows whatever the run, so losses compare
+        held = calibration_batch(tok, held_texts, num_samples, cfg.seq_len, seed=0)
+        table, chosen, (pruned, keep, rescale) = search(model, scores, src, candidates, held, total)
+        dst = candidates[chosen]
+        after = count(dst)
+        plan["search"] = {
+            "metric": "held-out loss: mean next-token NLL (nats per predicted token) of each "
+                      "pruned model before any training",
+            "held_out": {"texts": len(held_texts), "sequences": int(held.shape[0]),
+                         "seq_len": int(held.shape[1]), "seed": 0,
+                         "rule": "data.held_out over the calibration texts"},
+            "teacher_loss": heldout_loss(model, held),
+            "candidates": table, "chosen": chosen}
+        plan.update(shape_after=asdict(dst), parameters_after=after, fraction=after / total)
+        print(format_search(plan))
+        print(format_plan(plan))
+        # inside the model folder, which save_model writes to a temporary folder and renames
+        extra["prune_search.json"] = plan["search"]
+    else:
+        pruned, keep, rescale = cut(model, scores, src, dst)
     got = models.count_parameters(pruned)
     if got != after:
         raise RuntimeError(f"pruned model has {got:,} parameters, the plan said {after:,}")
@@ -650,7 +841,7 @@ def prune(cfg: PruneConfig) -> dict:
         "ffn_mean_per_layer": [round(v, 5) for v in scores["ffn"].mean(1).tolist()],
     }
     with torch.no_grad():
-        models.save_model(pruned, tok, cfg.out, extra={"prune_plan.json": plan})
+        models.save_model(pruned, tok, cfg.out, extra={"prune_plan.json": plan, **extra})
     print(f"wrote {cfg.out}: {got:,} parameters ({100 * got / total:.1f}% of {total:,})")
     return plan
 
