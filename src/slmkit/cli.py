@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("slmkit.prune", "cut a smaller model out of the teacher by measured importance"),
     "distill": ("slmkit.distill", "train a student on the teacher's token distributions"),
     "eval": ("slmkit.evaluate", "score models side by side: task quality, benchmarks, safety, speed"),
-    "export": ("slmkit.export", "write a GGUF file (f16 / q8_0 / q4_0) and an Ollama Modelfile"),
+    "export": ("slmkit.export", "write a GGUF file (f16 / q8_0 / q4_k_m / ...) and an Ollama Modelfile"),
     "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with a web playground"),
     "chat": ("slmkit.chat", "chat with a model in the terminal"),
     "info": ("slmkit.info", "describe a model: architecture, parameters, size, tokenizer"),
