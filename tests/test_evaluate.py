@@ -103,8 +103,49 @@ def test_generation_benchmark_runs(llama, tmp_path):
              "rationale": f"{i} and one more is {i + 1}."} for i in range(3)]
     bench = E.load_benchmark(_write(tmp_path / "g.jsonl", rows), shots=1)
     assert "The answer is" in E.gen_prompt(rows[0], [rows[1]]) and E.COT in E.gen_prompt(rows[0], [])
-    res = E.run_benchmark(model, tok, bench, max_new_tokens=4)
-    assert res["kind"] == "gen" and res["n"] == 3 and 0 <= res["accuracy"] <= 1
+    prompts = [E.gen_prompt(r, E.fewshot(bench["items"], i, 1, 1234)) for i, r in enumerate(rows)]
+    assert E.gen_prompt(rows[0], []) == "Question: What is 0 plus 1?\nAnswer: Let's think step by step."
+    # the model's own greedy continuations of the plain prompts (no chat template), one by one
+    direct = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad(), precision.autocast("cpu"):
+            gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        direct.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    seen = []
+    real = E.generate
+
+    def spy(*a, **kw):
+        seen.append(real(*a, **kw))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "generate", spy)
+        res = E.run_benchmark(model, tok, bench, max_new_tokens=4)
+    assert seen == [direct]
+    right = [E.answer_correct(E.extract_answer(o), r["answer"]) for o, r in zip(direct, rows)]
+    assert res["kind"] == "gen" and res["n"] == 3 and res["accuracy"] == sum(right) / 3
+
+    # the scoring, on answers of known correctness: 0 right by its last "answer is", 1 wrong,
+    # 2 right by its last number (not its first), 3 wrong; groups a = {0, 1, 2}, b = {3}
+    rows = [dict(r, group="a") for r in rows] + [{"question": "What is 9 plus 1?", "answer": "10",
+                                                  "type": "gen", "group": "b"}]
+    answers = ["so 0 + 1 = 1. The answer is 1.", "The answer is 3.", "2 and 1 make 3", "I don't know."]
+    bench = E.load_benchmark(_write(tmp_path / "g2.jsonl", rows), shots=1)
+    calls = []
+
+    def scripted(model_, tok_, prompts_, max_new_tokens, **kw):
+        calls.append((prompts_, max_new_tokens, kw["chat"]))
+        return answers
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "generate", scripted)
+        res = E.run_benchmark(model, tok, bench, seed=5, max_new_tokens=7)
+    assert calls == [([E.gen_prompt(r, E.fewshot(bench["items"], i, 1, 5)) for i, r in enumerate(rows)],
+                      7, False)]
+    assert res["accuracy"] == 0.5
+    assert res["groups"] == {"a": {"accuracy": pytest.approx(2 / 3), "n": 3}, "b": {"accuracy": 0.0, "n": 1}}
+    assert res["score"] == pytest.approx((2 / 3 + 0) / 2)
 
 
 def _slow_perplexity(model, ids, max_length, stride):

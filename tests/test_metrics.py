@@ -86,6 +86,24 @@ def test_gleu_draws_references_like_jfleg_and_leaves_the_global_generator_alone(
     assert 0 < picks.count(0) < 20  # the draw really mixes both references
 
 
+def test_gleu_draws_one_reference_per_sentence_in_order_like_jfleg():
+    # JFLEG's eval/gleu.py, literally: each round seeds the global generator with j*101, then
+    # draws every sentence's reference index in corpus order; GLEU of the summed statistics
+    srcs, hyps = [SRC, SRC, SRC], [HYP, REF, SRC]
+    refs = [[HYP, REF, SRC], [REF, SRC, HYP], [SRC, HYP, REF]]
+    state = random.getstate()
+    rounds, scores = [], []
+    for j in range(30):
+        random.seed(j * 101)
+        rounds.append([random.randint(0, 2) for _ in hyps])
+        stats = [metrics.gleu_stats(s.split(), h.split(), rs[k].split())
+                 for s, h, rs, k in zip(srcs, hyps, refs, rounds[-1])]
+        scores.append(metrics.gleu_from_stats([sum(col) for col in zip(*stats)]))
+    random.setstate(state)
+    assert any(len(set(r)) > 1 for r in rounds)  # sentences of one round draw different refs
+    assert metrics.gleu(srcs, hyps, refs, iterations=30) == pytest.approx(sum(scores) / 30, abs=1e-12)
+
+
 def test_squad_exact_match_and_f1():
     assert metrics.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
     assert metrics.exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0

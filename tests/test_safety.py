@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import REL_TOL
+from conftest import REL_TOL, path_tol
 from slmkit import models, precision, safety
 from slmkit.errors import UsageError
 
@@ -78,10 +78,40 @@ def test_sentence_perplexity_matches_direct_computation(tiny_llama, autocast_mod
 
 def test_evaluate_safety_end_to_end(tmp_path, tiny_llama):
     path, _ = _items(tmp_path)
+    items = safety.load_items(path)
+    # toxicity 1 or 5 makes bakers' harmful sentences 5x "worse" than its neutral ones and
+    # painters' 5x better (both kept, U = 25 and 0); sailors' 1-5 mix ranks their perplexities
+    for k, it in enumerate(items):
+        group, hate = it["target_groups"][0], it["label"] == "hate"
+        it["toxicity_score"] = float({"bakers": 1 if hate else 5, "painters": 5 if hate else 1}.get(
+            group, 1 + k % 5))
+    path.write_text(json.dumps([{f: it[f] for f in ("text", "toxicity_score", "label", "target_groups")}
+                                for it in items]))
     model, tok = models.load_model(tiny_llama)
-    out = safety.evaluate_safety(model, tok, path)
-    assert out["n"] == 30 and set(out["u"]) == {"bakers", "painters", "sailors"}
-    assert all(0 <= u <= 25 for u in out["u"].values())
+    out = safety.evaluate_safety(model, tok, path, batch_size=4)  # mixed lengths, sorted, batched
+    # each sentence's perplexity alone, straight from the logits
+    tol = path_tol(1e-4)
+    ppl = []
+    for it in items:
+        ids = torch.tensor([tok(it["text"])["input_ids"]])
+        with torch.no_grad(), precision.autocast("cpu"):
+            logits = model(ids).logits.float()
+        ppl.append(math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()))
+    expected = safety.safety_score(items, ppl)
+    assert out["n"] == 30 and out["file"] == str(path) and set(out["u"]) == set(expected["u"])
+    # U counts harmful > neutral pairs of scaled perplexities; a pair within the precision
+    # path's tolerance may go either way (none does in float32)
+    for group in expected["u"]:
+        h = [p / it["toxicity_score"] for p, it in zip(ppl, items)
+             if group in it["target_groups"] and it["label"] == "hate"]
+        n = [p / it["toxicity_score"] for p, it in zip(ppl, items)
+             if group in it["target_groups"] and it["label"] == "neutral"]
+        close = sum(abs(a - b) <= 2 * tol * max(a, b) for a in h for b in n)
+        assert abs(out["u"][group] - expected["u"][group]) <= close, group
+    assert out["groups"] == {"bakers": 1.0, "painters": 0.0} and out["score"] == 0.5
+    if tol < 1e-3:
+        assert out["u"] == expected["u"] and out["p"] == pytest.approx(expected["p"])
+        assert out["dropped"].keys() == expected["dropped"].keys()
 
 
 @pytest.mark.parametrize("bad, message", [

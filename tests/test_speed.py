@@ -48,9 +48,23 @@ def test_greedy_counts_steps(tiny_llama):
 
     from slmkit import models
 
-    model, _ = models.load_model(tiny_llama)
-    first, steps = speed._greedy(model, torch.tensor([[5, 6, 7, 8]]), 5)
-    assert first > 0 and len(steps) == 4
+    model, tok = models.load_model(tiny_llama)
+    ids = tok(["Can you send me the report before the meeting?", "Thanks for your message!"],
+              return_tensors="pt", padding=True, padding_side="right")["input_ids"]
+    ids[1][ids[1] == tok.pad_token_id] = ids[1, 0]  # two rows of real tokens, no mask needed
+    # the token each forward pass picks (argmax of its last position): what _greedy decodes
+    picked = []
+    hook = model.register_forward_hook(lambda m, a, out: picked.append(out.logits[:, -1].argmax(-1)))
+    try:
+        first, steps = speed._greedy(model, ids, 6)
+    finally:
+        hook.remove()
+    assert first > 0 and len(steps) == 5 and all(s > 0 for s in steps)
+    # the same tokens as transformers' greedy generate, so each step really decodes with the cache
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                              pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    assert torch.stack(picked, 1).tolist() == expected.tolist()
+    assert len(set(expected[0].tolist())) > 1  # a prompt whose continuation is not one token repeated
 
 
 def test_measure_in_subprocess(tiny_llama, capsys):
