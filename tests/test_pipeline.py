@@ -416,3 +416,191 @@ def test_changed_generate_options_regenerate(tmp_path, tiny_llama, task_data):
     data = runs / "gen" / "data"
     rows = [json.loads(line) for f in data.glob("generated*.jsonl") for line in open(f)]
     assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows}) and len(rows) == 4
+
+
+# --------------------------------------------------------------------------- the teacher labels
+
+NAMES = ["Anna", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jill"]
+TOPICS = ["report", "invoice", "slides", "budget", "contract", "trip", "party", "garden", "lease",
+          "exam", "car", "menu"]
+
+
+def mixed_rows(labelled=6, unlabelled=6, eval_ids=(0, 3)):
+    """Distinct summarize lines: the first `labelled` have a summary, the rest none (one of them an
+    empty one); `eval_ids` are marked "split": "eval" (with () no line names a split)."""
+    rows = []
+    for i in range(labelled + unlabelled):
+        a, b, t = NAMES[i % 10], NAMES[(i + 3) % 10], TOPICS[i]
+        row = {"id": f"d{i}",
+               "dialogue": f"{a}: did you see the {t} yet?\n{b}: not yet, I will look at the {t} on day {i}."}
+        if i < labelled:
+            row["summary"] = f"{b} will look at the {t} on day {i}."
+        elif i == labelled:
+            row["summary"] = ""  # empty counts as missing
+        if i in eval_ids:
+            row["split"] = "eval"
+        rows.append(row)
+    return rows
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def label_recipe(tmp_path, model, data, stages: dict, extra=""):
+    """A recipe with the given stages ({stage: "opt: value, ..."}); student = teacher = `model`."""
+    path = tmp_path / "lab.yaml"
+    path.write_text(f"name: lab\nteacher: {model}\nstudent: {model}\ntask: summarize\n"
+                    f"data: {data}\n{extra}\nstages:\n"
+                    + "".join(f"  {stage}: {{{opts}}}\n" for stage, opts in stages.items()))
+    return path
+
+
+def read_rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_tuned_teacher_labels_the_unlabelled_lines_for_distill(tmp_path, tiny_llama, monkeypatch):
+    from safetensors import safe_open
+
+    from slmkit.backends import load_backend
+    from slmkit.data import file_hash
+    from slmkit.tasks import get_task
+
+    rows = mixed_rows()
+    data = write_rows(tmp_path / "data.jsonl", rows)
+    recipe_path = label_recipe(tmp_path, tiny_llama, data, {
+        "tune_teacher": "max_steps: 2, batch_size: 4",
+        "label": "judge: false, max_new_tokens: 6",
+        "distill": "max_steps: 2, batch_size: 4"})
+    runs = tmp_path / "runs"
+    result = pipeline.build(load_recipe(recipe_path), runs=runs)
+    stages, folder = result["stages"], runs / "lab" / "data"
+    assert [s for s in stages if stages[s]["status"] == "done"] == ["tune_teacher", "label", "distill"]
+    tuned = stages["tune_teacher"]["outputs"]["tuned"]
+    assert tuned == str(runs / "lab" / "teacher_tuned")
+
+    # distill read the data's lines as they were, then the tuned teacher's answers, marked
+    record = json.loads((runs / "lab" / "student" / "training_record.json").read_text())
+    assert record["config"]["data"] == stages["label"]["outputs"]["data"] == str(folder / "combined.jsonl")
+    assert record["config"]["teacher"] == tuned  # KD on every line, from the tuned teacher
+    combined = read_rows(folder / "combined.jsonl")
+    human, taught = combined[:6], combined[6:]
+    assert human == rows[:6]
+    assert [r["id"] for r in taught] == [f"d{i}" for i in range(6, 12)]
+    assert stages["label"]["outputs"]["labelled"] == 6
+    assert all(r["meta"]["source"] == "teacher" and r["meta"]["teacher"] == tuned
+               and r["split"] == "train" and r["summary"] for r in taught)
+    assert all(r["meta"]["sampling"]["n"] == 1 and r["meta"]["sampling"]["temperature"] == 0.0
+               for r in taught)
+    assert not any("teacher_topk" in r for r in taught)  # the cache holds it
+    # the answers are the tuned teacher's greedy ones
+    task = get_task("summarize")
+    backend = load_backend(tuned)
+    comps = backend.generate([[{"role": "user", "content": task.prompt(r)}] for r in taught],
+                             max_tokens=6, temperature=0.0)
+    assert [r["summary"] for r in taught] == [c.text.strip() for c in comps]
+
+    # the top-k cache: one entry per teacher line, whose top-1 is the answer's own token
+    tok = backend.tokenizer
+    cache_path = folder / "teacher.topk.safetensors"
+    with safe_open(str(cache_path), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "slmkit-topk-v1" and meta["teacher"] == tuned
+        assert meta["data"] == file_hash(folder / "teacher.jsonl") and meta["k"] == "20"
+        assert sorted(k for k in f.keys() if k.endswith(".ids")) == sorted(f"L{n}.ids" for n in range(1, 7))
+        for n, row in enumerate(read_rows(folder / "teacher.jsonl"), 1):
+            answer = tok(row["summary"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids, lp = f.get_tensor(f"L{n}.ids"), f.get_tensor(f"L{n}.logprobs")
+            assert ids.shape == lp.shape == (len(answer), 20)
+            assert ids[:, 0].tolist() == answer and (lp[:, 0] <= 0).all()
+
+    # a rerun skips every stage; new unlabelled lines relabel and retrain, tune_teacher stays
+    ran = []
+    for stage, fn in list(pipeline.RUNNERS.items()):
+        monkeypatch.setitem(pipeline.RUNNERS, stage,
+                            lambda ctx, opts, fn=fn, stage=stage: ran.append(stage) or fn(ctx, opts))
+    pipeline.build(load_recipe(recipe_path), runs=runs)
+    assert ran == []
+    write_rows(data, rows + [{"id": "new", "dialogue": "Ivo: lunch at noon?\nJill: yes, see you there."}])
+    second = pipeline.build(load_recipe(recipe_path), runs=runs)
+    assert ran == ["label", "distill"] and second["stages"]["label"]["outputs"]["labelled"] == 7
+
+
+def test_label_stage_is_a_no_op_without_unlabelled_lines(tmp_path, tiny_llama, task_data,
+                                                          monkeypatch):
+    """Fully labelled data: the label stage is done without running the teacher, and distill
+    reads exactly what it reads without the stage."""
+    seen = []
+
+    def fake(cfg):  # distill: note what it would train on
+        seen.append((cfg.data, cfg.teacher, Path(cfg.data).read_text()))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        return cfg.out
+
+    monkeypatch.setattr("slmkit.distill.distill", fake)
+    monkeypatch.setattr("slmkit.generate.generate", lambda cfg: pytest.fail("the teacher ran"))
+    for name, stages in (("before", {"distill": "max_steps: 2"}),
+                         ("with_label", {"label": "", "distill": "max_steps: 2"})):
+        recipe = load_recipe(label_recipe(tmp_path, tiny_llama, task_data, stages))
+        result = pipeline.build(recipe, runs=tmp_path / name)
+    assert result["stages"]["label"]["status"] == "done"
+    assert result["stages"]["label"]["outputs"] == {"data": seen[1][0], "labelled": 0}
+    assert seen[0] == seen[1] == (str(task_data), str(tiny_llama), task_data.read_text())
+    assert not (tmp_path / "with_label" / "lab" / "data").exists()  # nothing split, nothing written
+
+
+def test_label_stage_options_are_generates(tmp_path, task_data):
+    from slmkit.recipe import _stage_api
+
+    assert set(_stage_api("label")) == set(_stage_api("generate")) and "inputs" not in _stage_api("label")
+    bad = label_recipe(tmp_path, "default", task_data, {"label": "n: many"})
+    with pytest.raises(UsageError, match=r"lab.yaml:8: stages.label.n: expected an integer"):
+        load_recipe(bad)
+    topics = load_recipe(label_recipe(tmp_path, "default", task_data, {"label": "topics: t.txt"}))
+    with pytest.raises(UsageError, match="stages.label.topics: the label stage answers"):
+        pipeline.build(topics, runs=tmp_path / "runs")
+
+
+@pytest.mark.parametrize("held", ["marked", "held_out_rule", "eval_data"])
+def test_eval_lines_are_never_labelled_into_training(tmp_path, tiny_llama, held):
+    """Whichever way the eval set is given, no eval line is answered by the teacher and no
+    unlabelled copy of an eval input reaches the training data."""
+    from slmkit.data import held_out
+
+    extra = ""
+    if held == "marked":  # lines marked eval stay eval, even one without a summary
+        rows = mixed_rows(eval_ids=(0, 3, 9))
+        eval_rows = [r for r in rows if r.get("split") == "eval"]
+    elif held == "held_out_rule":  # no split marks: 10 % of the *labelled* lines are held out
+        rows = mixed_rows(eval_ids=())
+        eval_rows = [r for r, h in zip(rows[:6], held_out(rows[:6])) if h]
+    else:
+        rows = mixed_rows(eval_ids=())
+        eval_rows = [{"id": "e0", "dialogue": "Gus: is the bakery open on Sunday?\nHana: only until "
+                                             "noon, so go early.", "summary": "The bakery closes at noon."},
+                     {"id": "e1", "dialogue": "Ivo: who feeds the cat this week?\nJill: I do, you did "
+                                             "it last week.", "summary": "Jill feeds the cat."}]
+        extra = f"eval_data: {write_rows(tmp_path / 'eval.jsonl', eval_rows)}"
+    copy = {"id": "copy", "dialogue": eval_rows[0]["dialogue"]}  # an eval input, unlabelled
+    data = write_rows(tmp_path / "data.jsonl", rows + [copy])
+    recipe = load_recipe(label_recipe(tmp_path, tiny_llama, data,
+                                      {"label": "judge: false, max_new_tokens: 4"}, extra))
+    result = pipeline.build(recipe, runs=tmp_path / "runs")
+    folder = tmp_path / "runs" / "lab" / "data"
+    eval_ids = {r["id"] for r in eval_rows}
+    eval_dialogues = {r["dialogue"] for r in eval_rows}
+    taught = [r for r in read_rows(folder / "combined.jsonl") if r.get("meta", {}).get("source")]
+    expected = {f"d{i}" for i in range(6, 12)} - ({"d9"} if held == "marked" else set())
+    assert {r["id"] for r in taught} == expected
+    assert not eval_ids & {r["id"] for r in taught}
+    assert not eval_dialogues & {r["dialogue"] for r in taught}
+    rejected = read_rows(folder / "teacher.rejected.jsonl")
+    assert rejected == [{"id": "copy", "reason": "contaminated_input"}]
+    assert result["stages"]["label"]["outputs"]["stats"]["dropped"] == {"contaminated_input": 1}
+    if held != "eval_data":  # the held-out lines reach eval and distill's own eval as eval lines
+        trained = result["stages"]["label"]["outputs"]["data"]
+        assert trained == str(folder / "combined.jsonl")
+        assert {r["id"] for r in read_rows(trained) if r.get("split") == "eval"} == eval_ids

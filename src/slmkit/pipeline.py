@@ -1,4 +1,4 @@
-"""Run a recipe end to end: generate -> tune_teacher -> prune -> distill -> export -> eval.
+"""Run a recipe end to end: generate -> tune_teacher -> label -> prune -> distill -> export -> eval.
 
     slm build                          # the built-in demo: recipes/demo.yaml
     slm build recipes/grammar.yaml
@@ -6,11 +6,16 @@
 
 Everything a run makes lives in one folder, `runs/NAME/`: the resolved recipe, `data/`,
 `teacher_tuned/`, `pruned/`, `student/`, `export/`, `report/` and `manifest.json` (per stage:
-status, input fingerprint, outputs, seconds). A rerun skips every finished stage whose inputs
-(its options, the upstream stage's fingerprint, the teacher and data files) are unchanged; a
-killed run resumes at the unfinished stage, and a training stage resumes from its checkpoint.
+status, input fingerprint, outputs, seconds; `final`: the models, the data distill read, the
+report). A rerun skips every finished stage whose inputs (its options, the upstream stage's
+fingerprint, the teacher and data files) are unchanged; a killed run resumes at the unfinished
+stage, and a training stage resumes from its checkpoint.
 Export comes before eval: the report scores the exported student and teacher through llama.cpp
 beside the PyTorch models, so it shows what a laptop user gets.
+
+A few labelled examples and many unlabelled inputs: with a `label` stage, the data's lines whose
+task target is missing or empty (never those marked "split": "eval") wait for the tuned teacher,
+which answers them after tune_teacher; distill then trains on both (stage_label).
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class Context:
     tuned: str | None = None  # the teacher after teacher correction
     student: str | None = None
     data: str = ""  # training data (JSONL)
+    unlabelled: str | None = None  # the data's lines without a target, for the label stage
     eval_data: str = ""
     eval_split: str | None = "eval"
     report: str | None = None
@@ -137,6 +143,76 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
                          **{"seed": ctx.recipe.seed, **opts})
     stats = generate(cfg)
     return {"data": str(out), "stats": stats}
+
+
+LABEL_TOPK = 20  # top-k log-probs kept per answer token: the most OpenAI-compatible servers give
+
+
+def stage_label(ctx: Context, opts: dict) -> dict:
+    """The tuned teacher (the recipe's teacher when there is no tune_teacher stage) answers the
+    data's unlabelled lines: generate on them, greedy (n 1, temperature 0) unless the stage's `n`
+    asks for best-of-N, with generate's validators, judge and threshold, and the eval set kept out
+    (--decontaminate: held-out lines, or `eval_data`). Writes, under data/:
+
+      teacher.jsonl                generate's output: one line per kept answer, `meta.teacher` the
+                                   tuned teacher's folder
+      teacher.topk.safetensors     its top-k log-probs on those answers, `slm distill
+                                   --teacher-cache` format for teacher.jsonl (`topk_logprobs: 0`
+                                   turns it off)
+      combined.jsonl               the data's lines, then the teacher's, marked
+                                   `meta.source: teacher`: what prune and distill read
+
+    distill's KD covers both kinds of line with the online teacher, the tuned teacher itself;
+    the cache is not read by the build (a --teacher-cache must cover every line of its data file,
+    the human ones too), it is there for `slm distill --data data/teacher.jsonl --teacher-cache
+    data/teacher.topk.safetensors`. With no unlabelled lines the stage does nothing."""
+    if not ctx.unlabelled:
+        _log("[label] no line without a target: nothing to label")
+        return {"data": ctx.data, "labelled": 0}
+    from slmkit.generate import GenerateConfig, generate
+
+    folder = ctx.run_dir / "data"
+    out = folder / "teacher.jsonl"
+    if ctx.fresh:  # answers written under other inputs must not count as done
+        for f in folder.glob("teacher.*"):
+            f.unlink()
+    eval_set = ctx.eval_data if ctx.eval_split is None else _held_out_lines(ctx.eval_data,
+                                                                            folder / "heldout.jsonl")
+    opts = {"n": 1, "topk_logprobs": LABEL_TOPK, **opts}
+    if opts["n"] == 1:
+        opts.setdefault("temperature", 0.0)
+    stats = generate(GenerateConfig(teacher=ctx.best_teacher, task=ctx.task_arg,
+                                    inputs=ctx.unlabelled, out=str(out), decontaminate=eval_set,
+                                    trust_remote_code=ctx.recipe.trust_remote_code,
+                                    **{"seed": ctx.recipe.seed, **opts}))
+    from slmkit.data import read_jsonl
+
+    answered = [row for _, row in read_jsonl(out)] if out.is_file() and out.read_text().strip() else []
+    combined = folder / "combined.jsonl"
+    with models.atomic_write(combined) as f:
+        human = Path(ctx.data).read_text()
+        f.write(human if human.endswith("\n") else human + "\n")  # same lines, same line numbers
+        for row in answered:
+            row = {k: v for k, v in row.items() if k != "teacher_topk"}  # the cache holds it
+            row["meta"] = {**row.get("meta", {}), "source": "teacher"}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _log(f"[label] the teacher answered {len(answered)} of {stats['inputs']} unlabelled lines "
+         f"(dropped: {json.dumps(stats['dropped'])})")
+    return {"data": str(combined), "labelled": len(answered), "teacher_data": str(out),
+            "stats": stats}
+
+
+def _held_out_lines(path: str, out: Path) -> str | None:
+    """The lines of `path` marked "split": "eval", written to `out` (None when there are none):
+    the eval set generate keeps out of the data."""
+    from slmkit.data import read_jsonl
+
+    held = [row for _, row in read_jsonl(path) if row.get("split") == "eval"]
+    if not held:
+        return None
+    with models.atomic_write(out) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in held)
+    return str(out)
 
 
 def _train(ctx: Context, opts: dict, *, student: str, teacher: str | None, out: Path, **wired):
@@ -229,11 +305,12 @@ def stage_export(ctx: Context, opts: dict) -> dict:
     return {"gguf": str(out), "teacher_gguf": str(teacher)}
 
 
-RUNNERS = {"generate": stage_generate, "tune_teacher": stage_tune_teacher, "prune": stage_prune,
-           "distill": stage_distill, "export": stage_export, "eval": stage_eval}
+RUNNERS = {"generate": stage_generate, "tune_teacher": stage_tune_teacher, "label": stage_label,
+           "prune": stage_prune, "distill": stage_distill, "export": stage_export, "eval": stage_eval}
 # what each stage's outputs set in the context, and which must exist for a skip to be safe
-OUTPUT_PATHS = {"generate": ("data",), "tune_teacher": ("tuned",), "prune": ("student",),
-                "distill": ("student",), "export": ("gguf",), "eval": ("report",)}
+OUTPUT_PATHS = {"generate": ("data",), "tune_teacher": ("tuned",), "label": ("data",),
+                "prune": ("student",), "distill": ("student",), "export": ("gguf",),
+                "eval": ("report",)}
 
 
 def _apply(ctx: Context, outputs: dict) -> None:
@@ -255,10 +332,16 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
                        f, sort_keys=False)
     manifest = Manifest(run_dir / "manifest.json")
     data = str(preset_data(recipe.task.name)) if recipe.data == "preset" else recipe.data
-    if not recipe.eval_data:
+    unlabelled = None
+    if "label" in recipe.stages:
+        if "topics" in recipe.stages["label"]:
+            raise UsageError(f"{recipe.path}: stages.label.topics: the label stage answers the "
+                             "data's lines that have no target; give topics to the generate stage")
+        data, unlabelled = split_unlabelled(data, recipe.task, run_dir / "data")
+    if not recipe.eval_data:  # held out from the labelled lines only: eval needs references
         data = ensure_split(data, run_dir / "data" / "split.jsonl")
     ctx = Context(recipe=recipe, run_dir=run_dir, teacher=recipe.teacher, data=data,
-                  eval_data=recipe.eval_data or data,
+                  unlabelled=unlabelled, eval_data=recipe.eval_data or data,
                   eval_split=None if recipe.eval_data else "eval")
     if recipe.student:
         ctx.student = recipe.student
@@ -273,7 +356,11 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
         if stage not in recipe.stages:
             continue
         opts = recipe.stages[stage]
-        key = _sha({"stage": stage, "opts": opts, "upstream": upstream})
+        # label also reads what no upstream key covers: the teacher's files, the unlabelled lines
+        reads = ({"teacher": model_fingerprint(ctx.best_teacher),
+                  "unlabelled": ctx.unlabelled and file_hash(ctx.unlabelled)}
+                 if stage == "label" else {})
+        key = _sha({"stage": stage, "opts": opts, "upstream": upstream} | reads)
         upstream = key
         forced = forced or stage == from_stage
         entry = manifest.stage(stage)
@@ -301,9 +388,34 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
         _log(f"[{stage}] done in {time.time() - start:.0f} s")
     manifest.data["final"] = {"run_dir": str(run_dir), "seconds": round(time.time() - total, 1),
                               "teacher": ctx.teacher, "tuned": ctx.tuned, "student": ctx.student,
-                              "report": ctx.report, "gguf": ctx.gguf}
+                              "data": ctx.data, "report": ctx.report, "gguf": ctx.gguf}
     manifest.save()
     return manifest.data
+
+
+def split_unlabelled(path: str, task, folder: Path) -> tuple[str, str | None]:
+    """(labelled data, unlabelled inputs): the lines whose task target is missing or empty go to
+    `folder`/unlabelled.jsonl, the rest to `folder`/human.jsonl. A line marked "split": "eval"
+    always stays with the data, so the eval set is never labelled into training. With no
+    unlabelled line, (path, None): the data is used as it is."""
+    from slmkit.data import read_jsonl
+
+    rows = read_jsonl(path)
+    todo = {n for n, row in rows if row.get("split") != "eval" and not task.references(row)}
+    if not todo:
+        return path, None
+    if len(todo) == len(rows):
+        raise UsageError(f"{path}: no line has a `{task.target}`; the label stage needs a few "
+                         "labelled lines to tune the teacher and score the student")
+    for n, row in rows:
+        if n in todo:
+            task.check(row, f"{path}:{n}")  # its input fields, named by the data's own line
+    outs = {True: folder / "unlabelled.jsonl", False: folder / "human.jsonl"}
+    for unlabelled, out in outs.items():
+        with models.atomic_write(out) as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for n, row in rows
+                         if (n in todo) == unlabelled)
+    return str(outs[False]), str(outs[True])
 
 
 def ensure_split(path: str, out: Path) -> str:

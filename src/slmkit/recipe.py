@@ -9,15 +9,17 @@ Every error names the recipe file, the line and the key, e.g.
     data: preset               # `preset` (the task's shipped examples) or a JSONL path
     stages:                    # run in this order; leave a stage out to skip it
       tune_teacher: {max_steps: 40}
+      label: {}                # the tuned teacher answers data lines that have no target
       prune: {target: 0.5}
       distill: {max_steps: 120}
       eval: {limit: 40}
       export: {quant: q8_0}
 
 Stage options are the fields of the stage's config dataclass (PruneConfig, DistillConfig,
-EvalConfig, ExportConfig, GenerateConfig), whose flags the commands are, so the recipe and the
-commands share one vocabulary and one set of types; the fields marked `wired` (model paths, data,
-task, output folder, device) are set by the pipeline and not allowed in a recipe.
+EvalConfig, ExportConfig, GenerateConfig for generate and label), whose flags the commands are,
+so the recipe and the commands share one vocabulary and one set of types; the fields marked
+`wired` (model paths, data, task, output folder, device) are set by the pipeline and not allowed
+in a recipe.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from pathlib import Path
 
 from slmkit.errors import UsageError, read_text
 
-# export runs before eval so the scorecard can show the exported files as a laptop runs them
-STAGES = ("generate", "tune_teacher", "prune", "distill", "export", "eval")
+# export runs before eval so the scorecard can show the exported files as a laptop runs them;
+# label comes after tune_teacher so the tuned teacher writes the missing answers
+STAGES = ("generate", "tune_teacher", "label", "prune", "distill", "export", "eval")
 # a run name is one path component: it names runs/NAME/ and the exported files
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "seed", "device", "stages", "description"}
@@ -161,7 +164,8 @@ def _hints(obj) -> dict:
 
 # stage -> (module, config dataclass): its fields are the stage's options and its verb's flags
 CONFIGS = {"generate": ("slmkit.generate", "GenerateConfig"),
-           "tune_teacher": ("slmkit.distill", "DistillConfig"), "prune": ("slmkit.prune", "PruneConfig"),
+           "tune_teacher": ("slmkit.distill", "DistillConfig"),
+           "label": ("slmkit.generate", "GenerateConfig"), "prune": ("slmkit.prune", "PruneConfig"),
            "distill": ("slmkit.distill", "DistillConfig"), "export": ("slmkit.export", "ExportConfig"),
            "eval": ("slmkit.evaluate", "EvalConfig")}
 
