@@ -392,3 +392,20 @@ def test_search_is_a_recipe_option(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("teacher: default\ntask: summarize\nstages:\n  prune: {target: 0.5, search: 4}\n")
     assert load_recipe(path).stages["prune"] == {"target": 0.5, "search": 4}
+
+
+def test_held_out_lines_never_calibrate(tmp_path):
+    """Importance is measured on training lines only: a line marked "split": "eval" is what the
+    student is scored on, so it must not choose what the student keeps."""
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"input": "kept text", "split": "train"}) + "\n"
+                     + json.dumps({"input": "held-out text", "split": "eval"}) + "\n"
+                     + json.dumps({"input": "unmarked text"}) + "\n")
+    assert P.calibration_texts(str(calib)) == ["kept text", "unmarked text"]
+    preset = P.calibration_texts(task="grammar")
+    from slmkit.tasks import preset_data
+
+    rows = [json.loads(line) for line in preset_data("grammar").read_text().splitlines()]
+    held = [r["input"] for r in rows if r["split"] == "eval"]
+    assert len(preset) == len(rows) - len(held) and held
+    assert not any(h in t for t in preset for h in held)

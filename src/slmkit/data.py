@@ -198,14 +198,18 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right"):
     return ids, att
 
 
-def calibration_texts(path: str | Path, limit: int | None = None, what: str = "text file") -> list[str]:
+def calibration_texts(path: str | Path, limit: int | None = None, what: str = "text file",
+                      train_only: bool = False) -> list[str]:
     """Texts for importance estimation or perplexity: a .txt file (blank-line separated
     paragraphs, else lines) or JSONL (the string fields of each line joined, e.g. a dialogue and
-    its summary). what: how errors name the file (prune: "calibration file")."""
+    its summary). train_only: leave out lines marked "split": "eval" (pruning calibration: what a
+    model is scored on must not shape it). what: how errors name the file (prune: "--calib")."""
     path = Path(path)
     if path.suffix == ".jsonl":
         texts = []
         for n, row in read_jsonl(path, what):
+            if train_only and row.get("split") == "eval":
+                continue
             parts = [v for k, v in row.items() if isinstance(v, str) and k not in ("id", "split", "fname")]
             if parts:
                 texts.append("\n".join(parts))

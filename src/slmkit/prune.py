@@ -403,13 +403,14 @@ def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
 # --------------------------------------------------------------------------- calibration
 
 def calibration_texts(calib=None, task: str | None = None) -> list[str]:
-    """Texts from a .txt/.jsonl file, else from a task preset's shipped examples."""
+    """Texts from a .txt/.jsonl file, else from a task preset's shipped examples; lines marked
+    "split": "eval" never calibrate (the held-out lines must not choose what the student keeps)."""
     from slmkit import data, tasks
 
     if calib is not None:
-        return data.calibration_texts(calib, what="--calib")
+        return data.calibration_texts(calib, what="--calib", train_only=True)
     if task is not None:
-        examples = data.load_examples(tasks.preset_data(task), task=tasks.get_task(task))
+        examples = data.load_examples(tasks.preset_data(task), task=tasks.get_task(task), split="train")
         texts = ["\n".join(t for t in (ex.prompt, ex.answer, ex.text) if t) for ex in examples]
         return [t for t in texts if t.strip()]
     raise UsageError("give calibration data: --calib FILE (.txt or .jsonl) or --task PRESET")
