@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.cli import add_config_arguments, config_from_args, option
+from slmkit.data import EVAL_FRACTION, EVAL_MAX
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
 from slmkit.served_teacher import ServedTeacher, is_served
@@ -91,8 +92,8 @@ class DistillConfig:
     clip: float = option(1.0, "gradient norm clipping")
     max_length: int = option(1024, "max tokens per example (prompts cut from the left)")
     eval_every: int = option(50, "evaluate on the held-out split every N steps")
-    eval_fraction: float = option(0.05, "held-out fraction when no line says \"split\": \"eval\"")
-    eval_max: int = option(200, "at most this many held-out examples")
+    eval_fraction: float = option(EVAL_FRACTION, "held-out fraction when no line says \"split\": \"eval\"")
+    eval_max: int = option(EVAL_MAX, "at most this many held-out examples")
     save_every: int = option(100, "checkpoint every N steps")
     seed: int = option(0, "random seed (data order, sampling)")
     dtype: str = option("float32", "weights dtype", choices=DTYPES)
