@@ -22,10 +22,17 @@ import sys
 from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.models import context_length
+
+if TYPE_CHECKING:
+    import torch
+
+    from slmkit.data import Example
+    from slmkit.tasks import Task
 
 ENGINES = ("torch", "llamacpp")
 
@@ -113,15 +120,70 @@ def evaluate(cfg: EvalConfig) -> dict:
     """
     from slmkit import models as M
     from slmkit import report
+
+    inputs = read_inputs(cfg)  # every input checked before any model loads: a typo costs seconds
+    metrics = header(cfg, inputs)
+    reference_predictions = None
+    measured: dict = {}  # speed by model shape: (name, result)
+    for spec, folder, name in zip(cfg.models, inputs.folders, cfg.names):
+        entry, info = describe_model(spec, folder, name)
+        model, tok = M.load_folder(folder, device=inputs.device, trust_remote_code=cfg.trust_remote_code)
+        backend = gguf_backend(cfg, spec, name) if inputs.generates else None
+        entry["engines"] = {"generation": "llamacpp" if backend else "torch", "log-likelihoods": "torch"}
+        if inputs.examples:
+            entry["task"], preds = task_quality(cfg, inputs, metrics["metric"], model, tok, backend, name,
+                                                reference_predictions)
+            reference_predictions = reference_predictions or preds
+        if inputs.benches:
+            entry["benchmarks"] = {b["name"]: run_benchmark(model, tok, b, seed=cfg.seed,
+                                                            batch_size=cfg.batch_size,
+                                                            max_new_tokens=cfg.cot_tokens, backend=backend)
+                                   for b in inputs.benches}
+            entry["benchmark_average"] = (sum(r["score"] for r in entry["benchmarks"].values())
+                                          / len(inputs.benches))
+        if cfg.ppl:
+            entry["perplexity"] = perplexity(model, tok, inputs.ppl_text, stride=cfg.stride,
+                                             batch_size=cfg.batch_size)
+        if cfg.safety:
+            from slmkit import safety as S
+
+            entry["safety"] = S.evaluate_safety(model, tok, cfg.safety, batch_size=cfg.batch_size)
+        del model, backend
+        if cfg.harness:
+            entry["harness"] = run_harness(folder, cfg.harness, inputs.device, cfg.limit, cfg.batch_size)
+        if cfg.speed:
+            entry["speed"] = measure_speed(cfg, spec, folder, info, name, inputs.device, measured)
+        metrics["models"].append(entry)
+    report.add_relative(metrics)
+    if cfg.out:
+        report.write_report(metrics, Path(cfg.out))
+    return metrics
+
+
+@dataclass
+class Inputs:
+    """What an evaluation reads besides the models, read and checked before any model loads."""
+
+    task: Task | None
+    data: str | None  # the task JSONL, when there are examples
+    examples: list[Example]
+    benches: list[dict]  # load_benchmark's
+    ppl_text: str | None
+    folders: list[Path]  # each model's resolved folder
+    generates: bool  # whether any score needs generated text (task examples, generation benchmarks)
+    device: torch.device
+
+
+def read_inputs(cfg: EvalConfig) -> Inputs:
+    from slmkit import models as M
     from slmkit.data import load_examples
     from slmkit.tasks import get_task, preset_data
 
-    # Check every input before loading any model: a typo should cost seconds, not minutes.
-    task_obj = get_task(cfg.task) if cfg.task else None
+    task = get_task(cfg.task) if cfg.task else None
     data, examples = cfg.data, []
-    if task_obj or data:
-        data = data or str(preset_data(task_obj.name))
-        examples = load_examples(data, task_obj, split=cfg.split, need_answer=True, limit=cfg.limit)
+    if task or data:
+        data = data or str(preset_data(task.name))
+        examples = load_examples(data, task, split=cfg.split, need_answer=True, limit=cfg.limit)
         plain = next((e for e in examples if e.text is not None), None)
         if plain is not None:
             raise UsageError(f"{plain.where}: a `text` line has no answer to score; give "
@@ -131,6 +193,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         from slmkit import safety as S
 
         S.load_items(cfg.safety)
+    ppl_text = None
     if cfg.ppl:
         from slmkit.data import calibration_texts
 
@@ -140,7 +203,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for spec, folder in zip(cfg.models, folders):
             if not M.has_chat_template(folder):
                 raise UsageError(f"{folder / 'tokenizer_config.json'}: the tokenizer of `{spec}` has no chat "
-                                 f"template, which task `{task_obj.name if task_obj else 'input/output'}` "
+                                 f"template, which task `{task.name if task else 'input/output'}` "
                                  "needs (its prompts are chat messages); use an instruct model or add a "
                                  "chat_template.jinja to the folder")
     generates = bool(examples) or any(b["kind"] == "gen" for b in benches)
@@ -148,91 +211,90 @@ def evaluate(cfg: EvalConfig) -> dict:
         from slmkit import speed as SP
 
         SP.require_llamacpp()
-    dev = M.pick_device(cfg.device)
-    out_dir = Path(cfg.out) if cfg.out else None
+    return Inputs(task, data, examples, benches, ppl_text, folders, generates, M.pick_device(cfg.device))
 
+
+def header(cfg: EvalConfig, inputs: Inputs) -> dict:
+    """metrics.json before any model is measured: what was run, how, and the baselines."""
+    task, examples = inputs.task, inputs.examples
     metrics: dict = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference": cfg.names[0],
-        "task": task_obj.name if task_obj else None,
-        "metric": (task_obj.metric if task_obj else "rouge") if examples else None,
-        "data": data, "split": cfg.split, "n_examples": len(examples),
+        "task": task.name if task else None,
+        "metric": (task.metric if task else "rouge") if examples else None,
+        "data": inputs.data, "split": cfg.split, "n_examples": len(examples),
         "settings": {"max_new_tokens": cfg.max_new_tokens, "cot_tokens": cfg.cot_tokens,
-                     "batch_size": cfg.batch_size, "device": str(dev), "greedy": True,
+                     "batch_size": cfg.batch_size, "device": str(inputs.device), "greedy": True,
                      "seed": cfg.seed, "stride": cfg.stride, "engine": cfg.engine},
         "models": [],
     }
     if examples:  # what a model must beat: copying the input, where targets are close to inputs
         from slmkit.baselines import copy_input
 
-        base = copy_input(examples, task_obj, lambda p: score_task(metrics["metric"], examples, p, task_obj))
+        base = copy_input(examples, task, lambda p: score_task(metrics["metric"], examples, p, task))
         metrics["baselines"] = [base] if base else []
-    reference_predictions = None
-    measured: dict = {}  # speed by model shape: (name, result)
-    for spec, folder, name in zip(cfg.models, folders, cfg.names):
-        info = M.describe(spec)
-        entry = {"name": name, "source": str(spec), "path": str(folder),
-                 **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
-                                         "hidden_size", "heads", "kv_heads", "mlp_size")}}
-        if _gguf_path(spec):  # a user downloads the file, not the folder it is converted to here
-            entry["bytes_on_disk"] = _gguf_path(spec).stat().st_size
-        print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
-        model, tok = M.load_folder(folder, device=dev, trust_remote_code=cfg.trust_remote_code)
-        # a .gguf generates through llama.cpp when asked: the exported file judged as users run it
-        backend = None
-        if cfg.engine == "llamacpp" and generates and _gguf_path(spec):
-            from slmkit.backends.llamacpp import LlamaCppBackend
-
-            backend = LlamaCppBackend(str(_gguf_path(spec)), name)
-        entry["engines"] = {"generation": "llamacpp" if backend else "torch", "log-likelihoods": "torch"}
-        if examples:
-            preds = generate(model, tok, [e.prompt if e.prompt is not None else e.messages for e in examples],
-                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                             desc=f"{name}: task", backend=backend)
-            entry["task"] = score_task(metrics["metric"], examples, preds, task_obj)
-            if reference_predictions is None:
-                reference_predictions = preds
-            else:
-                from slmkit.metrics import agreement
-
-                entry["task"]["agreement"] = agreement(preds, reference_predictions)
-            if out_dir:
-                _write_predictions(out_dir / "predictions" / f"{_slug(name)}.jsonl", examples, preds)
-        if benches:
-            entry["benchmarks"] = {b["name"]: run_benchmark(model, tok, b, seed=cfg.seed,
-                                                            batch_size=cfg.batch_size,
-                                                            max_new_tokens=cfg.cot_tokens, backend=backend)
-                                   for b in benches}
-            entry["benchmark_average"] = sum(r["score"] for r in entry["benchmarks"].values()) / len(benches)
-        if cfg.ppl:
-            entry["perplexity"] = perplexity(model, tok, ppl_text, stride=cfg.stride,
-                                             batch_size=cfg.batch_size)
-        if cfg.safety:
-            entry["safety"] = S.evaluate_safety(model, tok, cfg.safety, batch_size=cfg.batch_size)
-        del model, backend
-        if cfg.harness:
-            entry["harness"] = run_harness(folder, cfg.harness, dev, cfg.limit, cfg.batch_size)
-        if cfg.speed:
-            from slmkit import speed as SP
-
-            use = "llamacpp" if cfg.engine == "llamacpp" and _gguf_path(spec) else "torch"
-            path = _gguf_path(spec) if use == "llamacpp" else folder
-            # a dense model's cost follows its shape and dtype, not its weights' values: a tuned
-            # model and its original are measured once (a GGUF by its file: quantisation varies)
-            shape = (use, path.stat().st_size if use == "llamacpp" else info["dtype"],
-                     *(info[k] for k in ("architecture", "parameters", "layers", "hidden_size",
-                                         "heads", "kv_heads", "mlp_size")))
-            if shape in measured:
-                first, result = measured[shape]
-                entry["speed"] = result | {"measured_as": first}
-            else:
-                entry["speed"] = SP.measure_in_subprocess(path, engine=use, device=str(dev))
-                measured[shape] = name, entry["speed"]
-        metrics["models"].append(entry)
-    report.add_relative(metrics)
-    if out_dir:
-        report.write_report(metrics, out_dir)
     return metrics
+
+
+def describe_model(spec, folder: Path, name: str) -> tuple[dict, dict]:
+    """(the model's entry in metrics.json so far, models.describe's record)."""
+    from slmkit import models as M
+
+    info = M.describe(spec)
+    entry = {"name": name, "source": str(spec), "path": str(folder),
+             **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
+                                     "hidden_size", "heads", "kv_heads", "mlp_size")}}
+    if _gguf_path(spec):  # a user downloads the file, not the folder it is converted to here
+        entry["bytes_on_disk"] = _gguf_path(spec).stat().st_size
+    print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
+    return entry, info
+
+
+def gguf_backend(cfg: EvalConfig, spec, name: str):
+    """A .gguf generates through llama.cpp when asked (the exported file judged as users run
+    it); None: generation goes through torch."""
+    if cfg.engine != "llamacpp" or not _gguf_path(spec):
+        return None
+    from slmkit.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(str(_gguf_path(spec)), name)
+
+
+def task_quality(cfg: EvalConfig, inputs: Inputs, metric: str, model, tok, backend, name: str,
+                 reference_predictions: list[str] | None) -> tuple[dict, list[str]]:
+    """(the task's scores, with agreement with the reference's predictions when given; the
+    predictions), which are also written to OUT/predictions/NAME.jsonl."""
+    examples = inputs.examples
+    preds = generate(model, tok, [e.prompt if e.prompt is not None else e.messages for e in examples],
+                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                     desc=f"{name}: task", backend=backend)
+    scores = score_task(metric, examples, preds, inputs.task)
+    if reference_predictions is not None:
+        from slmkit.metrics import agreement
+
+        scores["agreement"] = agreement(preds, reference_predictions)
+    if cfg.out:
+        _write_predictions(Path(cfg.out) / "predictions" / f"{_slug(name)}.jsonl", examples, preds)
+    return scores, preds
+
+
+def measure_speed(cfg: EvalConfig, spec, folder: Path, info: dict, name: str, device,
+                  measured: dict) -> dict:
+    """speed.measure_in_subprocess's record. A dense model's cost follows its shape and dtype, not
+    its weights' values: a tuned model and its original are measured once (a GGUF by its file:
+    quantisation varies); `measured` (shape -> (name, result)) remembers them."""
+    from slmkit import speed as SP
+
+    use = "llamacpp" if cfg.engine == "llamacpp" and _gguf_path(spec) else "torch"
+    path = _gguf_path(spec) if use == "llamacpp" else folder
+    shape = (use, path.stat().st_size if use == "llamacpp" else info["dtype"],
+             *(info[k] for k in ("architecture", "parameters", "layers", "hidden_size",
+                                 "heads", "kv_heads", "mlp_size")))
+    if shape in measured:
+        first, result = measured[shape]
+        return result | {"measured_as": first}
+    measured[shape] = name, SP.measure_in_subprocess(path, engine=use, device=str(device))
+    return measured[shape][1]
 
 
 def _names(models: list[str], names: list[str] | None) -> list[str]:
