@@ -12,41 +12,53 @@ the oldest turns are dropped.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from slmkit.backends import Backend, check_sampling, load_backend
-from slmkit.errors import UsageError, chat_template_error
+from slmkit.cli import add_config_arguments, config_from_args, flag_error, option
+from slmkit.errors import chat_template_error
+from slmkit.models import DTYPES
+
+
+@dataclass
+class ChatConfig:
+    """One `slm chat` session; CLI flags are these names with dashes."""
+
+    model: str = option(help="Hugging Face folder, .gguf file or `default`", flags=("model",),
+                        metavar="MODEL")
+    system: str | None = option(None, "system prompt")
+    max_tokens: int = option(512, "longest answer, in tokens")
+    temperature: float = option(0.7, "0 is greedy")
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
+    seed: int | None = option(None, "random seed of the sampling")
+    device: str | None = option(None, "PyTorch device (default: cuda when present)")
+    dtype: str = option("float32", "PyTorch dtype", choices=DTYPES)
+    threads: int | None = option(None, "CPU threads for llama.cpp or PyTorch (default: theirs)")
+
+    def __post_init__(self):
+        try:
+            check_sampling(self.max_tokens, self.temperature, self.top_p, self.seed)
+        except ValueError as e:
+            raise flag_error(e, self) from None
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model", metavar="MODEL", help="Hugging Face folder, .gguf file or `default`")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="PyTorch device (default: cuda when present)")
-    p.add_argument("--dtype", default="float32", help="PyTorch dtype: float32, bfloat16, float16")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for llama.cpp or PyTorch (default: theirs)")
+    add_config_arguments(p, ChatConfig)
 
 
 def run(args) -> int:
-    try:
-        check_sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
-    except ValueError as e:  # "NAME must be ...": name the flag and its value
-        name, why = str(e).split(" ", 1)
-        raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {why}") from None
-    backend = load_backend(args.model, device=args.device, dtype=args.dtype, n_threads=args.threads)
+    cfg = config_from_args(ChatConfig, args)
+    backend = load_backend(cfg.model, device=cfg.device, dtype=cfg.dtype, n_threads=cfg.threads)
     print(f"slm chat: {backend.name} ({backend.context_length} tokens of context); "
           "/reset forgets, /exit quits", file=sys.stderr)
     from jinja2.exceptions import TemplateError
 
     try:
-        return chat_loop(backend, system=args.system, max_tokens=args.max_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        return chat_loop(backend, system=cfg.system, max_tokens=cfg.max_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     except TemplateError as e:
-        raise chat_template_error(args.model, e) from None
+        raise chat_template_error(cfg.model, e) from None
 
 
 def chat_loop(backend: Backend, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
