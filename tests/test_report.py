@@ -89,3 +89,15 @@ def test_safety_compares_the_groups_every_model_keeps():
     assert report.quality_values(student)["safety"][1] == 0.4
     assert student["relative"]["quality_pct"]["safety"] == pytest.approx(80)  # 0.4 / 0.5, not 0.5 / 0.7
     assert "1 group every model keeps" in report.quality_values(student)["safety"][0]
+
+
+def test_speed_on_a_busy_machine_is_flagged():
+    """A model timed while the load average exceeded the cores gets a note naming it; a quiet
+    measurement gets none."""
+    m = _metrics()
+    m["models"][0]["speed"] |= {"load_average": 1.2, "cores": 2}
+    m["models"][1]["speed"] |= {"load_average": 5.5, "cores": 2}
+    note = [line for line in report.details_md(m) if "busy machine" in line]
+    assert len(note) == 1 and "5.5 on 2 cores while student ran" in note[0]
+    m["models"][1]["speed"]["load_average"] = 1.9
+    assert not [line for line in report.details_md(m) if "busy machine" in line]

@@ -90,6 +90,9 @@ def test_llamacpp_engine(tiny_llama, tmp_path):
     out = speed.measure(gguf, engine="llamacpp", prompt_tokens=16, new_tokens=4, requests=2)
     assert KEYS <= set(out) and out["decode_tokens_per_s"] > 0
     assert out["bytes_on_disk"] == gguf.stat().st_size
+    # llama.cpp was given one thread per usable core, for prompt and decode alike, and says so
+    assert out["threads"] == out["cores"] == speed.usable_cores()
+    assert out["load_average"] >= 0
 
 
 def test_llamacpp_missing_is_a_clear_error(monkeypatch):

@@ -269,6 +269,14 @@ def plots(metrics: dict) -> dict[str, bytes]:
 def details_md(metrics: dict) -> list[str]:
     """Per-group benchmark and safety figures under the scorecard."""
     lines = []
+    busy = [m for m in metrics["models"]
+            if (m.get("speed") or {}).get("load_average", 0) > (m.get("speed") or {}).get("cores", 1e9)]
+    if busy:
+        s = busy[0]["speed"]
+        lines.append(f"\n*Speed measured on a busy machine*: load average up to "
+                     f"{max(m['speed']['load_average'] for m in busy):.1f} on {s['cores']} cores while "
+                     f"{', '.join(m['name'] for m in busy)} ran; other jobs' threads slow every "
+                     "engine, llama.cpp's most. Measure again on a quiet machine to compare engines.")
     for m in metrics["models"]:
         if (m.get("speed") or {}).get("measured_as"):
             lines.append(f"\n*{m['name']}*: same architecture, shape and size as "

@@ -81,13 +81,18 @@ def measure(path, engine: str = "torch", device: str = "cpu", prompt_tokens: int
     if new_tokens < 2 or prompt_tokens < 1 or requests < 1 or batch < 1:
         raise UsageError("speed: --new-tokens must be >= 2 and the other sizes >= 1")
     baseline = peak_rss_bytes()
+    load_before = os.getloadavg()[0]
     if engine == "llamacpp":
         out = _measure_llamacpp(Path(path), prompt_tokens, new_tokens, requests)
     else:
         out = _measure_torch(Path(path), device, prompt_tokens, new_tokens, requests, batch)
     return out | {"engine": engine, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                   "requests": requests, "peak_rss_bytes": peak_rss_bytes(),
-                  "baseline_rss_bytes": baseline, "threads": _threads(engine)}
+                  "baseline_rss_bytes": baseline, "threads": out.get("threads") or _torch_threads(),
+                  # other jobs on the same cores slow every engine, llama.cpp's spin-waiting
+                  # threads most (4 tokens/s instead of 46 seen here): the report says so
+                  "load_average": round(max(load_before, os.getloadavg()[0]), 2),
+                  "cores": usable_cores()}
 
 
 def peak_rss_bytes() -> int:
@@ -102,12 +107,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _threads(engine: str) -> int:
-    if engine == "torch":
-        import torch
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
-        return torch.get_num_threads()
-    return os.cpu_count() or 1
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def summarize(ttfts: list[float], decode_steps: list[list[float]], prompt_tokens: int) -> dict:
@@ -254,7 +265,11 @@ def _measure_llamacpp(path: Path, prompt_tokens: int, new_tokens: int, requests:
     if path.suffix != ".gguf" or not path.is_file():
         raise UsageError(f"--engine llamacpp needs a .gguf file, got `{path}`")
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens + 16, verbose=False)
+    # one thread per usable core for prompt and decode alike (llama-cpp-python's own default
+    # decodes on half the cores, assuming two hyperthreads a core); the same count torch uses
+    cores = usable_cores()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens + 16, n_threads=cores,
+                          n_threads_batch=cores, verbose=False)
     load_s = time.perf_counter() - t0
     ids = _prompt_ids(llm.tokenize(PROMPT_TEXT.encode(), add_bos=False), prompt_tokens)
 
@@ -287,6 +302,7 @@ def _measure_llamacpp(path: Path, prompt_tokens: int, new_tokens: int, requests:
         "energy_j_per_token": joules / (requests * new_tokens), "energy_estimated": meter.estimated,
         "watts_per_core_assumed": WATTS_PER_CORE if meter.estimated else None,
         "load_s": load_s, "parameters": params, "bytes_on_disk": path.stat().st_size, "device": "cpu",
+        "threads": min(llm.n_threads, llm.n_threads_batch),
     }
 
 
