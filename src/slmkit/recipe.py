@@ -225,8 +225,6 @@ def _check_stage(stage: str, node, path: Path, line, trust_remote_code: bool = F
 def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
     """trust_remote_code: the caller's `--trust-remote-code`; without it a recipe that asks to
     run code from model folders is refused."""
-    from slmkit.tasks import Task, get_task
-
     path = Path(path)
     doc = read_yaml(path)
     for key in doc:
@@ -240,67 +238,12 @@ def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
             raise UsageError(f"{path}: missing key `{key}`")
         if doc[key] in (None, ""):  # `teacher:` with nothing after it
             raise UsageError(f"{path}:{doc.line(key)}: {key}: empty; give {what}")
-
-    def text(key, default=None):
-        value = doc.get(key, default)
-        if value is not None and not isinstance(value, str):
-            raise UsageError(f"{path}:{doc.line(key)}: `{key}` must be text, got {value!r}")
-        return value
-
-    name = check_name(text("name", path.stem),
+    name = check_name(_text(doc, path, "name", path.stem),
                       f"{path}:{doc.line('name')}" if "name" in doc else
                       f"{path} (no `name:`, so the file name is used)")
-    base = path.parent
-
-    def model_spec(key):
-        spec = text(key)
-        if spec is None or spec == "default" or spec.startswith("openai:") or Path(spec).is_absolute():
-            return spec
-        candidate = base / spec  # relative model paths are read from the recipe's folder
-        return str(candidate.resolve()) if candidate.exists() else spec
-
-    teacher = model_spec("teacher")
-
-    task_node = doc["task"]
-    if isinstance(task_node, str):
-        try:
-            task = get_task(task_node)
-        except UsageError as e:
-            raise UsageError(f"{path}:{doc.line('task')}: task: {e}") from None
-    elif isinstance(task_node, Node):
-        allowed = {"name", "template", "target", "metric", "references_field", "description"}
-        for key in task_node:
-            if key not in allowed:
-                raise UsageError(f"{path}:{task_node.line(key)}: task.{key}: unknown key; "
-                                 f"allowed: {', '.join(sorted(allowed))}")
-        for key in ("template", "target", "metric"):
-            if not isinstance(task_node.get(key), str):
-                raise UsageError(f"{path}:{doc.line('task')}: task.{key}: required text")
-        try:
-            task = Task(name=task_node.get("name", name), template=task_node["template"],
-                        target=task_node["target"], metric=task_node["metric"],
-                        references_field=task_node.get("references_field"),
-                        description=task_node.get("description", ""))
-        except UsageError as e:
-            raise UsageError(f"{path}:{doc.line('task')}: {e}") from None
-    else:
-        raise UsageError(f"{path}:{doc.line('task')}: `task` must be a preset name or a mapping")
-
-    def data_path(key):
-        value = text(key)
-        if value is None or value == "preset":
-            return value
-        p = Path(value).expanduser()
-        p = p if p.is_absolute() else base / p
-        if p.is_dir():
-            raise UsageError(f"{path}:{doc.line(key)}: {key}: `{value}` is a folder; give a "
-                             "JSONL file")
-        if not p.is_file():
-            raise UsageError(f"{path}:{doc.line(key)}: {key}: file `{value}` does not exist "
-                             f"(relative paths are read from the recipe's folder)")
-        return str(p.resolve())
-
-    data = data_path("data") or "preset"
+    teacher = _model_spec(doc, path, "teacher")
+    task = _task(doc, path, name)
+    data = _data_path(doc, path, "data") or "preset"
     if data == "preset":
         from slmkit.tasks import preset_data
 
@@ -311,28 +254,91 @@ def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
     seed = doc.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UsageError(f"{path}:{doc.line('seed')}: `seed` must be an integer")
-
-    stages_node = doc["stages"]
-    if not isinstance(stages_node, Node) or not stages_node:
-        raise UsageError(f"{path}:{doc.line('stages')}: `stages` must map stage names to options")
-    stages = {}
-    for stage in stages_node:
-        if stage not in STAGES:
-            raise UsageError(f"{path}:{stages_node.line(stage)}: unknown stage `{stage}`; "
-                             f"stages: {', '.join(STAGES)}")
-    for stage in STAGES:  # always in pipeline order, whatever the file's order
-        if stage in stages_node:
-            opts = _check_stage(stage, stages_node[stage], path, stages_node.line(stage),
-                                trust_remote_code)
-            if opts.pop("enabled", True):
-                stages[stage] = opts
+    stages = _stages(doc, path, trust_remote_code)
     if teacher.startswith("openai:") and set(stages) - {"generate", "distill", "eval", "export"}:
         raise UsageError(f"{path}:{doc.line('teacher')}: an API teacher (openai:...) has no weights "
                          "to tune or prune; use only generate/distill/eval/export and set `student:`")
     return Recipe(path=path, name=name, teacher=teacher, task=task, data=data,
-                  eval_data=data_path("eval_data"), seed=seed, device=text("device"),
-                  student=model_spec("student"),
+                  eval_data=_data_path(doc, path, "eval_data"), seed=seed,
+                  device=_text(doc, path, "device"), student=_model_spec(doc, path, "student"),
                   stages=stages, raw=_plain(doc), trust_remote_code=trust_remote_code)
+
+
+def _text(doc: Node, path: Path, key: str, default=None) -> str | None:
+    value = doc.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"{path}:{doc.line(key)}: `{key}` must be text, got {value!r}")
+    return value
+
+
+def _model_spec(doc: Node, path: Path, key: str) -> str | None:
+    """A MODEL as given; a relative model path is read from the recipe's folder when it is there."""
+    spec = _text(doc, path, key)
+    if spec is None or spec == "default" or spec.startswith("openai:") or Path(spec).is_absolute():
+        return spec
+    candidate = path.parent / spec
+    return str(candidate.resolve()) if candidate.exists() else spec
+
+
+def _data_path(doc: Node, path: Path, key: str) -> str | None:
+    """`preset`, None, or the absolute path of an existing JSONL file (relative to the recipe)."""
+    value = _text(doc, path, key)
+    if value is None or value == "preset":
+        return value
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else path.parent / p
+    if p.is_dir():
+        raise UsageError(f"{path}:{doc.line(key)}: {key}: `{value}` is a folder; give a "
+                         "JSONL file")
+    if not p.is_file():
+        raise UsageError(f"{path}:{doc.line(key)}: {key}: file `{value}` does not exist "
+                         f"(relative paths are read from the recipe's folder)")
+    return str(p.resolve())
+
+
+def _task(doc: Node, path: Path, name: str):
+    """`task:` as a preset name or a mapping of the Task's fields (named `name` by default)."""
+    from slmkit.tasks import Task, get_task
+
+    node, where = doc["task"], f"{path}:{doc.line('task')}"
+    if isinstance(node, str):
+        try:
+            return get_task(node)
+        except UsageError as e:
+            raise UsageError(f"{where}: task: {e}") from None
+    if not isinstance(node, Node):
+        raise UsageError(f"{where}: `task` must be a preset name or a mapping")
+    allowed = {"name", "template", "target", "metric", "references_field", "description"}
+    for key in node:
+        if key not in allowed:
+            raise UsageError(f"{path}:{node.line(key)}: task.{key}: unknown key; "
+                             f"allowed: {', '.join(sorted(allowed))}")
+    for key in ("template", "target", "metric"):
+        if not isinstance(node.get(key), str):
+            raise UsageError(f"{where}: task.{key}: required text")
+    try:
+        return Task(name=node.get("name", name), template=node["template"], target=node["target"],
+                    metric=node["metric"], references_field=node.get("references_field"),
+                    description=node.get("description", ""))
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _stages(doc: Node, path: Path, trust_remote_code: bool) -> dict:
+    """stage -> its checked options, in pipeline order whatever the file's; `enabled: false` ones left out."""
+    node = doc["stages"]
+    if not isinstance(node, Node) or not node:
+        raise UsageError(f"{path}:{doc.line('stages')}: `stages` must map stage names to options")
+    for stage in node:
+        if stage not in STAGES:
+            raise UsageError(f"{path}:{node.line(stage)}: unknown stage `{stage}`; "
+                             f"stages: {', '.join(STAGES)}")
+    stages = {}
+    for stage in (s for s in STAGES if s in node):
+        opts = _check_stage(stage, node[stage], path, node.line(stage), trust_remote_code)
+        if opts.pop("enabled", True):
+            stages[stage] = opts
+    return stages
 
 
 def _plain(obj):
