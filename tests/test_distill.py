@@ -661,3 +661,12 @@ def test_final_hidden_then_lm_head_equals_the_logits(tiny_model):
         assert hidden.shape == (1, 4, model.config.hidden_size)
         torch.testing.assert_close(lm_head(hidden), logits, rtol=0, atol=0)
     assert model.get_output_embeddings() is lm_head  # put back
+
+
+def test_top_k_default_fits_what_a_served_teacher_returns(tmp_path):
+    """A served teacher (vLLM, slm serve) returns at most 20 log-probs a position by default, so
+    that is the default k it is asked for; a local teacher's cache keeps 32; a given k stays."""
+    base = dict(student="s", data="d.jsonl", out=str(tmp_path / "o"))
+    assert DistillConfig(teacher="openai:t@http://127.0.0.1:1", **base).top_k == 20
+    assert DistillConfig(teacher="t", **base).top_k == 32
+    assert DistillConfig(teacher="openai:t@http://127.0.0.1:1", top_k=8, **base).top_k == 8

@@ -47,11 +47,7 @@ SKIP = {
 }
 
 # README command -> the src bug that makes it fail today (xfail, strict: fixed, it must leave here)
-KNOWN_BUGS = {
-    "slm distill --student pruned --teacher openai:teacher@http://HOST:8000 ...":
-        "distill asks a served teacher for --top-k 32 log-probs by default; slm serve (like "
-        "vLLM's default max_logprobs) answers at most 20, so the command exits 2",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 # flags appended to every command of a verb (argparse: the last value wins)
 SHRINK = {

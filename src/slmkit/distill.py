@@ -57,6 +57,7 @@ from slmkit.models import DTYPES
 from slmkit.served_teacher import ServedTeacher, is_served
 
 CACHE_FORMAT = "slmkit-topk-v1"
+SERVED_TOP_K = 20  # vLLM's default max_logprobs, and slm serve's limit
 
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")  # the divergences losses.divergence computes
@@ -101,8 +102,9 @@ class DistillConfig:
     device: str | None = option(None, "cpu or cuda (default: CUDA when present)", wired=True)
     teacher_cache: str | None = option(None, "offline teacher: top-k file from --cache-teacher",
                                        wired=True)
-    top_k: int = option(32, "k of the teacher's top-k log-probs: what --cache-teacher stores and what a "
-                        "served teacher is asked for")
+    top_k: int | None = option(None, "k of the teacher's top-k log-probs: what --cache-teacher stores "
+                               "and what a served teacher is asked for (default 32; 20 for a served "
+                               "teacher, the most vLLM and slm serve return by default)")
     on_policy: float = option(0.0, "GKD lambda: fraction of batches whose answers the student samples")
     max_new_tokens: int = option(128, "longest on-policy sample")
     fsdp: bool = option(False, "shard the student's parameters, gradients and optimizer state over the "
@@ -126,6 +128,8 @@ class DistillConfig:
     trust_remote_code: bool = option(False, "allow code from model folders", wired=True)
 
     def __post_init__(self):
+        if self.top_k is None:
+            self.top_k = SERVED_TOP_K if is_served(self.teacher) else 32
         for name in ("student", "data", "out"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")
