@@ -304,6 +304,20 @@ def test_chat_loop_keeps_and_resets_history(backend):
                               f"model> {fresh}\n")
 
 
+def test_chat_loop_writes_to_stdout_as_it_is_when_called(backend, monkeypatch):
+    """The default output is sys.stdout at the call (a redirect after import is followed)."""
+    import io
+
+    from slmkit.chat import chat_loop
+
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    lines = iter(["hello", "/exit"])
+    assert chat_loop(backend, read=lambda _: next(lines), max_tokens=4, temperature=0) == 0
+    first = backend.generate([[{"role": "user", "content": "hello"}]], max_tokens=4)[0].text
+    assert out.getvalue() == f"model> {first}\n"
+
+
 # --------------------------------------------------------------------------- bad input, bad clients
 
 def test_bad_seed_is_400_and_the_batch_around_it_is_served(server):

@@ -61,9 +61,11 @@ def run(args) -> int:
         raise chat_template_error(cfg.model, e) from None
 
 
-def chat_loop(backend: Backend, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
+def chat_loop(backend: Backend, read: Callable[[str], str] = input, out: TextIO | None = None,
               system: str | None = None, max_tokens: int = 512, **sampling) -> int:
-    """Read a line, stream the answer, keep the history; `read` raises EOFError at the end."""
+    """Read a line, stream the answer, keep the history; `read` raises EOFError at the end.
+    out: where the answers go (default: sys.stdout as it is at the call, not at import)."""
+    out = out or sys.stdout
     history: list[dict] = []
     while True:
         try:
