@@ -130,7 +130,8 @@ class GenerateConfig:
             raise flag_error(e, self, {"max_tokens": "max_new_tokens", "logprobs": "topk_logprobs"}) from None
         for name in ("n", "batch_size", "inputs_per_topic", "concurrency", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+                flag = "-n" if name == "n" else f"--{name.replace('_', '-')}"
+                raise UsageError(f"{flag} {getattr(self, name)}: must be at least 1")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError("--threshold must be between 0 and 1")
         for name in ("dedup_threshold", "decontam_threshold"):
