@@ -47,18 +47,6 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
-# counts that only make sense from 1 up, under the same name in every verb that has them; checked
-# here, before any model is loaded, so no verb reaches range(0, n, 0) or an empty generation
-POSITIVE = ("batch_size", "max_new_tokens", "max_tokens")
-
-
-def check_counts(args) -> None:
-    for name in POSITIVE:
-        value = getattr(args, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: give at least 1")
-
-
 # --------------------------------------------------------------------------- config dataclasses
 
 def option(default=dataclasses.MISSING, help: str = "", type=None, wired: bool = False,
@@ -151,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
-        check_counts(args)
         code = args._run(args)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
         return int(code or 0)

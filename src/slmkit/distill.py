@@ -151,7 +151,7 @@ class DistillConfig:
                   ("eval_fraction", 0 < self.eval_fraction < 1, "in (0, 1)")]
         checks += [(n, getattr(self, n) >= 1, "at least 1") for n in
                    ("batch_size", "grad_accum", "eval_every", "save_every", "max_length", "chunk",
-                    "top_k")]
+                    "top_k", "max_new_tokens")]
         checks += [(n, getattr(self, n) is None or getattr(self, n) >= 1, "at least 1")
                    for n in ("max_steps", "max_tokens", "stop_after")]
         for name, ok, what in checks:

@@ -96,7 +96,7 @@ class ServeConfig:
         for key in ("max_input_tokens", "max_tokens", "default_max_tokens", "max_batch",
                     "max_body_bytes", "max_connections"):
             if int(getattr(self, key)) < 1:
-                raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
+                raise UsageError(f"--{key.replace('_', '-')} {getattr(self, key)}: must be at least 1")
         if self.timeout <= 0 or self.batch_window_ms < 0 or self.read_timeout <= 0:
             raise UsageError("--timeout and --read-timeout must be > 0 and --batch-window-ms >= 0")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
