@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import math
 import random
@@ -84,8 +85,6 @@ RULES = {  # how the shape was chosen, as written into prune_plan.json
     "search": "search: shapes at the target trading layers against MLP (hidden and heads kept), "
               "the lowest held-out loss before training",
 }
-SEARCH_PINS = ("hidden", "heads", "kv_heads")
-"""Shape keys `--search` takes as fixed for every candidate; layers and ffn are what it varies."""
 
 
 @dataclass(frozen=True)
@@ -559,8 +558,6 @@ def select(scores: dict, src: Shape, dst: Shape) -> dict:
     """What to keep, from importance scores (higher = more important):
     layers (L',), hidden (D',), and per kept layer: kv_groups (K',), heads (H',) ordered group by
     group, ffn (F',). Pass random scores for a random baseline of the same shape."""
-    import torch
-
     layers = _top(scores["block_influence"], dst.layers)
     hidden_score = scores["hidden"][layers].sum(0) + scores["final_hidden"]
     keep = {"layers": layers, "hidden": _top(hidden_score, dst.hidden),
@@ -675,12 +672,15 @@ def cut(model, scores: dict, src: Shape, dst: Shape):
     return apply_plan(model, keep, dst, rescale), keep, rescale
 
 
-def search(model, scores: dict, src: Shape, candidates: list[Shape], held, total: int):
-    """Cut every candidate from the same importance scores and score it by heldout_loss() on
-    `held` (N, T). Returns (table, chosen index, (pruned model, keep, rescale) of the chosen):
-    the lowest loss wins, the first among equals. Only the best model so far stays in memory."""
+def search(model, tok, scores: dict, src: Shape, candidates: list[Shape], held_texts: list[str],
+           num_samples: int, seq_len: int, total: int):
+    """Cut every candidate from the same importance scores and score it by heldout_loss() on rows
+    of `held_texts`. Returns (the plan's "search" table, (pruned model, keep, rescale) of the
+    chosen): the lowest loss wins, the first among equals. Only the best model so far stays in memory."""
     from tqdm import tqdm
 
+    # seed 0, not --seed: the same held-out rows whatever the run, so losses compare
+    held = calibration_batch(tok, held_texts, num_samples, seq_len, seed=0)
     table, best, chosen = [], math.inf, None
     for i, shape in enumerate(tqdm(candidates, desc="search", unit="shape", file=sys.stderr)):
         made = cut(model, scores, src, shape)
@@ -691,7 +691,13 @@ def search(model, scores: dict, src: Shape, candidates: list[Shape], held, total
         if chosen is None or (math.isfinite(loss) and loss < best):
             best, chosen, kept = (loss if math.isfinite(loss) else math.inf), i, made
         del made
-    return table, chosen, kept
+    return {"metric": "held-out loss: mean next-token NLL (nats per predicted token) of each "
+                      "pruned model before any training",
+            "held_out": {"texts": len(held_texts), "sequences": int(held.shape[0]),
+                         "seq_len": int(held.shape[1]), "seed": 0,
+                         "rule": "data.held_out over the calibration texts"},
+            "teacher_loss": heldout_loss(model, held),
+            "candidates": table, "chosen": chosen}, kept
 
 
 # --------------------------------------------------------------------------- the command
@@ -734,6 +740,41 @@ def format_search(plan: dict) -> str:
     return "\n".join(rows)
 
 
+def read_teacher(cfg: PruneConfig):
+    """(folder, config.json, shape, count): `count(shape)` is the exact parameter count of that
+    cut, from the safetensors headers (no weights loaded)."""
+    folder = models.resolve(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    config = models.read_config(folder)
+    check_arch(config, f"{folder}/config.json")
+    shapes = header_shapes(folder)
+    src = source_shape(config)
+    if count_params(config, shapes, src) != models.describe_shapes(config, shapes)["parameters"]:
+        # the counting rules must cover every tensor
+        raise UsageError(f"{folder}: unexpected weights for a {config['model_type']} model; "
+                         "slm prune cannot account for all of them")
+    return folder, config, src, functools.partial(count_params, config, shapes)
+
+
+def choose_shape(cfg: PruneConfig, src: Shape, count, total: int):
+    """(method, target parameters, shape, --search candidates); the shape is None under --search,
+    which picks a candidate once they are scored."""
+    if cfg.target is None:
+        dst = explicit_shape(src, **cfg.shape)
+        if dst == src:
+            raise UsageError("the shape equals the model's; give a smaller --layers/--hidden/"
+                             "--ffn/--heads/--kv-heads or a --target")
+        return "shape", None, dst, None
+    target = parse_target(cfg.target, total)
+    if cfg.search is None:
+        return cfg.method or "both", target, plan_shape(src, count, target, cfg.method or "both"), None
+    candidates = search_candidates(src, count, target, cfg.search,
+                                   explicit_shape(src, **(cfg.shape or {})))
+    if len(candidates) < cfg.search:
+        print(f"only {len(candidates)} shapes of this family fit the target; --search "
+              f"{cfg.search} compares all of them", file=sys.stderr)
+    return "search", target, None, candidates
+
+
 def prune(cfg: PruneConfig) -> dict:
     """Cut a smaller model out of the teacher `cfg.model` and save it to `cfg.out`; return the
     plan. With `cfg.dry_run`, print and return the plan (shape and parameter counts) without
@@ -743,55 +784,27 @@ def prune(cfg: PruneConfig) -> dict:
     """
     import torch
 
-    folder = models.resolve(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    config = models.read_config(folder)
-    check_arch(config, f"{folder}/config.json")
-    shapes = header_shapes(folder)
-    src = source_shape(config)
-    total = models.describe_shapes(config, shapes)["parameters"]
-    if count_params(config, shapes, src) != total:  # the counting rules must cover every tensor
-        raise UsageError(f"{folder}: unexpected weights for a {config['model_type']} model; "
-                         "slm prune cannot account for all of them")
-    def count(shape):
-        return count_params(config, shapes, shape)
-
-    target_n, method, candidates = None, cfg.method or "both", None
-    if cfg.search is not None:
-        target_n, method = parse_target(cfg.target, total), "search"
-        candidates = search_candidates(src, count, target_n, cfg.search,
-                                       explicit_shape(src, **(cfg.shape or {})))
-        dst = None  # the search picks it
-    elif cfg.target is not None:
-        target_n = parse_target(cfg.target, total)
-        dst = plan_shape(src, count, target_n, method)
-    else:
-        dst = explicit_shape(src, **cfg.shape)
-        if dst == src:
-            raise UsageError("the shape equals the model's; give a smaller --layers/--hidden/"
-                             "--ffn/--heads/--kv-heads or a --target")
-        method = "shape"
+    folder, config, src, count = read_teacher(cfg)
+    total = count(src)
+    method, target, dst, candidates = choose_shape(cfg, src, count, total)
     # read (and validated) before any heavy work; a dry run needs none but checks what it is given
-    calib, task = cfg.calib, cfg.task
-    texts = calibration_texts(calib, task) if (calib or task or not cfg.dry_run) else []
-    held_texts = []
-    if candidates and texts:
-        texts, held_texts = search_split(texts)
-    after = count(dst) if dst else None
-    plan = {
-        "source": str(cfg.model),
-        "architecture": config.get("architectures", [config["model_type"]])[0],
-        "method": method, "target_parameters": target_n,
-        "rule": RULES[method],
-        "shape_before": asdict(src), "shape_after": asdict(dst) if dst else None,
-        "head_dim": head_dim(config), "parameters_before": total, "parameters_after": after,
-        "fraction": after / total if dst else None,
-    }
+    texts = calibration_texts(cfg.calib, cfg.task) if (cfg.calib or cfg.task or not cfg.dry_run) else []
+    texts, held_texts = search_split(texts) if candidates and texts else (texts, [])
+
+    def after(shape):  # the plan's keys for the shape written
+        return {"shape_after": asdict(shape), "parameters_after": count(shape),
+                "fraction": count(shape) / total}
+
+    plan = {"source": str(cfg.model),
+            "architecture": config.get("architectures", [config["model_type"]])[0],
+            "method": method, "target_parameters": target, "rule": RULES[method],
+            "shape_before": asdict(src), "shape_after": None, "head_dim": head_dim(config),
+            "parameters_before": total, "parameters_after": None, "fraction": None}
     if candidates:
-        if len(candidates) < cfg.search:
-            print(f"only {len(candidates)} shapes of this family fit the target; --search "
-                  f"{cfg.search} compares all of them", file=sys.stderr)
         plan["search"] = {"candidates": [{"shape": asdict(c), "parameters": count(c),
                                           "fraction": count(c) / total} for c in candidates]}
+    else:
+        plan.update(after(dst))
     print(format_search(plan) if candidates else format_plan(plan))
     if cfg.dry_run:
         return plan
@@ -801,56 +814,46 @@ def prune(cfg: PruneConfig) -> dict:
     model, tok = models.load_folder(folder, device=device, trust_remote_code=cfg.trust_remote_code)
     ids = calibration_batch(tok, texts, num_samples, cfg.seq_len, seed=cfg.seed)
     scores = measure_importance(model, ids, device=device)
-    extra = {}
     if candidates:
-        # seed 0, not --seed: the same held-out rows whatever the run, so losses compare
-        held = calibration_batch(tok, held_texts, num_samples, cfg.seq_len, seed=0)
-        table, chosen, (pruned, keep, rescale) = search(model, scores, src, candidates, held, total)
-        dst = candidates[chosen]
-        after = count(dst)
-        plan["search"] = {
-            "metric": "held-out loss: mean next-token NLL (nats per predicted token) of each "
-                      "pruned model before any training",
-            "held_out": {"texts": len(held_texts), "sequences": int(held.shape[0]),
-                         "seq_len": int(held.shape[1]), "seed": 0,
-                         "rule": "data.held_out over the calibration texts"},
-            "teacher_loss": heldout_loss(model, held),
-            "candidates": table, "chosen": chosen}
-        plan.update(shape_after=asdict(dst), parameters_after=after, fraction=after / total)
+        plan["search"], (pruned, keep, rescale) = search(model, tok, scores, src, candidates, held_texts,
+                                                         num_samples, cfg.seq_len, total)
+        plan.update(after(candidates[plan["search"]["chosen"]]))
         print(format_search(plan))
         print(format_plan(plan))
-        # inside the model folder, which save_model writes to a temporary folder and renames
-        extra["prune_search.json"] = plan["search"]
     else:
         pruned, keep, rescale = cut(model, scores, src, dst)
-    got = models.count_parameters(pruned)
-    if got != after:
-        raise RuntimeError(f"pruned model has {got:,} parameters, the plan said {after:,}")
-    plan["calibration"] = {
-        "file": str(calib) if calib is not None else None, "task": task if calib is None else None,
-        "sha256": _calib_hash(calib, task), "sequences": int(ids.shape[0]),
-        "seq_len": int(ids.shape[1]), "seed": cfg.seed}
-    plan["kept"] = keep
-    plan["norm_rescale"] = rescale
-    plan["importance"] = {
-        "block_influence": [round(v, 6) for v in scores["block_influence"].tolist()],
-        "heads": [[round(v, 5) for v in row] for row in scores["heads"].tolist()],
-        "hidden": [round(v, 5) for v in (scores["hidden"][keep["layers"]].sum(0)
-                                         + scores["final_hidden"]).tolist()],
-        # (L, F) floats are large; the kept indices above are exact, the scores are summarised
-        "ffn_sha256": hashlib.sha256(scores["ffn"].numpy().tobytes()).hexdigest(),
-        "ffn_mean_per_layer": [round(v, 5) for v in scores["ffn"].mean(1).tolist()],
-    }
+    got, total_after = models.count_parameters(pruned), plan["parameters_after"]
+    if got != total_after:
+        raise RuntimeError(f"pruned model has {got:,} parameters, the plan said {total_after:,}")
+    plan.update(calibration=calibration_record(cfg, ids), kept=keep, norm_rescale=rescale,
+                importance=importance_record(scores, keep))
+    # inside the model folder, which save_model writes to a temporary folder and renames
+    extra = {"prune_search.json": plan["search"]} if candidates else {}
     with torch.no_grad():
         models.save_model(pruned, tok, cfg.out, extra={"prune_plan.json": plan, **extra})
     print(f"wrote {cfg.out}: {got:,} parameters ({100 * got / total:.1f}% of {total:,})")
     return plan
 
 
-def _calib_hash(calib, task) -> str:
+def calibration_record(cfg: PruneConfig, ids) -> dict:
+    """The plan's "calibration": what the importance was measured on (ids (N, T))."""
     from slmkit import data, tasks
 
-    return data.file_hash(calib if calib is not None else tasks.preset_data(task))
+    calib, task = cfg.calib, cfg.task
+    return {"file": str(calib) if calib is not None else None, "task": task if calib is None else None,
+            "sha256": data.file_hash(calib if calib is not None else tasks.preset_data(task)),
+            "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": cfg.seed}
+
+
+def importance_record(scores: dict, keep: dict) -> dict:
+    """The plan's "importance": the scores rounded; the (L, F) MLP scores are large, so summarised
+    (the kept indices are exact)."""
+    return {"block_influence": [round(v, 6) for v in scores["block_influence"].tolist()],
+            "heads": [[round(v, 5) for v in row] for row in scores["heads"].tolist()],
+            "hidden": [round(v, 5) for v in (scores["hidden"][keep["layers"]].sum(0)
+                                             + scores["final_hidden"]).tolist()],
+            "ffn_sha256": hashlib.sha256(scores["ffn"].numpy().tobytes()).hexdigest(),
+            "ffn_mean_per_layer": [round(v, 5) for v in scores["ffn"].mean(1).tolist()]}
 
 
 def add_arguments(p):
