@@ -27,11 +27,12 @@ P_MAX = 0.05
 
 def load_items(path: str | Path) -> list[dict]:
     """Validated items, each with `where` (file:line) added for later messages."""
+    from slmkit.data import read_jsonl
     from slmkit.errors import read_text
 
     path = Path(path)
     raw = read_text(path, "--safety file")  # missing, a folder or not UTF-8: one line
-    rows = _json_list_with_lines(path, raw) if raw.lstrip().startswith("[") else _jsonl(path)
+    rows = _json_list_with_lines(path, raw) if raw.lstrip().startswith("[") else read_jsonl(path)
     if not rows:
         raise UsageError(f"{path}: no sentences; the safety set needs harmful and neutral sentences")
     items = []
@@ -54,12 +55,6 @@ def load_items(path: str | Path) -> list[dict]:
         items.append({"text": row["text"], "toxicity_score": float(tox), "label": row["label"],
                       "target_groups": groups, "where": where})
     return items
-
-
-def _jsonl(path: Path) -> list[tuple[int, object]]:
-    from slmkit.data import read_jsonl
-
-    return read_jsonl(path)
 
 
 def _json_list_with_lines(path: Path, raw: str) -> list[tuple[int, object]]:

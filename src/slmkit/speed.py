@@ -88,7 +88,7 @@ def measure(path, engine: str = "torch", device: str = "cpu", prompt_tokens: int
         out = _measure_torch(Path(path), device, prompt_tokens, new_tokens, requests, batch)
     return out | {"engine": engine, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                   "requests": requests, "peak_rss_bytes": peak_rss_bytes(),
-                  "baseline_rss_bytes": baseline, "threads": out.get("threads") or _torch_threads(),
+                  "baseline_rss_bytes": baseline,
                   # other jobs on the same cores slow every engine, llama.cpp's spin-waiting
                   # threads most (4 tokens/s instead of 46 seen here): the report says so
                   "load_average": round(max(load_before, os.getloadavg()[0]), 2),
@@ -113,12 +113,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def summarize(ttfts: list[float], decode_steps: list[list[float]], prompt_tokens: int) -> dict:
@@ -201,6 +195,7 @@ def _measure_torch(folder: Path, device: str, prompt_tokens: int, new_tokens: in
         "parameters": M.count_parameters(model),
         "bytes_on_disk": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
         "device": str(dev),
+        "threads": torch.get_num_threads(),
     }
     if dev.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
