@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
-from slmkit.models import context_length
+from slmkit.models import context_length, gguf_path
 
 if TYPE_CHECKING:
     import torch
@@ -207,7 +207,7 @@ def read_inputs(cfg: EvalConfig) -> Inputs:
                                  "needs (its prompts are chat messages); use an instruct model or add a "
                                  "chat_template.jinja to the folder")
     generates = bool(examples) or any(b["kind"] == "gen" for b in benches)
-    if cfg.engine == "llamacpp" and (cfg.speed or generates) and any(map(_gguf_path, cfg.models)):
+    if cfg.engine == "llamacpp" and (cfg.speed or generates) and any(map(gguf_path, cfg.models)):
         from slmkit import speed as SP
 
         SP.require_llamacpp()
@@ -244,8 +244,8 @@ def describe_model(spec, folder: Path, name: str) -> tuple[dict, dict]:
     entry = {"name": name, "source": str(spec), "path": str(folder),
              **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
                                      "hidden_size", "heads", "kv_heads", "mlp_size")}}
-    if _gguf_path(spec):  # a user downloads the file, not the folder it is converted to here
-        entry["bytes_on_disk"] = _gguf_path(spec).stat().st_size
+    if gguf_path(spec):  # a user downloads the file, not the folder it is converted to here
+        entry["bytes_on_disk"] = gguf_path(spec).stat().st_size
     print(f"slm eval: {name} ({info['parameters']:,} parameters)", file=sys.stderr)
     return entry, info
 
@@ -253,11 +253,11 @@ def describe_model(spec, folder: Path, name: str) -> tuple[dict, dict]:
 def gguf_backend(cfg: EvalConfig, spec, name: str):
     """A .gguf generates through llama.cpp when asked (the exported file judged as users run
     it); None: generation goes through torch."""
-    if cfg.engine != "llamacpp" or not _gguf_path(spec):
+    if cfg.engine != "llamacpp" or not gguf_path(spec):
         return None
     from slmkit.backends.llamacpp import LlamaCppBackend
 
-    return LlamaCppBackend(str(_gguf_path(spec)), name)
+    return LlamaCppBackend(str(gguf_path(spec)), name)
 
 
 def task_quality(cfg: EvalConfig, inputs: Inputs, metric: str, model, tok, backend, name: str,
@@ -285,8 +285,8 @@ def measure_speed(cfg: EvalConfig, spec, folder: Path, info: dict, name: str, de
     quantisation varies); `measured` (shape -> (name, result)) remembers them."""
     from slmkit import speed as SP
 
-    use = "llamacpp" if cfg.engine == "llamacpp" and _gguf_path(spec) else "torch"
-    path = _gguf_path(spec) if use == "llamacpp" else folder
+    use = "llamacpp" if cfg.engine == "llamacpp" and gguf_path(spec) else "torch"
+    path = gguf_path(spec) if use == "llamacpp" else folder
     shape = (use, path.stat().st_size if use == "llamacpp" else info["dtype"],
              *(info[k] for k in ("architecture", "parameters", "layers", "hidden_size",
                                  "heads", "kv_heads", "mlp_size")))
@@ -313,14 +313,6 @@ def _names(models: list[str], names: list[str] | None) -> list[str]:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def _gguf_path(spec) -> Path | None:
-    from slmkit import models as M
-
-    if str(spec) == M.DEFAULT:
-        return M.default_gguf()
-    return Path(spec) if str(spec).endswith(".gguf") else None
 
 
 def _write_predictions(path: Path, examples, preds) -> None:

@@ -52,6 +52,13 @@ def default_gguf() -> Path:
     return files[0]
 
 
+def gguf_path(spec) -> Path | None:
+    """The .gguf file a MODEL argument names (`default`: the embedded one); None for a folder."""
+    if str(spec) == DEFAULT:
+        return default_gguf()
+    return Path(spec) if str(spec).endswith(".gguf") else None
+
+
 def resolve(spec: str | os.PathLike, trust_remote_code: bool = False) -> Path:
     """MODEL argument -> a checked Hugging Face checkpoint folder (GGUF converted once)."""
     if str(spec) == DEFAULT:

@@ -266,7 +266,7 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
     if ctx.gguf:  # the exported files, run through llama.cpp as `slm chat` and Ollama run them
         quant = ctx.recipe.stages["export"].get("quant", EXPORT_QUANT)
         opts = {"engine": "llamacpp", **opts}
-        if opts["engine"] == "llamacpp" and _is_gguf(ctx.teacher):
+        if opts["engine"] == "llamacpp" and models.gguf_path(ctx.teacher):
             # the embedded default is itself a GGUF: its zero-shot row stays on PyTorch, so only
             # the exports' rows are llama.cpp's
             specs[names.index("teacher (zero-shot)")] = str(models.resolve(
@@ -281,10 +281,6 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
                         split=ctx.eval_split, out=str(out), device=ctx.recipe.device,
                         trust_remote_code=ctx.recipe.trust_remote_code, **opts))
     return {"report": str(out)}
-
-
-def _is_gguf(spec: str) -> bool:
-    return spec == models.DEFAULT or str(spec).endswith(".gguf")
 
 
 EXPORT_QUANT = "q4_k_m"  # README "## slm export": it kept the demo student's ROUGE-L
