@@ -102,25 +102,9 @@ def read_yaml(path: Path) -> Node:
     return _to_python(root, path)
 
 
-def _type_ok(value, default) -> bool:
-    if default is None or default is dataclasses.MISSING:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, str):
-        return isinstance(value, str)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, list)
-    return True
-
-
-def _type_name(default) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "text",
-            list: "a list", tuple: "a list"}.get(type(default), type(default).__name__)
+# the kinds of value YAML gives, as an error message names them
+KINDS = {bool: "true/false", int: "an integer", float: "a number", str: "text", list: "a list",
+         tuple: "a list", dict: "a mapping"}
 
 
 def _members(hint) -> tuple:
@@ -131,35 +115,25 @@ def _members(hint) -> tuple:
 
 
 def _hint_ok(value, hint) -> bool:
-    """Whether a YAML value fits an option's annotation: it also checks options whose default
-    (None) says nothing about their type. Classes YAML cannot give (a Task) are left to the
-    stage."""
+    """Whether a YAML value fits an option's annotation. Classes YAML cannot give (a Task) are
+    left to the stage."""
     for kind in _members(hint):
         if kind is type(None):
             if value is None:
                 return True
-        elif kind in (bool, int, float, str, list, tuple):
-            if _type_ok(value, kind()):
-                return True
-        elif kind is dict:
-            if isinstance(value, dict):
-                return True
-        else:
+        elif kind not in KINDS or _fits(value, kind):
             return True
     return False
 
 
+def _fits(value, kind) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python; only a true/false option takes it
+        return kind is bool
+    return isinstance(value, {float: (int, float), tuple: list}.get(kind, kind))
+
+
 def _hint_name(hint) -> str:
-    names = [{dict: "a mapping"}.get(k) or _type_name(k()) for k in _members(hint)
-             if k is not type(None) and k in (bool, int, float, str, list, tuple, dict)]
-    return " or ".join(dict.fromkeys(names)) or "another value"
-
-
-def _hints(obj) -> dict:
-    try:
-        return typing.get_type_hints(obj)
-    except (NameError, TypeError):  # an annotation naming what the module does not import
-        return {}
+    return " or ".join(dict.fromkeys(KINDS[k] for k in _members(hint) if k in KINDS)) or "another value"
 
 
 # stage -> (module, config dataclass): its fields are the stage's options and its verb's flags
@@ -171,12 +145,12 @@ CONFIGS = {"generate": ("slmkit.generate", "GenerateConfig"),
 
 
 def _stage_api(stage: str) -> dict[str, tuple[dataclasses.Field, object]]:
-    """name -> (field, type annotation or None) of the options a recipe may set: the fields of the
+    """name -> (field, type annotation) of the options a recipe may set: the fields of the
     stage's config that `slm build` does not wire itself."""
     module, name = CONFIGS[stage]
     config = getattr(importlib.import_module(module), name)
-    hints = _hints(config)
-    return {f.name: (f, hints.get(f.name)) for f in dataclasses.fields(config)
+    hints = typing.get_type_hints(config)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(config)
             if not f.metadata["wired"]}
 
 
@@ -210,11 +184,8 @@ def _check_stage(stage: str, node, path: Path, line, trust_remote_code: bool = F
         if key not in allowed:
             raise UsageError(f"{where}: unknown option; allowed: {', '.join(sorted(allowed))}")
         option, hint = allowed[key]
-        # the annotation when there is one (`int | str = "auto"`), else the default's type
-        if hint is not None and not _hint_ok(value, hint):
+        if not _hint_ok(value, hint):  # the annotation, not the default: `int | str = "auto"`
             raise UsageError(f"{where}: expected {_hint_name(hint)}, got {value!r}")
-        if hint is None and not _type_ok(value, option.default):
-            raise UsageError(f"{where}: expected {_type_name(option.default)}, got {value!r}")
         choices = option.metadata["argparse"].get("choices")
         if choices and value not in choices:
             raise UsageError(f"{where}: {value!r} is not one of {', '.join(choices)}")
