@@ -264,7 +264,7 @@ class EvalIndex:
     """Word 8-grams of an eval set; `overlap(text)` is the share of text's 8-grams found in it
     (texts shorter than 8 words: 1.0 when they equal a whole eval text, word for word)."""
 
-    def __init__(self, path: str | Path, task: Task | None = None):
+    def __init__(self, path: str | Path):
         from slmkit.data import read_jsonl
 
         self.grams: set[tuple[str, ...]] = set()
