@@ -323,8 +323,7 @@ class Service:
             if n_in > lim.max_input_tokens or n_in >= backend.context_length:
                 most = min(lim.max_input_tokens, backend.context_length - 1)
                 raise APIError(400, f"the prompt has {n_in} tokens; this model accepts at most {most}",
-                               param="messages" if isinstance(prompt, list) else "prompt",
-                               code="context_length_exceeded")
+                               param=param, code="context_length_exceeded")
             # generation stops at the end of the context rather than failing
             room = backend.context_length - n_in
             for j in range(n):
