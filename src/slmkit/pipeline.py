@@ -149,23 +149,13 @@ LABEL_TOPK = 20  # top-k log-probs kept per answer token: the most OpenAI-compat
 
 
 def stage_label(ctx: Context, opts: dict) -> dict:
-    """The tuned teacher (the recipe's teacher when there is no tune_teacher stage) answers the
-    data's unlabelled lines: generate on them, greedy (n 1, temperature 0) unless the stage's `n`
-    asks for best-of-N, with generate's validators, judge and threshold, and the eval set kept out
-    (--decontaminate: held-out lines, or `eval_data`). Writes, under data/:
-
-      teacher.jsonl                generate's output: one line per kept answer, `meta.teacher` the
-                                   tuned teacher's folder
-      teacher.topk.safetensors     its top-k log-probs on those answers, `slm distill
-                                   --teacher-cache` format for teacher.jsonl (`topk_logprobs: 0`
-                                   turns it off)
-      combined.jsonl               the data's lines, then the teacher's, marked
-                                   `meta.source: teacher`: what prune and distill read
-
-    distill's KD covers both kinds of line with the online teacher, the tuned teacher itself;
-    the cache is not read by the build (a --teacher-cache must cover every line of its data file,
-    the human ones too), it is there for `slm distill --data data/teacher.jsonl --teacher-cache
-    data/teacher.topk.safetensors`. With no unlabelled lines the stage does nothing."""
+    """The tuned teacher (else the recipe's) answers the data's unlabelled lines through generate:
+    greedy unless the stage's `n` asks for best-of-N, the eval set kept out. Writes under data/
+    teacher.jsonl (generate's output), teacher.topk.safetensors (its top-k log-probs in the
+    `--teacher-cache` format, for `slm distill --data data/teacher.jsonl`; `topk_logprobs: 0`
+    turns it off) and combined.jsonl (the data's lines, then the teacher's marked `meta.source:
+    teacher`), which prune and distill read. The build's distill does not read the cache: a
+    --teacher-cache must cover every line of its data, the human ones too; the online teacher does."""
     if not ctx.unlabelled:
         _log("[label] no line without a target: nothing to label")
         return {"data": ctx.data, "labelled": 0}
