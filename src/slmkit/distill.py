@@ -623,12 +623,11 @@ def distill(cfg: DistillConfig) -> Path:
 def setup(cfg: DistillConfig) -> Run | None:
     """Data, models, optimizer and the resume point; None when OUT is already this run's
     finished student (under --resume)."""
-    import safetensors.torch
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from slmkit import checkpoint, models, sharding
+    from slmkit import models, sharding
     from slmkit.tasks import get_task
 
     out = Path(cfg.out)
@@ -703,23 +702,33 @@ def setup(cfg: DistillConfig) -> Run | None:
         model, optimizer = acc.prepare(student, optimizer)
     run = Run(cfg, acc, fp, out, work, model, tokenizer, optimizer, scheduler, train, held, total,
               checkpointing, teacher=teacher, cache=cache, served=served)
+    restore(run, state, ckpt)
+    return run
 
-    rank = acc.process_index
+
+def restore(run: Run, state: dict | None, ckpt: Path | None) -> None:
+    """Continue from the checkpoint `find_resume_point` found (weights, optimizer, scheduler,
+    generators, position), else clear OUT.work; OUT.work/metrics.jsonl keeps the steps up to it."""
+    import safetensors.torch
+
+    from slmkit import checkpoint, models, sharding
+
+    rank, work = run.acc.process_index, run.work
     if state is not None:
-        if cfg.fsdp:
-            sharding.load_model_shard(model, ckpt, rank)
-            checkpoint.load_optimizer(optimizer, ckpt, f"optimizer-{rank}")
+        if run.cfg.fsdp:
+            sharding.load_model_shard(run.model, ckpt, rank)
+            checkpoint.load_optimizer(run.optimizer, ckpt, f"optimizer-{rank}")
         else:
             safetensors.torch.load_model(run.student, str(ckpt / "model.safetensors"))
-            checkpoint.load_optimizer(optimizer, ckpt)
-        scheduler.load_state_dict(checkpoint.read_json(ckpt / "scheduler.json"))
+            checkpoint.load_optimizer(run.optimizer, ckpt)
+        run.scheduler.load_state_dict(checkpoint.read_json(ckpt / "scheduler.json"))
         checkpoint.load_rng(ckpt, rank)
         run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state["elapsed"]
         if run.main:
             print(f"slm distill: continuing from step {run.step} of `{ckpt}`", file=sys.stderr)
     elif run.main and work.exists():
         shutil.rmtree(work)
-    acc.wait_for_everyone()
+    run.acc.wait_for_everyone()
     if run.main:
         work.mkdir(parents=True, exist_ok=True)
         keep = []  # a killed run may have logged steps past its last checkpoint, or half a line
@@ -728,7 +737,6 @@ def setup(cfg: DistillConfig) -> Run | None:
                     if _logged_step(line) is not None and _logged_step(line) <= run.step]
         with models.atomic_write(work / "metrics.jsonl") as f:
             f.write("".join(line + "\n" for line in keep))
-    return run
 
 
 def fit(run: Run) -> Path:
