@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slmkit.backends import model_name
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.models import context_length, gguf_path
@@ -299,7 +300,7 @@ def measure_speed(cfg: EvalConfig, spec, folder: Path, info: dict, name: str, de
 
 def _names(models: list[str], names: list[str] | None) -> list[str]:
     if names is None:
-        names = [Path(str(m)).stem if str(m) != "default" else "default" for m in models]
+        names = [model_name(m) for m in models]  # what slm serve calls them
     elif len(names) != len(models):
         raise UsageError(f"--names has {len(names)} name(s) for {len(models)} model(s); give one per MODEL")
     seen: dict[str, int] = {}
