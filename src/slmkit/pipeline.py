@@ -28,29 +28,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit import models
+from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.recipe import STAGES, Recipe, check_name, load_recipe
 
 DEMO = Path(__file__).parent / "recipes" / "demo.yaml"
 
 
+@dataclass
+class BuildConfig:
+    """One `slm build` run; CLI flags are these names with dashes."""
+
+    recipe: str | None = option(None, "recipe YAML (default: the built-in demo, recipes/demo.yaml)",
+                                flags=("recipe",), nargs="?")
+    from_stage: str | None = option(None, "rerun this stage and every later one even if unchanged",
+                                    flags=("--from",), choices=STAGES)
+    runs: str = option("runs", "folder holding run folders (default: runs)")
+    device: str | None = option(None, "cpu or cuda (default: cuda when present)")
+    trust_remote_code: bool = option(False, "let the stages run Python code shipped in model folders "
+                                     "(auto_map); only for models you trust")
+
+
 def add_arguments(p):
-    p.add_argument("recipe", nargs="?", default=None,
-                   help="recipe YAML (default: the built-in demo, recipes/demo.yaml)")
-    p.add_argument("--from", dest="from_stage", choices=STAGES,
-                   help="rerun this stage and every later one even if unchanged")
-    p.add_argument("--runs", default="runs", help="folder holding run folders (default: runs)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let the stages run Python code shipped in model folders (auto_map); "
-                        "only for models you trust")
+    add_config_arguments(p, BuildConfig)
 
 
 def run(args) -> int:
-    recipe = load_recipe(args.recipe or DEMO, trust_remote_code=args.trust_remote_code)
-    if args.device:
-        recipe.device = args.device
-    result = build(recipe, runs=args.runs, from_stage=args.from_stage)
+    cfg = config_from_args(BuildConfig, args)
+    recipe = load_recipe(cfg.recipe or DEMO, trust_remote_code=cfg.trust_remote_code)
+    if cfg.device:
+        recipe.device = cfg.device
+    result = build(recipe, runs=cfg.runs, from_stage=cfg.from_stage)
     print_summary(result)
     return 0
 
