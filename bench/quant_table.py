@@ -23,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-QUANTS = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+from slmkit.export import QUANTS as ALL_QUANTS
+from slmkit.speed import usable_cores
+
+QUANTS = [q for q in ALL_QUANTS if q != "f32"]  # f32: as big as the HF student, nothing to learn
 
 
 def slm(*args: str) -> None:
@@ -47,7 +50,7 @@ def main() -> int:
         return 0
     work = Path(a.work) if a.work else student.parent / "quants"
     work.mkdir(parents=True, exist_ok=True)
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr)
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {usable_cores()} cores", file=sys.stderr)
     t0 = time.perf_counter()
     files = []
     for q in a.quants:
@@ -76,7 +79,7 @@ def main() -> int:
     print("\n".join(rows))
     print(f"\n{m['n_examples']} examples of `{a.task}` ({m['split']} split), greedy, "
           f"{a.max_new_tokens} new tokens; exports {export_s:.0f} s; load average after "
-          f"{load_after:.1f} on {os.cpu_count()} cores")
+          f"{load_after:.1f} on {usable_cores()} cores")
     return 0
 
 

@@ -246,7 +246,7 @@ def main() -> int:
 
     if args.student and "student" not in args.skip:
         with start_server([args.teacher, args.student], names=["teacher", "student"], timeout=900,
-                          n_threads=args.torch_threads) as s:
+                          threads=args.torch_threads) as s:
             print(f"\n== student vs teacher (PyTorch, single stream, {len(PROMPTS)} prompts, "
                   f"{args.decode_tokens} tokens max)")
             for name in ("teacher", "student"):

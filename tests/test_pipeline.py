@@ -604,3 +604,13 @@ def test_eval_lines_are_never_labelled_into_training(tmp_path, tiny_llama, held)
         trained = result["stages"]["label"]["outputs"]["data"]
         assert trained == str(folder / "combined.jsonl")
         assert {r["id"] for r in read_rows(trained) if r.get("split") == "eval"} == eval_ids
+
+
+def test_an_api_teacher_may_label_but_not_be_tuned(tmp_path):
+    """A served teacher has no weights: it may write and label data, not be tuned or pruned."""
+    head = "teacher: openai:big@http://127.0.0.1:8000/v1\nstudent: s\ntask: summarize\n"
+    ok = load_recipe(write(tmp_path / "ok.yaml", head + "stages: {label: {}, distill: {}}\n"))
+    assert list(ok.stages) == ["label", "distill"]
+    with pytest.raises(UsageError) as e:
+        load_recipe(write(tmp_path / "bad.yaml", head + "stages: {label: {}, tune_teacher: {}}\n"))
+    assert "bad.yaml:1:" in str(e.value) and "generate/label/distill/eval/export" in str(e.value)

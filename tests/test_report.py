@@ -99,5 +99,5 @@ def test_speed_on_a_busy_machine_is_flagged():
     m["models"][1]["speed"] |= {"load_average": 5.5, "cores": 2}
     note = [line for line in report.details_md(m) if "busy machine" in line]
     assert len(note) == 1 and "5.5 on 2 cores while student ran" in note[0]
-    m["models"][1]["speed"]["load_average"] = 1.9
+    m["models"][1]["speed"]["load_average"] = 2.9  # its own 2 threads and a little more
     assert not [line for line in report.details_md(m) if "busy machine" in line]

@@ -226,9 +226,10 @@ def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UsageError(f"{path}:{doc.line('seed')}: `seed` must be an integer")
     stages = _stages(doc, path, trust_remote_code)
-    if teacher.startswith("openai:") and set(stages) - {"generate", "distill", "eval", "export"}:
+    if teacher.startswith("openai:") and set(stages) - {"generate", "label", "distill", "eval", "export"}:
         raise UsageError(f"{path}:{doc.line('teacher')}: an API teacher (openai:...) has no weights "
-                         "to tune or prune; use only generate/distill/eval/export and set `student:`")
+                         "to tune or prune; use only generate/label/distill/eval/export and set "
+                         "`student:`")
     return Recipe(path=path, name=name, teacher=teacher, task=task, data=data,
                   eval_data=_data_path(doc, path, "eval_data"), seed=seed,
                   device=_text(doc, path, "device"), student=_model_spec(doc, path, "student"),

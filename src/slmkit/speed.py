@@ -260,8 +260,9 @@ def _measure_llamacpp(path: Path, prompt_tokens: int, new_tokens: int, requests:
     if path.suffix != ".gguf" or not path.is_file():
         raise UsageError(f"--engine llamacpp needs a .gguf file, got `{path}`")
     t0 = time.perf_counter()
-    # one thread per usable core for prompt and decode alike (llama-cpp-python's own default
-    # decodes on half the cores, assuming two hyperthreads a core); the same count torch uses
+    # one thread per usable CPU for prompt and decode alike: llama-cpp-python's own default
+    # decodes on half of them (assuming two hyperthreads a core), which on a 2-vCPU machine is one
+    # thread; on a hyperthreaded laptop this may be a little slower than physical cores would be
     cores = usable_cores()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens + 16, n_threads=cores,
                           n_threads_batch=cores, verbose=False)
