@@ -3,9 +3,9 @@ preset (`summarize` unless --task says), and score the task's metric on the pres
 split (ROUGE-L on summarize's 40 conversations).
 
     python bench/student_shape.py                       # the demo's row (after `make demo`)
-    python bench/student_shape.py runs/demo/teacher_tuned --work /tmp/shapes/h6 \\
+    python bench/student_shape.py runs/demo/teacher_tuned --work shapes/h6 \\
         --shape '{"layers": 18, "hidden": 576, "ffn": 1280, "heads": 6, "kv_heads": 3}'
-    python bench/student_shape.py runs/grammar/teacher_tuned --task grammar --work /tmp/shapes/g
+    python bench/student_shape.py runs/grammar/teacher_tuned --task grammar --work shapes/g
 
 Defaults are the demo's: its tuned teacher, shape 18/576/1152/9 heads, and distillation of
 200 steps of 1 example (lr 3e-4, alpha_ce 0.5, max_length 320); `--distill` overrides any of
