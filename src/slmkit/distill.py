@@ -50,6 +50,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.backends import MAX_LOGPROBS
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.data import EVAL_FRACTION, EVAL_MAX
 from slmkit.errors import UsageError
@@ -57,7 +58,6 @@ from slmkit.models import DTYPES
 from slmkit.served_teacher import ServedTeacher, is_served
 
 CACHE_FORMAT = "slmkit-topk-v1"
-SERVED_TOP_K = 20  # vLLM's default max_logprobs, and slm serve's limit
 
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")  # the divergences losses.divergence computes
@@ -129,7 +129,7 @@ class DistillConfig:
 
     def __post_init__(self):
         if self.top_k is None:
-            self.top_k = SERVED_TOP_K if is_served(self.teacher) else 32
+            self.top_k = MAX_LOGPROBS if is_served(self.teacher) else 32
         for name in ("student", "data", "out"):
             if not getattr(self, name):
                 raise UsageError(f"--{name} is required")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit import models
+from slmkit.backends import MAX_LOGPROBS
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.recipe import STAGES, Recipe, check_name, load_recipe
@@ -153,7 +154,6 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
     return {"data": str(out), "stats": stats}
 
 
-LABEL_TOPK = 20  # top-k log-probs kept per answer token: the most OpenAI-compatible servers give
 
 
 def stage_label(ctx: Context, opts: dict) -> dict:
@@ -176,7 +176,7 @@ def stage_label(ctx: Context, opts: dict) -> dict:
             f.unlink()
     eval_set = ctx.eval_data if ctx.eval_split is None else _held_out_lines(ctx.eval_data,
                                                                             folder / "heldout.jsonl")
-    opts = {"n": 1, "topk_logprobs": LABEL_TOPK, **opts}
+    opts = {"n": 1, "topk_logprobs": MAX_LOGPROBS, **opts}
     if opts["n"] == 1:
         opts.setdefault("temperature", 0.0)
     stats = generate(GenerateConfig(teacher=ctx.best_teacher, task=ctx.task_arg,

@@ -47,7 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from jinja2.exceptions import TemplateError
 
-from slmkit.backends import Backend, Completion, Request, load_backend, model_name, now
+from slmkit.backends import (MAX_LOGPROBS, Backend, Completion, Request, load_backend, model_name,
+                             now)
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
@@ -464,8 +465,8 @@ class Handler(BaseHTTPRequestHandler):
         if chat:
             logprobs = 0
             if _get(body, "logprobs", bool, False, None, "true or false"):
-                logprobs = _get(body, "top_logprobs", int, 1, lambda v: 0 <= v <= 20,
-                                "an integer in [0, 20]") or 1
+                logprobs = _get(body, "top_logprobs", int, 1, lambda v: 0 <= v <= MAX_LOGPROBS,
+                                f"an integer in [0, {MAX_LOGPROBS}]") or 1
         else:
             logprobs = _get(body, "logprobs", int, 0, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
             if body.get("echo"):
@@ -493,7 +494,8 @@ class Handler(BaseHTTPRequestHandler):
         """vLLM's `prompt_logprobs` on /v1/completions: the model's top-k log-probs at every
         position of one prompt (token ids or a string), for a student distilling from this
         server. Scoring only: `max_tokens` must be 0 or 1, and no completion text is made."""
-        k = _get(body, "prompt_logprobs", int, 0, lambda v: 0 <= v <= 20, "an integer in [0, 20]")
+        k = _get(body, "prompt_logprobs", int, 0, lambda v: 0 <= v <= MAX_LOGPROBS,
+                 f"an integer in [0, {MAX_LOGPROBS}]")
         _get(body, "max_tokens", int, 1, lambda v: v in (0, 1), "0 or 1 with prompt_logprobs")
         p = body.get("prompt")
         if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):

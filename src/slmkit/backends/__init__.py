@@ -71,6 +71,11 @@ class Completion:
 MAX_SEED = 2**63 - 1
 
 
+# top-k log-probs a position: the most OpenAI-compatible servers return (vLLM's default
+# max_logprobs, OpenAI's top_logprobs); slm serve answers up to this, a served teacher is asked for it
+MAX_LOGPROBS = 20
+
+
 def check_sampling(max_tokens: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                    seed: int | None = None, logprobs: int = 0) -> None:
     """The one range check of sampling parameters (every backend, `slm serve`, `slm chat`):
@@ -82,8 +87,8 @@ def check_sampling(max_tokens: int = 1, temperature: float = 0.0, top_p: float =
         raise ValueError("temperature must be in [0, 2] (0 is greedy)")
     if not 0.0 < top_p <= 1.0:
         raise ValueError("top_p must be in (0, 1]")
-    if not 0 <= logprobs <= 20:
-        raise ValueError("logprobs must be in [0, 20]")
+    if not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
     # PyTorch's generators take 64-bit seeds; a larger one would fail the request's batch
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (2**63 - 1)")
