@@ -116,9 +116,10 @@ def slm(*args) -> float:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from slmkit.models import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -126,7 +127,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from slmkit.data import read_jsonl as numbered
+
+    return [row for _, row in numbered(path)]
 
 
 def pair(row: dict) -> dict:
