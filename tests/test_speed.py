@@ -95,6 +95,17 @@ def test_llamacpp_engine(tiny_llama, tmp_path):
     assert out["load_average"] >= 0
 
 
+def test_llamacpp_threads_follow_the_usable_cores(tiny_llama, tmp_path, monkeypatch):
+    """The count comes from usable_cores (a container's CPU set), not llama-cpp-python's default
+    of half the host's CPUs for decoding: with 3 usable cores both its counts are 3."""
+    pytest.importorskip("llama_cpp")
+    export = pytest.importorskip("slmkit.export")
+    gguf = export.export_gguf(str(tiny_llama), tmp_path / "tiny.gguf", "f16")
+    monkeypatch.setattr(speed, "usable_cores", lambda: 3)
+    out = speed.measure(gguf, engine="llamacpp", prompt_tokens=8, new_tokens=2, requests=1)
+    assert out["threads"] == out["cores"] == 3
+
+
 def test_llamacpp_missing_is_a_clear_error(monkeypatch):
     import builtins
 
