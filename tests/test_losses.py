@@ -153,3 +153,14 @@ def test_mix_weights():
     assert losses.mix(kd, ce, 0.0).item() == 2.0
     assert losses.mix(kd, ce, 1.0).item() == 4.0
     assert losses.mix(kd, ce, 0.25).item() == pytest.approx(2.5)
+
+
+def test_distill_accepts_exactly_the_divergences_losses_computes():
+    from slmkit.distill import LOSSES
+
+    assert LOSSES == losses.KINDS  # two copies (one torch-free for --help) that must not drift
+    logp = torch.log_softmax(torch.randn(3, 5), -1)
+    for kind in LOSSES:
+        assert losses.divergence(logp, logp, kind).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="forward_kl, reverse_kl, jsd"):
+        losses.divergence(logp, logp, "kl")

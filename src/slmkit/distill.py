@@ -60,7 +60,7 @@ from slmkit.served_teacher import ServedTeacher, is_served
 CACHE_FORMAT = "slmkit-topk-v1"
 
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd")  # the divergences losses.divergence computes
+LOSSES = ("forward_kl", "reverse_kl", "jsd")  # = losses.KINDS; here so `--help` imports no torch
 
 
 @dataclass

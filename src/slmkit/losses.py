@@ -53,6 +53,9 @@ def _kl(logp, logq):
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
+KINDS = ("forward_kl", "reverse_kl", "jsd")  # distill.LOSSES repeats it without importing torch
+
+
 def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str = "forward_kl",
                beta: float = 0.5) -> torch.Tensor:
     """Per-row divergence between teacher log-probs `logp` (N, C) and student log-probs
@@ -65,7 +68,7 @@ def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str = "forward_kl",
         # log m computed in log space: m = beta p + (1 - beta) q
         logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1 - beta)]), 0)
         return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
-    raise ValueError(f"unknown divergence `{kind}`; choose forward_kl, reverse_kl or jsd")
+    raise ValueError(f"unknown divergence `{kind}`; choose one of {', '.join(KINDS)}")
 
 
 def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
