@@ -614,3 +614,41 @@ def test_an_api_teacher_may_label_but_not_be_tuned(tmp_path):
     with pytest.raises(UsageError) as e:
         load_recipe(write(tmp_path / "bad.yaml", head + "stages: {label: {}, tune_teacher: {}}\n"))
     assert "bad.yaml:1:" in str(e.value) and "generate/label/distill/eval/export" in str(e.value)
+
+
+def test_recipe_unlabelled_file_adds_inputs_to_label(tmp_path, tiny_llama, task_data, monkeypatch):
+    """`unlabelled: FILE` lines are answered after the data's own unlabelled lines; the file is
+    checked (a label stage must exist, no line may carry a target) with file:line errors."""
+    rows = mixed_rows(eval_ids=(0,))
+    data = write_rows(tmp_path / "data.jsonl", rows)
+    more = [{"id": "m0", "dialogue": "Ben: bus or train?\nCleo: train, it is faster."},
+            {"id": "m1", "dialogue": "Dan: pizza tonight?\nEva: sure, at eight."}]
+    write_rows(tmp_path / "more.jsonl", more)
+    seen = []
+
+    def fake(cfg):  # generate: note what the teacher was asked to answer; answer nothing
+        seen.append(read_rows(cfg.inputs))
+        Path(cfg.out).write_text("")
+        return {"inputs": len(seen[-1]), "dropped": {}}
+
+    monkeypatch.setattr("slmkit.generate.generate", fake)
+    recipe = load_recipe(label_recipe(tmp_path, tiny_llama, data, {"label": ""},
+                                      "unlabelled: more.jsonl"))
+    assert recipe.unlabelled == str((tmp_path / "more.jsonl").resolve())
+    pipeline.build(recipe, runs=tmp_path / "runs")
+    assert [r["id"] for r in seen[0]] == [f"d{i}" for i in range(6, 12)] + ["m0", "m1"]
+    human = read_rows(tmp_path / "runs" / "lab" / "data" / "human.jsonl")
+    assert [r["id"] for r in human] == [f"d{i}" for i in range(6)]
+
+    # fully labelled data: the file alone is labelled
+    full = write_rows(tmp_path / "full.jsonl", mixed_rows(labelled=12, unlabelled=0))
+    pipeline.build(load_recipe(label_recipe(tmp_path, tiny_llama, full, {"label": ""},
+                                            "unlabelled: more.jsonl")), runs=tmp_path / "runs2")
+    assert [r["id"] for r in seen[1]] == ["m0", "m1"]
+
+    with pytest.raises(UsageError, match=r"lab.yaml:6: unlabelled: .* need a `label` stage"):
+        load_recipe(label_recipe(tmp_path, tiny_llama, data, {"distill": ""}, "unlabelled: more.jsonl"))
+    write_rows(tmp_path / "more.jsonl", more + [{"dialogue": "Finn: done?", "summary": "Finn asks."}])
+    with pytest.raises(UsageError, match=r"more.jsonl:3: has a `summary`; the `unlabelled:` file"):
+        pipeline.build(load_recipe(label_recipe(tmp_path, tiny_llama, data, {"label": ""},
+                                                "unlabelled: more.jsonl")), runs=tmp_path / "runs3")

@@ -15,7 +15,8 @@ beside the PyTorch models, so it shows what a laptop user gets.
 
 A few labelled examples and many unlabelled inputs: with a `label` stage, the data's lines whose
 task target is missing or empty (never those marked "split": "eval") wait for the tuned teacher,
-which answers them after tune_teacher; distill then trains on both (stage_label).
+which answers them after tune_teacher, with the lines of the recipe's `unlabelled:` file (inputs
+only); distill then trains on both (stage_label).
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
         if "topics" in recipe.stages["label"]:
             raise UsageError(f"{recipe.path}: stages.label.topics: the label stage answers the "
                              "data's lines that have no target; give topics to the generate stage")
-        data, unlabelled = split_unlabelled(data, recipe.task, run_dir / "data")
+        data, unlabelled = split_unlabelled(data, recipe.task, run_dir / "data", recipe.unlabelled)
     if not recipe.eval_data:  # held out from the labelled lines only: eval needs references
         data = ensure_split(data, run_dir / "data" / "split.jsonl")
     ctx = Context(recipe=recipe, run_dir=run_dir, teacher=recipe.teacher, data=data,
@@ -387,16 +388,23 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
     return manifest.data
 
 
-def split_unlabelled(path: str, task, folder: Path) -> tuple[str, str | None]:
+def split_unlabelled(path: str, task, folder: Path, more: str | None = None) -> tuple[str, str | None]:
     """(labelled data, unlabelled inputs): the lines whose task target is missing or empty go to
-    `folder`/unlabelled.jsonl, the rest to `folder`/human.jsonl. A line marked "split": "eval"
-    always stays with the data, so the eval set is never labelled into training. With no
-    unlabelled line, (path, None): the data is used as it is."""
+    `folder`/unlabelled.jsonl, the rest to `folder`/human.jsonl; the lines of `more` (the
+    recipe's `unlabelled:` file, inputs only) follow them in unlabelled.jsonl. A line marked
+    "split": "eval" always stays with the data, so the eval set is never labelled into training.
+    With nothing to label, (path, None): the data is used as it is."""
     from slmkit.data import read_jsonl
 
     rows = read_jsonl(path)
     todo = {n for n, row in rows if row.get("split") != "eval" and not task.references(row)}
-    if not todo:
+    extra = read_jsonl(more) if more else []
+    for n, row in extra:
+        if task.references(row):  # a target here would be silently replaced by the teacher's
+            raise UsageError(f"{more}:{n}: has a `{task.target}`; the `unlabelled:` file holds "
+                             "inputs only (put labelled lines in `data`)")
+        task.check(row, f"{more}:{n}")
+    if not todo and not extra:
         return path, None
     if len(todo) == len(rows):
         raise UsageError(f"{path}: no line has a `{task.target}`; the label stage needs a few "
@@ -404,12 +412,13 @@ def split_unlabelled(path: str, task, folder: Path) -> tuple[str, str | None]:
     for n, row in rows:
         if n in todo:
             task.check(row, f"{path}:{n}")  # its input fields, named by the data's own line
-    outs = {True: folder / "unlabelled.jsonl", False: folder / "human.jsonl"}
-    for unlabelled, out in outs.items():
-        with models.atomic_write(out) as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for n, row in rows
-                         if (n in todo) == unlabelled)
-    return str(outs[False]), str(outs[True])
+    human, unlabelled = folder / "human.jsonl", folder / "unlabelled.jsonl"
+    with models.atomic_write(human) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for n, row in rows if n not in todo)
+    with models.atomic_write(unlabelled) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n"
+                     for row in [r for n, r in rows if n in todo] + [r for _, r in extra])
+    return str(human), str(unlabelled)
 
 
 def ensure_split(path: str, out: Path) -> str:

@@ -39,7 +39,8 @@ from slmkit.errors import UsageError, read_text
 STAGES = ("generate", "tune_teacher", "label", "prune", "distill", "export", "eval")
 # a run name is one path component: it names runs/NAME/ and the exported files
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "seed", "device", "stages", "description"}
+TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "unlabelled", "seed", "device",
+            "stages", "description"}
 
 
 class Node(dict):
@@ -63,6 +64,8 @@ class Recipe:
     device: str | None
     student: str | None = None
     """Initial student when there is no prune stage (e.g. with an API teacher)."""
+    unlabelled: str | None = None
+    """More inputs for the label stage (an absolute path): lines with the task's input fields only."""
     stages: dict = field(default_factory=dict)
     """stage name -> options dict (validated)."""
     raw: dict = field(default_factory=dict)
@@ -230,8 +233,12 @@ def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
         raise UsageError(f"{path}:{doc.line('teacher')}: an API teacher (openai:...) has no weights "
                          "to tune or prune; use only generate/label/distill/eval/export and set "
                          "`student:`")
+    unlabelled = _data_path(doc, path, "unlabelled")
+    if unlabelled and "label" not in stages:
+        raise UsageError(f"{path}:{doc.line('unlabelled')}: unlabelled: inputs for the teacher to "
+                         "answer need a `label` stage (e.g. `label: {}` under stages)")
     return Recipe(path=path, name=name, teacher=teacher, task=task, data=data,
-                  eval_data=_data_path(doc, path, "eval_data"), seed=seed,
+                  eval_data=_data_path(doc, path, "eval_data"), unlabelled=unlabelled, seed=seed,
                   device=_text(doc, path, "device"), student=_model_spec(doc, path, "student"),
                   stages=stages, raw=_plain(doc), trust_remote_code=trust_remote_code)
 
