@@ -47,3 +47,28 @@ def test_qa_has_unanswerable_questions_and_no_passage_in_both_splits():
     assert any(r["split"] == "eval" for r in unanswerable)
     train = {r["passage"] for r in rows if r["split"] == "train"}
     assert not train & {r["passage"] for r in rows if r["split"] == "eval"}
+
+
+@pytest.mark.parametrize("name", ["grammar", "qa"])
+def test_unlabelled_inputs_have_input_fields_only_and_stay_clear_of_the_eval_split(name):
+    """The recipes' `unlabelled:` files: every line carries the task's input fields and no target,
+    and none shares a word 6-gram with an eval line's input (the teacher's answers to them are
+    training data, so they must not leak the held-out set)."""
+    task = tasks.get_task(name)
+    path = tasks.preset_data(name).with_name(f"{name}-inputs.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) >= 200 and len({r["id"] for r in rows}) == len(rows)
+    for n, row in enumerate(rows, 1):
+        task.check(row, f"{path.name}:{n}")
+        assert not task.references(row), f"{path.name}:{n} has a target"
+
+    def grams(text):
+        w = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+        return {tuple(w[i:i + 6]) for i in range(len(w) - 5)}
+
+    def inputs(row):
+        return " ".join(str(row[f]) for f in task.fields())
+
+    held = set().union(*(grams(inputs(r)) for r in _rows(name) if r["split"] == "eval"))
+    leaked = {r["id"]: sorted(grams(inputs(r)) & held)[:2] for r in rows if grams(inputs(r)) & held}
+    assert not leaked
