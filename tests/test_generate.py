@@ -197,6 +197,7 @@ def test_near_dup_and_eval_index_units(tmp_path):
     assert idx.overlap(text) == 1.0 and idx.overlap("nothing like it at all in here") == 0.0
     short = gen.EvalIndex(write_jsonl(tmp_path / "s.jsonl", [{"input": "He go home."}]))
     assert short.overlap("he go HOME") == 1.0 and short.overlap("go") == 0.0  # whole text only
+    assert short.overlap("he go HOME", short=False) == 0.0  # answers: a short one leaks nothing
     half = " ".join(f"word{i}" for i in range(30)) + " " + " ".join(f"new{i}" for i in range(30))
     assert 0.3 < idx.overlap(half) < 0.5
 
@@ -373,3 +374,23 @@ def test_server_without_logprobs_continue_or_stop(cli, long_llama, inputs, tmp_p
         stats = json.loads(stdout)
         assert stats["judge"] == "rating 1-5" and stats["topk_cache"] is None
         assert all("teacher_topk" not in r for r in read_jsonl(tmp_path / "b.jsonl"))
+
+
+def test_keep_best_drops_answers_that_copy_an_eval_text_but_keeps_stock_short_ones(tmp_path):
+    """A teacher answer that repeats an eval reference is contaminated; a short stock answer that
+    equals one ("The passage does not say.") is not: it carries no eval example."""
+    task = get_task("qa")
+    cfg = gen.GenerateConfig(teacher="t", task="qa", out="o.jsonl", threshold=0.0)
+    long_ref = "Take one tablet every six hours with water and never more than three a day."
+    evals = gen.EvalIndex(write_jsonl(tmp_path / "e.jsonl", [
+        {"passage": "p", "question": "q1", "answer": "The passage does not say."},
+        {"passage": "p", "question": "q2", "answer": long_ref}]))
+    item = gen.Item("k", {"passage": "Some other leaflet.", "question": "How often?"}, "in.jsonl:1")
+
+    def best(text):
+        group = gen.Candidates(item, [gen.Candidate(completion(text), {"reference": None, "judge": None})],
+                               Counter())
+        return gen.keep_best(group, task, cfg, evals, gen.NearDup(1.0))
+
+    assert best("The passage does not say.").text == "The passage does not say."
+    assert best(long_ref) == gen.Drop("contaminated_output")

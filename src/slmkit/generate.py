@@ -24,7 +24,8 @@ Filters and their thresholds (all stated in the summary printed at the end):
                (0.8) is a duplicate; checked before generation and again when keeping
   decontam     share of an input's (or answer's) word 8-grams found in the eval set
                >= --decontam-threshold (0.2) is contaminated; inputs are checked before any
-               generation, answers after
+               generation (one shorter than 8 words: when it equals an eval text), answers
+               after (those shorter than 8 words are not: "No." leaks no eval example)
 """
 
 from __future__ import annotations
@@ -262,7 +263,9 @@ class NearDup:
 
 class EvalIndex:
     """Word 8-grams of an eval set; `overlap(text)` is the share of text's 8-grams found in it
-    (texts shorter than 8 words: 1.0 when they equal a whole eval text, word for word)."""
+    (texts shorter than 8 words: 1.0 when they equal a whole eval text, word for word, unless
+    `short=False`: then 0.0, as for answers, where a stock reply such as "No." or "The passage
+    does not say." equals eval answers but carries no eval example)."""
 
     def __init__(self, path: str | Path):
         from slmkit.data import read_jsonl
@@ -280,11 +283,11 @@ class EvalIndex:
                         self.grams |= ngrams(toks, NGRAM)
                         self.short |= {" ".join(toks)}
 
-    def overlap(self, text: str) -> float:
+    def overlap(self, text: str, short: bool = True) -> float:
         toks = words(text)
         if len(toks) < NGRAM:
             joined = " ".join(toks)
-            return 1.0 if joined and joined in self.short else 0.0
+            return 1.0 if short and joined and joined in self.short else 0.0
         grams = ngrams(toks, NGRAM)
         return sum(g in self.grams for g in grams) / len(grams)
 
@@ -640,7 +643,7 @@ def keep_best(group: Candidates, task: Task, cfg: GenerateConfig, eval_index: Ev
         return Drop("no_valid_candidate", {"candidates": dict(group.rejected)})
     if best.score is not None and best.score < cfg.threshold:
         return Drop("below_threshold", {"score": round(best.score, 4)})
-    if eval_index and eval_index.overlap(best.text) >= cfg.decontam_threshold:
+    if eval_index and eval_index.overlap(best.text, short=False) >= cfg.decontam_threshold:
         return Drop("contaminated_output")
     if dedup.seen(group.item.id, input_text(task, group.item.row)):
         return Drop("duplicate")
