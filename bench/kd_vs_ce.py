@@ -60,6 +60,10 @@ summaries at ~3.7 s each (~22 min), 7 models x 100 greedy summaries at ~2.5 s ea
 epoch of the pool on the 135M teacher (~112k tokens: ~40 min, twice that under load):
 
     OMP_NUM_THREADS=1 python bench/kd_vs_ce.py --tune-teacher
+
+Measured: that with --teacher-tokens 50000 --prune-args "--layers 17 --ffn 800" took 99 min
+(teacher ~12, teacher labels 20, training 6-11 per arm, evals ~2-3 per model) on one core, the
+other busy; the table is in the README (slm distill).
 """
 
 from __future__ import annotations
