@@ -9,7 +9,9 @@ summary joined) are shuffled once and split in two halves: one half calibrates, 
 measures perplexity, so no evaluation text was seen by the importance pass. Rows, each at the
 shape `slm prune` plans for that method and target:
   teacher; width / depth / both by importance; the same shapes with random importance scores
-  (random heads, channels, hidden channels and layers); and depth by dropping the last layers.
+  (random heads, channels, hidden channels and layers); depth by dropping the last layers; and
+  width / both by importance with `--refit` (each MLP's output projection refitted by least
+  squares on the calibration rows, prune.refit_mlp()).
 One importance pass (on the teacher) serves every row. No training after pruning: this measures
 how much of the model each choice keeps, before distillation heals it.
 """
@@ -92,12 +94,15 @@ def main(argv=None) -> int:
         ("depth, Block Influence", "depth", scores), ("depth, random layers", "depth", rand),
         ("depth, drop last layers", "depth", last),
         ("both, importance", "both", scores), ("both, random", "both", rand),
+        ("width, importance, --refit", "width", scores), ("both, importance, --refit", "both", scores),
     ]:
         dst = plans[method]
         keep = P.select(s, src, dst)
         # every row gets the same RMSNorm correction, from the measured energies
         rescale = P.norm_rescale(scores, keep, src) if dst.hidden < src.hidden else None
         pruned = P.apply_plan(model, keep, dst, rescale)
+        if name.endswith("--refit"):
+            P.refit_mlp(model, pruned, keep, calib)
         n = models.count_parameters(pruned)
         assert n == count(dst), (n, count(dst))
         rows.append((name, dst, n, perplexity(pruned, held)))

@@ -409,3 +409,59 @@ def test_held_out_lines_never_calibrate(tmp_path):
     held = [r["input"] for r in rows if r["split"] == "eval"]
     assert len(preset) == len(rows) - len(held) and held
     assert not any(h in t for t in preset for h in held)
+
+
+# --------------------------------------------------------------------------- MLP refit
+
+def test_refit_reproduces_the_mlp_output_better_than_slicing(tiny_model):
+    """Every layer and hidden channel kept, MLP 64 -> 24: layer 0's MLP then sees exactly the
+    teacher's input, so its output error can be measured directly. Refitting must lower it on the
+    calibration tokens, the record must report that same error, and without refit_ids cut() must
+    leave the sliced weights alone (Phi's fc2 refits its bias too)."""
+    model, tok = models.load_model(tiny_model)
+    from conftest import CORPUS
+
+    ids = P.calibration_batch(tok, CORPUS, 4, 16)
+    src = P.source_shape(model.config.to_dict())
+    dst = replace(src, ffn=24)
+    scores = P.measure_importance(model, ids)
+    sliced, keep, _, none = P.cut(model, scores, src, dst)
+    refitted, keep2, _, record = P.cut(model, scores, src, dst, refit_ids=ids)
+    assert none is None and keep2 == keep
+
+    def mlp0(m):  # layer 0's MLP output on the calibration tokens (tokens, D)
+        got = []
+        h = P._modules(m)[1][0][1].register_forward_hook(lambda mod, a, out: got.append(out))
+        with torch.no_grad():
+            m.model(input_ids=ids, use_cache=False)
+        h.remove()
+        return got[0].reshape(-1, got[0].shape[-1]).double()
+
+    want = mlp0(model)
+
+    def err(m):
+        return float((mlp0(m) - want).pow(2).sum() / want.pow(2).sum())
+
+    assert record["tokens"] == ids.numel() and len(record["error_after"]) == src.layers
+    assert all(a < b for a, b in zip(record["error_after"], record["error_before"]))
+    assert err(sliced) == pytest.approx(record["error_before"][0], rel=1e-3, abs=1e-6)
+    assert err(refitted) == pytest.approx(record["error_after"][0], rel=1e-3, abs=1e-6)
+    assert err(refitted) < err(sliced)
+    ref = masked_reference(model, keep)  # the sliced model is still exactly the masked one
+    assert (logits(sliced) - logits(ref)).abs().max() < 1e-5
+
+
+def test_refit_is_off_by_default_and_recorded(tiny_llama, calib_file, tmp_path, cli):
+    code, _, err = cli("prune", tiny_llama, "--ffn", "32", "--calib", calib_file, "--out",
+                       tmp_path / "a", "--num-samples", "4", "--seq-len", "16", "--refit")
+    assert code == 0, err
+    code, _, err = cli("prune", tiny_llama, "--ffn", "32", "--calib", calib_file, "--out",
+                       tmp_path / "b", "--num-samples", "4", "--seq-len", "16")
+    assert code == 0, err
+    a = json.loads((tmp_path / "a" / "prune_plan.json").read_text())["mlp_refit"]
+    b = json.loads((tmp_path / "b" / "prune_plan.json").read_text())["mlp_refit"]
+    assert b is None and a["ridge"] == P.REFIT_RIDGE and a["tokens"] == 4 * 16
+    down = "model.layers.0.mlp.down_proj.weight"
+    wa = models.load_model(tmp_path / "a")[0].state_dict()[down]
+    wb = models.load_model(tmp_path / "b")[0].state_dict()[down]
+    assert wa.shape == wb.shape and not torch.allclose(wa, wb)
