@@ -514,8 +514,8 @@ def test_pack_places_examples_and_masks_each_first_token():
     assert att.tolist()[1] == [0, 0, 0, 1, 1, 1]
 
 
-@pytest.mark.parametrize("prompt_kd", [0.0, 1.0])
-def test_packed_batch_gives_the_unpacked_loss(setup, tmp_path, prompt_kd):
+@pytest.mark.parametrize("prompt_kd,edit_weight", [(0.0, 1.0), (1.0, 1.0), (0.0, 3.0)])
+def test_packed_batch_gives_the_unpacked_loss(setup, tmp_path, prompt_kd, edit_weight):
     # lr 0, one step over all 10 training lines (pairs and plain text): packed into one row or
     # each a row of its own, the KD, CE (and prompt KD) means are the same
     root, teacher, student, data = setup
@@ -527,7 +527,8 @@ def test_packed_batch_gives_the_unpacked_loss(setup, tmp_path, prompt_kd):
         out = distill(DistillConfig(student=str(student), teacher=str(teacher), data=str(mixed),
                                     out=str(tmp_path / f"p{packed}"), lr=0.0, max_steps=1,
                                     batch_size=batch, alpha_ce=0.5, prompt_kd=prompt_kd,
-                                    pack=packed, eval_every=100, device="cpu"))
+                                    edit_weight=edit_weight, pack=packed, eval_every=100,
+                                    device="cpu"))
         rows[packed] = next(r for r in _metrics(out) if r["step"] == 1)
     assert rows[True]["tokens"] == rows[False]["tokens"]
     for k in ("kd", "ce") + (("prompt_kd",) if prompt_kd else ()):
@@ -670,3 +671,51 @@ def test_top_k_default_fits_what_a_served_teacher_returns(tmp_path):
     assert DistillConfig(teacher="openai:t@http://127.0.0.1:1", **base).top_k == 20
     assert DistillConfig(teacher="t", **base).top_k == 32
     assert DistillConfig(teacher="openai:t@http://127.0.0.1:1", top_k=8, **base).top_k == 8
+
+
+# --------------------------------------------------------------------------- --edit-weight
+
+def test_edit_weights_weigh_what_the_answer_does_not_copy():
+    from slmkit.distill import edit_weights
+
+    # prompt 5 6 7 8, answer 5 9 7 8 EOS(2): 9 and the EOS are edits, 5 7 8 copies
+    ids, mask = [5, 6, 7, 8, 5, 9, 7, 8, 2], [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    w = edit_weights(ids, mask, 4.0)
+    scale = 5 / (3 * 1 + 2 * 4)  # the five answer tokens average 1
+    assert w == pytest.approx([0, 0, 0, 0, scale, 4 * scale, scale, scale, 4 * scale])
+    assert edit_weights(ids, mask, 1.0) == pytest.approx([float(m) for m in mask])
+    assert edit_weights([5, 6], [0, 0], 3.0) == [0.0, 0.0]  # nothing counted: no division by 0
+
+
+def test_edit_weight_is_the_weighted_mean_of_the_token_losses(setup):
+    """lr 0, CE only, one step: the logged CE is the mean of the untouched student's per-token CE
+    weighted by edit_weights() over that step's batch, and differs from the plain mean."""
+    import torch.nn.functional as F
+
+    from slmkit.distill import edit_weights, epoch_batches
+
+    root, _, student, data = setup
+    logged = {}
+    for w in (1.0, 4.0):
+        out = distill(_cfg(setup, f"ew{w}", teacher=None, alpha_ce=1.0, lr=0.0, max_steps=1,
+                           edit_weight=w))
+        logged[w] = next(r for r in _metrics(out) if r["step"] == 1)["ce"]
+    train, _ = split_rows(str(data), None, 0.05, 200)
+    model, tok = models.load_model(str(student))
+    encoded = encode_all(train, tok, 1024)
+    batch = epoch_batches([len(e.ids) for e in encoded], 4, 0, 0)[0]
+    total = n = 0.0
+    for e in (encoded[i] for i in batch):
+        with torch.no_grad():
+            logits = model(torch.tensor([e.ids])).logits[0, :-1].float()
+        ce = F.cross_entropy(logits, torch.tensor(e.ids[1:]), reduction="none")
+        w = torch.tensor(edit_weights(e.ids, e.mask, 4.0)[1:])
+        total += float((ce * w).sum())
+        n += e.targets
+    assert logged[4.0] == pytest.approx(total / n, rel=path_tol(1e-4))
+    assert abs(logged[4.0] - logged[1.0]) > 1e-3 * logged[1.0]
+
+
+def test_edit_weight_must_be_positive(setup):
+    with pytest.raises(UsageError, match="edit.weight"):
+        _cfg(setup, "x", edit_weight=0)

@@ -164,3 +164,23 @@ def test_distill_accepts_exactly_the_divergences_losses_computes():
         assert losses.divergence(logp, logp, kind).abs().max() < 1e-6
     with pytest.raises(ValueError, match="forward_kl, reverse_kl, jsd"):
         losses.divergence(logp, logp, "kl")
+
+
+def test_loss_sums_weights_each_position():
+    """weights scale each masked position's KD and CE; all ones is the plain sum."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 1, 1]])
+    w = torch.rand(2, 5, generator=g) * mask
+    kd, ce, n = losses.loss_sums(s, labels, mask, teacher_logits=t, chunk=2, weights=w)
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    per_kd = losses.dense_kd(s[rows, cols], t[rows, cols])
+    per_ce = losses.token_ce(s[rows, cols], labels[rows, cols])
+    assert n == 7
+    assert float(kd) == pytest.approx(float((per_kd * w[rows, cols]).sum()), rel=1e-5)
+    assert float(ce) == pytest.approx(float((per_ce * w[rows, cols]).sum()), rel=1e-5)
+    ones = losses.loss_sums(s, labels, mask, teacher_logits=t, weights=torch.ones(2, 5))
+    plain = losses.loss_sums(s, labels, mask, teacher_logits=t)
+    assert float(ones[0]) == pytest.approx(float(plain[0]), rel=1e-6)
+    assert float(ones[1]) == pytest.approx(float(plain[1]), rel=1e-6)

@@ -83,6 +83,9 @@ class DistillConfig:
     alpha_ce: float = option(0.0, "weight of cross-entropy on the data: loss = (1-a) KD + a CE")
     prompt_kd: float = option(0.0, "also match the teacher on the prompt tokens, with this weight "
                               "(more signal per example; ~45%% slower steps; online teacher only)")
+    edit_weight: float = option(1.0, "answer tokens that do not copy the prompt (a correction's "
+                                "edits) weigh this many times the copied ones in KD and CE; each "
+                                "example's weights still average 1 (1 = off)")
     max_steps: int | None = option(None, "optimizer steps (default: one epoch)")
     max_tokens: int | None = option(None, "token budget: prompt + answer tokens read by the student")
     batch_size: int = option(8, "examples per micro-batch per process")
@@ -147,6 +150,7 @@ class DistillConfig:
                   ("on_policy", 0 <= self.on_policy <= 1, "between 0 and 1"),
                   ("temperature", self.temperature > 0, "positive"),
                   ("prompt_kd", self.prompt_kd >= 0, "0 or more"),
+                  ("edit_weight", self.edit_weight > 0, "positive"),
                   ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
                   ("eval_fraction", 0 < self.eval_fraction < 1, "in (0, 1)")]
         checks += [(n, getattr(self, n) >= 1, "at least 1") for n in
@@ -196,6 +200,8 @@ class Encoded:
     where: str
     parts: list[Encoded] | None = None
     """A packed row (--pack): the examples it holds, in order; None for a single example."""
+    weights: list[float] | None = None
+    """Per-token loss weights (--edit-weight, see edit_weights()); None: every counted token 1."""
 
     @property
     def segments(self) -> list[Encoded]:
@@ -222,13 +228,38 @@ def split_rows(path, task, eval_fraction: float, eval_max: int):
     return train, held[:eval_max]
 
 
-def encode_all(examples, tokenizer, max_length: int) -> list[Encoded]:
+def edit_weights(ids: list[int], mask: list[int], weight: float) -> list[float]:
+    """Per-token loss weights for --edit-weight, aligned with `ids`: prompt tokens (mask 0) 0; an
+    answer token 1 where it copies the prompt and `weight` where it does not, then all scaled so
+    the counted answer tokens (every one but an example's first token) average 1, so the loss
+    scale and the learning rate mean what they did without. Copied tokens are those in difflib's
+    matching blocks between the prompt's and the answer's token ids (in order, no junk
+    heuristic). A grammar correction copies most of its input; its few edited tokens are where
+    a student goes wrong, and a plain mean lets the copied ones drown them."""
+    from difflib import SequenceMatcher
+
+    prompt = [t for t, m in zip(ids, mask) if not m]
+    where = [i for i, m in enumerate(mask) if m]
+    copied = [False] * len(where)
+    matcher = SequenceMatcher(None, prompt, [ids[i] for i in where], autojunk=False)
+    for block in matcher.get_matching_blocks():
+        copied[block.b:block.b + block.size] = [True] * block.size
+    out = [0.0] * len(ids)
+    for i, c in zip(where, copied):
+        out[i] = 1.0 if c else weight
+    counted = [out[i] for i in where if i > 0]
+    scale = len(counted) / sum(counted) if counted and sum(counted) > 0 else 1.0
+    return [w * scale for w in out]
+
+
+def encode_all(examples, tokenizer, max_length: int, edit_weight: float = 1.0) -> list[Encoded]:
     from slmkit.data import encode
 
     out = []
     for line, ex in examples:
         ids, mask = encode(ex, tokenizer, max_length=max_length)
-        out.append(Encoded(ids, mask, f"L{line}", ex.where))
+        weights = edit_weights(ids, mask, edit_weight) if edit_weight != 1 else None
+        out.append(Encoded(ids, mask, f"L{line}", ex.where, weights=weights))
         if out[-1].targets == 0:
             raise UsageError(f"{ex.where}: no answer tokens left after masking (empty answer, or "
                              f"the example is cut to --max-length {max_length}); fix or remove the line")
@@ -264,9 +295,26 @@ def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
         else:
             rows[i].append(e)
             room[i] -= len(e.ids)
+    weighted = any(e.weights for e in examples)
     return [Encoded([t for e in parts for t in e.ids],
                     [m if j else 0 for e in parts for j, m in enumerate(e.mask)],
-                    parts[0].key, parts[0].where, parts=parts) for parts in rows]
+                    parts[0].key, parts[0].where, parts=parts,
+                    weights=[w for e in parts for w in (e.weights or e.mask)] if weighted else None)
+            for parts in rows]
+
+
+def collate_weights(items: list[Encoded]):
+    """The per-token weights of a left-padded batch, (B, W) float aligned with collate()'s ids;
+    None when no item has weights (an item without: its mask)."""
+    import torch
+
+    if not any(e.weights for e in items):
+        return None
+    width = max(len(e.ids) for e in items)
+    out = torch.zeros((len(items), width))
+    for i, e in enumerate(items):
+        out[i, width - len(e.ids):] = torch.tensor(e.weights or e.mask, dtype=torch.float)
+    return out
 
 
 def collate(items: list[Encoded], pad_id: int):
@@ -401,7 +449,7 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
-                    "teacher_dtype", "pack", "fsdp")
+                    "edit_weight", "teacher_dtype", "pack", "fsdp")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -662,7 +710,7 @@ def setup(cfg: DistillConfig) -> Run | None:
     cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
 
     # data
-    train = encode_all(train_ex, tokenizer, cfg.max_length)
+    train = encode_all(train_ex, tokenizer, cfg.max_length, cfg.edit_weight)
     if cfg.pack:
         train = pack(train, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
@@ -857,8 +905,11 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
     answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
     kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
               head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
+    weights = collate_weights(items)  # held-out items have none: eval CE stays a plain mean
+    if weights is not None:  # column c predicts token c + 1, as `predicted` aligns the mask
+        weights = weights[:, 1:][:, -labels.shape[1]:].to(device)
     kd, ce, n = losses.loss_sums(hidden, labels, answer, teacher_logits=t_hidden,
-                                 teacher_topk=topk, **kw)
+                                 teacher_topk=topk, weights=weights, **kw)
     prompt_kd = kd.new_zeros(())
     if prompt:
         prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,

@@ -110,20 +110,25 @@ def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def _chunk_sums(s, labels, teacher, topk_lp, topk_ids, kind, beta, temperature, need_kd,
-                head=None, teacher_head=None):
+                head=None, teacher_head=None, w=None):
     """Sum of KD and CE over one chunk of positions; s (n, V) logits, or (n, H) hidden states
-    that `head` maps to logits (likewise `teacher` and `teacher_head`). Returns a (2,) tensor."""
+    that `head` maps to logits (likewise `teacher` and `teacher_head`); w (n,) weights each
+    position's terms (None: 1). Returns a (2,) tensor."""
     if head is not None:
         s = head(s)
     if teacher is not None and teacher_head is not None:
         teacher = teacher_head(teacher)
-    ce = token_ce(s, labels).sum()
+
+    def total(x):  # (n,) per position -> weighted sum
+        return x.sum() if w is None else (x * w).sum()
+
+    ce = total(token_ce(s, labels))
     if not need_kd:
         return torch.stack([torch.zeros_like(ce), ce])
     if teacher is not None:
-        kd = dense_kd(s, teacher, kind, beta, temperature).sum()
+        kd = total(dense_kd(s, teacher, kind, beta, temperature))
     else:
-        kd = sparse_kd(s, topk_lp, topk_ids, kind, beta).sum()
+        kd = total(sparse_kd(s, topk_lp, topk_ids, kind, beta))
     return torch.stack([kd, ce])
 
 
@@ -131,7 +136,8 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
               teacher_logits: torch.Tensor | None = None,
               teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
               kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-              chunk: int = 512, head=None, teacher_head=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+              chunk: int = 512, head=None, teacher_head=None,
+              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Summed KD and CE over the masked positions, visited `chunk` positions at a time.
 
     student_logits: (B, T, V), already aligned so position t predicts labels[:, t]; or, with
@@ -141,6 +147,7 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     teacher_logits: (B, T, V) aligned like the student's, or
     teacher_topk: (logprobs (M, k), ids (M, k)) for the M = mask.sum() masked positions in
                   row-major order (the order `mask.nonzero()` gives)
+    weights: (B, T) float, each masked position's weight in both sums (None: every one 1)
     Returns (kd_sum, ce_sum, n_tokens); divide by the token count for means. Without a teacher
     kd_sum is 0.
     """
@@ -155,7 +162,8 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
                 teacher_logits[r, c] if teacher_logits is not None else None,
                 teacher_topk[0][i:i + chunk] if teacher_topk is not None else None,
                 teacher_topk[1][i:i + chunk] if teacher_topk is not None else None,
-                kind, beta, temperature, need_kd, head, teacher_head)
+                kind, beta, temperature, need_kd, head, teacher_head,
+                weights[r, c].float() if weights is not None else None)
         if student_logits.requires_grad:
             total = total + checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:
