@@ -719,3 +719,23 @@ def test_edit_weight_is_the_weighted_mean_of_the_token_losses(setup):
 def test_edit_weight_must_be_positive(setup):
     with pytest.raises(UsageError, match="edit.weight"):
         _cfg(setup, "x", edit_weight=0)
+
+
+def test_malloc_returns_big_blocks_only_for_big_micro_batches(monkeypatch):
+    """M_MMAP_THRESHOLD (1 MiB) bounds fragmentation at batch 8 x 1024 but makes every big block
+    a fresh mapping; small micro-batches (the demo's 1 x 320) keep glibc's default."""
+    import ctypes
+
+    from slmkit import distill as D
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, what, value):
+            calls.append((what, value))
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    D.return_freed_memory(1 * 320)
+    assert calls == []
+    D.return_freed_memory(8 * 1024)
+    assert calls == [(-3, 1 << 20)]
