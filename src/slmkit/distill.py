@@ -303,18 +303,25 @@ def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
             for parts in rows]
 
 
+def left_pad(rows: list[list], fill=0, dtype=None):
+    """(B, W) tensor of `rows`, each right-aligned (left-padded with `fill`), W the longest."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=dtype or torch.long)
+    for i, r in enumerate(rows):
+        out[i, width - len(r):] = torch.tensor(r, dtype=out.dtype)
+    return out
+
+
 def collate_weights(items: list[Encoded]):
-    """The per-token weights of a left-padded batch, (B, W) float aligned with collate()'s ids;
-    None when no item has weights (an item without: its mask)."""
+    """The per-token weights of a batch, (B, W) float aligned with collate()'s ids; None when no
+    item has weights (an item without: its mask)."""
     import torch
 
     if not any(e.weights for e in items):
         return None
-    width = max(len(e.ids) for e in items)
-    out = torch.zeros((len(items), width))
-    for i, e in enumerate(items):
-        out[i, width - len(e.ids):] = torch.tensor(e.weights or e.mask, dtype=torch.float)
-    return out
+    return left_pad([e.weights or e.mask for e in items], dtype=torch.float)
 
 
 def collate(items: list[Encoded], pad_id: int):
@@ -324,20 +331,14 @@ def collate(items: list[Encoded], pad_id: int):
     over the padding, which makes it a segment of its own (see `logits_window`)."""
     import torch
 
-    width = max(len(e.ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(items), width), dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    pos = torch.zeros((len(items), width), dtype=torch.long)
-    packed = any(e.parts for e in items)
-    for i, e in enumerate(items):
-        n = len(e.ids)
-        ids[i, width - n:] = torch.tensor(e.ids)
-        att[i, width - n:] = 1
-        mask[i, width - n:] = torch.tensor(e.mask)
-        pos[i, width - n:] = torch.tensor([j for part in e.segments for j in range(len(part.ids))])
-        if packed:
-            pos[i, :width - n] = torch.arange(width - n)
+    ids = left_pad([e.ids for e in items], pad_id)
+    att = left_pad([[1] * len(e.ids) for e in items])
+    mask = left_pad([e.mask for e in items])
+    pos = left_pad([[j for part in e.segments for j in range(len(part.ids))] for e in items])
+    if any(e.parts for e in items):
+        for i, e in enumerate(items):
+            pad = ids.shape[1] - len(e.ids)
+            pos[i, :pad] = torch.arange(pad)
     return ids, att, mask, pos
 
 
