@@ -32,9 +32,9 @@ calibration scale (see norm_rescale()). With --refit, each kept layer's MLP outp
 (down_proj / fc2) is refitted by ridge least squares so that the kept channels reproduce the whole
 MLP's output on the calibration tokens (see refit_mlp()). It is off by default: on SmolLM2 (the
 grammar student, 30 layers, MLP 1536 -> 480) it lowered the held-out CE at the start of
-distillation from 2.34 to 1.60 nats, yet after the grammar recipe's distillation the refitted
-student scored GLEU 47.7 against 66.2 for the sliced one (README): a better start that trains to
-a worse end. It serves a model used without retraining.
+distillation from 2.71 to 1.60 nats, yet after the grammar recipe's distillation the refitted
+student scored GLEU 47.7 against 51.4 for the sliced one (README): a better start that trains to
+no better end. It serves a model used without retraining.
 head_dim never changes: config.head_dim is written explicitly, so hidden need not equal
 heads * head_dim (as in Llama-3.1-Minitron-4B-Width: hidden 3072, 32 heads of 128); hidden must
 still be a multiple of the head count, which transformers' LlamaConfig checks.
@@ -140,7 +140,7 @@ class PruneConfig:
     seed: int = option(0, "shuffles the calibration texts")
     refit: bool = option(False, "refit each pruned MLP's output projection to the teacher's MLP "
                          "output on the calibration tokens (ridge least squares): a better model "
-                         "before training, but it distilled to a worse one on grammar (README)")
+                         "before training, not a better one after distilling grammar (README)")
     device: str | None = option(None, "cpu, cuda, cuda:1 (default: CUDA when present)", wired=True)
     dry_run: bool = option(False, "print the plan; load no weights, write nothing")
     trust_remote_code: bool = option(False, "allow a model folder that ships its own code (off by "
