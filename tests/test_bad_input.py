@@ -122,6 +122,22 @@ def test_counts_below_one_exit_2_before_loading(cli, tiny_llama, tmp_path, monke
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["distill", "--student", "M", "--data", "d.jsonl", "--out", "o", "--alpha-ce", "1",
+      "--clip", "0"], "--clip 0.0: must be positive"),
+    (["distill", "--student", "M", "--data", "d.jsonl", "--out", "o", "--alpha-ce", "1.5"],
+     "--alpha-ce 1.5: must be between 0 and 1"),
+    (["generate", "--teacher", "M", "--task", "qa", "--out", "o.jsonl", "-n", "0"], "-n 0: must be at least 1"),
+    (["generate", "--teacher", "M", "--task", "qa", "--out", "o.jsonl", "--threshold", "2"],
+     "--threshold 2.0: must be between 0 and 1"),
+    (["prune", "M", "--target", "0.5", "--dry-run", "--seq-len", "1"], "--seq-len 1: must be at least 2"),
+])
+def test_option_ranges_name_the_flag_and_value(cli, tiny_llama, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(*[str(tiny_llama) if a == "M" else a for a in args])
+    one_line_error(code, err, message)
+
+
 def test_misleading_messages(cli, tmp_path, tiny_llama):
     code, _, err = cli("eval", tiny_llama, "--ppl", tmp_path / "missing.txt")
     one_line_error(code, err, "missing.txt` does not exist")
@@ -149,6 +165,12 @@ def test_misleading_messages(cli, tmp_path, tiny_llama):
     ("generate: {topics: 3}", 5, "stages.generate.topics: expected text"),
     ("export: {quant: q2_k}", 5, "stages.export.quant: 'q2_k' is not one of f32, f16, q8_0"),
     ("prune: {target: 0.5, method: deep}", 5, "stages.prune.method: 'deep' is not one of"),
+    # values only the stage's config refuses (its options' `check`), still at the key's line
+    ("tune_teacher: {}\n  distill:\n    lr: 1.0e-4\n    edit_weight: 0", 8,
+     "stages.distill.edit_weight: 0 must be positive"),
+    ("prune: {target: 0.5, seq_len: 1}", 5, "stages.prune.seq_len: 1 must be at least 2"),
+    ("label: {dedup_threshold: 0}", 5, "stages.label.dedup_threshold: 0 must be in (0, 1]"),
+    ("eval: {max_new_tokens: 0}", 5, "stages.eval.max_new_tokens: 0 must be at least 1"),
 ])
 def test_recipe_option_types_name_the_line_before_any_stage(cli, tmp_path, stages, line, message):
     path = tmp_path / "recipe.yaml"

@@ -49,8 +49,23 @@ def _top_help() -> str:
 
 # --------------------------------------------------------------------------- config dataclasses
 
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The values one option allows, whatever sets it (flag, recipe key, Python): `ok(value)`, and
+    the words for them in an error ("at least 1"). None, an optional option's "not given", passes."""
+
+    ok: typing.Callable[[typing.Any], bool]
+    what: str
+
+
+AT_LEAST_1 = Check(lambda v: v >= 1, "at least 1")
+POSITIVE = Check(lambda v: v > 0, "positive")
+NOT_NEGATIVE = Check(lambda v: v >= 0, "0 or more")
+FRACTION = Check(lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
 def option(default=dataclasses.MISSING, help: str = "", type=None, wired: bool = False,
-           flags: tuple[str, ...] | None = None, **argparse_kw):
+           flags: tuple[str, ...] | None = None, check: Check | None = None, **argparse_kw):
     """A field of a verb's config dataclass: its default, its `--help` text (the one place that
     text lives) and how the command line reads it. A field without a default is a required flag.
 
@@ -58,11 +73,31 @@ def option(default=dataclasses.MISSING, help: str = "", type=None, wired: bool =
         A bool field is a switch: `--X`, or `--no-X` when its default is True.
     wired: `slm build` sets it itself (model paths, data, task, device), so a recipe may not.
     flags: the command-line names instead of `--field-name`; a bare name makes it positional.
+    check: the values it allows; `check_options` (the config's __post_init__) and the recipe
+        loader (at the key's line, before any stage runs) both apply it.
     argparse_kw: the rest for add_argument (nargs, choices, metavar, action, const); `choices`
         also limit the recipe key.
     """
     return dataclasses.field(default=default, metadata={"help": help, "type": type, "wired": wired,
-                                                        "flags": flags, "argparse": argparse_kw})
+                                                        "flags": flags, "check": check,
+                                                        "argparse": argparse_kw})
+
+
+def check_value(field: dataclasses.Field, value) -> str | None:
+    """Why `value` is not allowed for the option `field` ("must be at least 1"), else None."""
+    check = field.metadata.get("check")
+    if check is None or value is None or check.ok(value):
+        return None
+    return f"must be {check.what}"
+
+
+def check_options(config) -> None:
+    """A UsageError naming the flag and its value for the first option whose `check` refuses it."""
+    for f in dataclasses.fields(config):
+        why = check_value(f, getattr(config, f.name))
+        if why:
+            flag = (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[0]
+            raise UsageError(f"{flag} {getattr(config, f.name)}: {why}")
 
 
 def _scalar(hint):

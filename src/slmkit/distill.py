@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.backends import MAX_LOGPROBS
-from slmkit.cli import add_config_arguments, config_from_args, option
+from slmkit.cli import (AT_LEAST_1, FRACTION, NOT_NEGATIVE, POSITIVE, Check, add_config_arguments,
+                        check_options, config_from_args, option)
 from slmkit.data import EVAL_FRACTION, EVAL_MAX
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
@@ -78,27 +79,35 @@ class DistillConfig:
                               wired=True)
     out: str = option(None, "output folder for the student", wired=True)
     loss: str = option("forward_kl", "KD divergence", choices=LOSSES)
-    beta: float = option(0.5, "JSD beta: 0 = forward KL, 1 = reverse KL (GKD)")
-    temperature: float = option(1.0, "softmax temperature of both models (loss scaled by tau^2)")
-    alpha_ce: float = option(0.0, "weight of cross-entropy on the data: loss = (1-a) KD + a CE")
+    beta: float = option(0.5, "JSD beta: 0 = forward KL, 1 = reverse KL (GKD)", check=FRACTION)
+    temperature: float = option(1.0, "softmax temperature of both models (loss scaled by tau^2)",
+                                check=POSITIVE)
+    alpha_ce: float = option(0.0, "weight of cross-entropy on the data: loss = (1-a) KD + a CE",
+                             check=FRACTION)
     prompt_kd: float = option(0.0, "also match the teacher on the prompt tokens, with this weight "
-                              "(more signal per example; ~45%% slower steps; online teacher only)")
+                              "(more signal per example; ~45%% slower steps; online teacher only)",
+                              check=NOT_NEGATIVE)
     edit_weight: float = option(1.0, "answer tokens that do not copy the prompt (a correction's "
                                 "edits) weigh this many times the copied ones in KD and CE; each "
-                                "example's weights still average 1 (1 = off)")
-    max_steps: int | None = option(None, "optimizer steps (default: one epoch)")
-    max_tokens: int | None = option(None, "token budget: prompt + answer tokens read by the student")
-    batch_size: int = option(8, "examples per micro-batch per process")
-    grad_accum: int = option(1, "micro-batches per optimizer step (simulates a bigger batch)")
-    lr: float = option(1e-4, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_ratio: float = option(0.05, "fraction of steps with linear warmup; cosine decay to 0 after")
-    clip: float = option(1.0, "gradient norm clipping")
-    max_length: int = option(1024, "max tokens per example (prompts cut from the left)")
-    eval_every: int = option(50, "evaluate on the held-out split every N steps")
-    eval_fraction: float = option(EVAL_FRACTION, "held-out fraction when no line says \"split\": \"eval\"")
-    eval_max: int = option(EVAL_MAX, "at most this many held-out examples")
-    save_every: int = option(100, "checkpoint every N steps")
+                                "example's weights still average 1 (1 = off)", check=POSITIVE)
+    max_steps: int | None = option(None, "optimizer steps (default: one epoch)", check=AT_LEAST_1)
+    max_tokens: int | None = option(None, "token budget: prompt + answer tokens read by the student",
+                                    check=AT_LEAST_1)
+    batch_size: int = option(8, "examples per micro-batch per process", check=AT_LEAST_1)
+    grad_accum: int = option(1, "micro-batches per optimizer step (simulates a bigger batch)",
+                             check=AT_LEAST_1)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", check=NOT_NEGATIVE)
+    weight_decay: float = option(0.0, "AdamW weight decay", check=NOT_NEGATIVE)
+    warmup_ratio: float = option(0.05, "fraction of steps with linear warmup; cosine decay to 0 after",
+                                 check=Check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    clip: float = option(1.0, "gradient norm clipping", check=POSITIVE)
+    max_length: int = option(1024, "max tokens per example (prompts cut from the left)",
+                             check=AT_LEAST_1)
+    eval_every: int = option(50, "evaluate on the held-out split every N steps", check=AT_LEAST_1)
+    eval_fraction: float = option(EVAL_FRACTION, "held-out fraction when no line says \"split\": \"eval\"",
+                                  check=Check(lambda v: 0 < v < 1, "in (0, 1)"))
+    eval_max: int = option(EVAL_MAX, "at most this many held-out examples", check=AT_LEAST_1)
+    save_every: int = option(100, "checkpoint every N steps", check=AT_LEAST_1)
     seed: int = option(0, "random seed (data order, sampling)")
     dtype: str = option("float32", "weights dtype", choices=DTYPES)
     bf16: bool = option(True, "bf16 autocast where the GPU/CPU supports it (--no-bf16 to disable)")
@@ -107,15 +116,17 @@ class DistillConfig:
                                        wired=True)
     top_k: int | None = option(None, "k of the teacher's top-k log-probs: what --cache-teacher stores "
                                "and what a served teacher is asked for (default 32; 20 for a served "
-                               "teacher, the most vLLM and slm serve return by default)")
-    on_policy: float = option(0.0, "GKD lambda: fraction of batches whose answers the student samples")
-    max_new_tokens: int = option(128, "longest on-policy sample")
+                               "teacher, the most vLLM and slm serve return by default)",
+                               check=AT_LEAST_1)
+    on_policy: float = option(0.0, "GKD lambda: fraction of batches whose answers the student samples",
+                              check=FRACTION)
+    max_new_tokens: int = option(128, "longest on-policy sample", check=AT_LEAST_1)
     fsdp: bool = option(False, "shard the student's parameters, gradients and optimizer state over the "
                         "processes (FSDP2); start with `accelerate launch` or torchrun")
     pack: bool = option(False, "sequence packing: several training examples per row of up to "
                         "--max-length tokens, each attending only to itself (--batch-size counts rows)")
     chunk: int = option(512, "loss positions processed at once: memory grows with chunk x vocabulary, "
-                        "never batch x length x vocabulary")
+                        "never batch x length x vocabulary", check=AT_LEAST_1)
     activation_checkpointing: str = option("auto", "recompute the student's layer activations in "
                                            "backward instead of keeping them: on, off or auto (on when "
                                            "they would outweigh weights + AdamW state)")
@@ -127,7 +138,7 @@ class DistillConfig:
     restart: bool = option(False, "start over even if OUT.work holds a checkpoint of these settings",
                            wired=True)
     stop_after: int | None = option(None, "stop after this many steps leaving a checkpoint, as if "
-                                    "killed")
+                                    "killed", check=AT_LEAST_1)
     trust_remote_code: bool = option(False, "allow code from model folders", wired=True)
 
     def __post_init__(self):
@@ -145,22 +156,7 @@ class DistillConfig:
             torch_dtype(self.teacher_dtype)  # names the valid ones
         if self.loss not in LOSSES:
             raise UsageError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
-        checks = [("beta", 0 <= self.beta <= 1, "between 0 and 1"),
-                  ("alpha_ce", 0 <= self.alpha_ce <= 1, "between 0 and 1"),
-                  ("on_policy", 0 <= self.on_policy <= 1, "between 0 and 1"),
-                  ("temperature", self.temperature > 0, "positive"),
-                  ("prompt_kd", self.prompt_kd >= 0, "0 or more"),
-                  ("edit_weight", self.edit_weight > 0, "positive"),
-                  ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-                  ("eval_fraction", 0 < self.eval_fraction < 1, "in (0, 1)")]
-        checks += [(n, getattr(self, n) >= 1, "at least 1") for n in
-                   ("batch_size", "grad_accum", "eval_every", "save_every", "max_length", "chunk",
-                    "top_k", "max_new_tokens")]
-        checks += [(n, getattr(self, n) is None or getattr(self, n) >= 1, "at least 1")
-                   for n in ("max_steps", "max_tokens", "stop_after")]
-        for name, ok, what in checks:
-            if not ok:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {what}")
+        check_options(self)
         if self.teacher and self.teacher_cache:
             raise UsageError("give --teacher (online) or --teacher-cache (offline), not both")
         if self.alpha_ce < 1 and not (self.teacher or self.teacher_cache):

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slmkit.backends import model_name
-from slmkit.cli import add_config_arguments, config_from_args, option
+from slmkit.cli import (AT_LEAST_1, NOT_NEGATIVE, add_config_arguments, check_options,
+                        config_from_args, option)
 from slmkit.errors import UsageError
 from slmkit.models import context_length, gguf_path
 
@@ -53,13 +54,13 @@ class EvalConfig:
                               wired=True)
     split: str | None = option("eval", "use lines whose `split` is this (default eval; lines "
                                "without `split` always count); `all` for every line", wired=True)
-    limit: int | None = option(None, "score only the first N examples")
+    limit: int | None = option(None, "score only the first N examples", check=AT_LEAST_1)
     bench: list[str] | None = option(None, "benchmark JSONL files, K-shot", nargs="+",
                                      metavar="FILE[:K]")
-    shots: int = option(0, "shots for --bench files without `:K` (default 0)")
+    shots: int = option(0, "shots for --bench files without `:K` (default 0)", check=NOT_NEGATIVE)
     seed: int = option(1234, "seed for choosing few-shot examples")
     ppl: str | None = option(None, "text (.txt or JSONL) to measure perplexity on", metavar="FILE")
-    stride: int = option(512, "perplexity sliding-window stride in tokens")
+    stride: int = option(512, "perplexity sliding-window stride in tokens", check=AT_LEAST_1)
     safety: str | None = option(None, "ToxiGen-style JSON list for the safety score", metavar="FILE")
     speed: bool = option(False, "measure latency, tokens/s, memory, energy")
     engine: str = option("torch", "engine for .gguf models' generation (--task, generation "
@@ -67,8 +68,9 @@ class EvalConfig:
                          "torch", choices=ENGINES)
     harness: str | None = option(None, "also run lm-evaluation-harness tasks (comma-separated)",
                                  metavar="TASKS")
-    max_new_tokens: int = option(64, "generation length limit for --task")
-    cot_tokens: int = option(256, "generation length limit for chain-of-thought benchmark answers")
+    max_new_tokens: int = option(64, "generation length limit for --task", check=AT_LEAST_1)
+    cot_tokens: int = option(256, "generation length limit for chain-of-thought benchmark answers",
+                             check=AT_LEAST_1)
     batch_size: int | str = option("auto", "sequences per forward pass, or `auto` (default): as "
                                    "many tokens as free memory allows (CPU and CUDA)")
     device: str | None = option(None, "cpu, cuda, cuda:1 (default: cuda when present)", wired=True)
@@ -84,11 +86,7 @@ class EvalConfig:
         self.names = _names(self.models, self.names)
         self.split = None if self.split == "all" else self.split
         self.batch_size = parse_batch_size(self.batch_size)
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"--limit {self.limit}: give a positive number of examples")
-        for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--cot-tokens", self.cot_tokens)):
-            if value < 1:
-                raise UsageError(f"{flag} {value}: must be at least 1")
+        check_options(self)
         if not (self.task or self.data or self.bench or self.ppl or self.safety or self.speed
                 or self.harness):
             raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, "

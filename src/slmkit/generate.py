@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmkit.backends import Completion, check_sampling
-from slmkit.cli import add_config_arguments, config_from_args, flag_error, option
+from slmkit.cli import (AT_LEAST_1, FRACTION, NOT_NEGATIVE, Check, add_config_arguments,
+                        check_options, config_from_args, flag_error, option)
 from slmkit.errors import UsageError, check_file, read_text
 from slmkit.tasks import Task, get_task, preset_data
 
@@ -92,33 +93,35 @@ class GenerateConfig:
     topics: str | None = option(None, "text file of seed topics, one a line: the teacher first "
                                 "writes inputs about each (self-instruct)")
     n: int = option(4, "candidates sampled per input (best-of-N); 1 = one greedy answer",
-                    flags=("-n",))
+                    flags=("-n",), check=AT_LEAST_1)
     temperature: float = option(0.8, "sampling temperature of the candidates")
     top_p: float = option(0.95, "nucleus sampling: the smallest set of tokens with this much "
                           "probability")
     max_new_tokens: int = option(128, "longest answer, in tokens")
-    batch_size: int = option(16, "inputs per backend call (padded batch / requests in flight)")
+    batch_size: int = option(16, "inputs per backend call (padded batch / requests in flight)",
+                             check=AT_LEAST_1)
     judge: bool = option(True, "the teacher judges the candidates (P(Yes) to a rubric question, or "
                          "a 1-5 rating); --no-judge turns it off")
     threshold: float = option(0.2, "drop an input whose best candidate scores below this (scores "
-                              "are in [0, 1])")
+                              "are in [0, 1])", check=FRACTION)
     dedup_threshold: float = option(0.8, "MinHash Jaccard at which two examples are near-duplicates "
-                                    "(1 = off)")
+                                    "(1 = off)", check=Check(lambda v: 0 < v <= 1, "in (0, 1]"))
     decontaminate: str | None = option(None, "eval JSONL to keep out of the data (its split=train "
                                        "lines are ignored)", metavar="EVAL_JSONL", wired=True)
     decontam_threshold: float = option(0.2, "share of word 8-grams found in the eval set that marks "
-                                       "a text contaminated")
+                                       "a text contaminated",
+                                       check=Check(lambda v: 0 < v <= 1, "in (0, 1]"))
     topk_logprobs: int = option(0, "capture the teacher's top-k log-probs per answer token in "
                                 "distill's offline format (0 = off, at most 20)")
     on_missing_logprobs: str = option("continue", "when the teacher returns no log-probs: continue "
                                       "without them, or stop", choices=MISSING_LOGPROBS)
-    inputs_per_topic: int = option(4, "inputs the teacher writes per topic")
+    inputs_per_topic: int = option(4, "inputs the teacher writes per topic", check=AT_LEAST_1)
     seed: int = option(0, "random seed (sampling)")
     limit: int | None = option(None, "use only the first LIMIT inputs (a rerun without it goes on "
-                               "from there)")
-    concurrency: int = option(8, "openai teacher: requests in flight at once")
+                               "from there)", check=AT_LEAST_1)
+    concurrency: int = option(8, "openai teacher: requests in flight at once", check=AT_LEAST_1)
     retries: int = option(5, "openai teacher: tries after the first on 429 / 5xx / timeouts / "
-                          "refused connections, with exponential backoff")
+                          "refused connections, with exponential backoff", check=NOT_NEGATIVE)
     tokenizer: str | None = option(None, "MODEL whose tokenizer an openai teacher uses; needed to "
                                    "write its top-k log-probs as ids")
     trust_remote_code: bool = option(False, "allow a model folder that ships its own code (auto_map)",
@@ -129,21 +132,11 @@ class GenerateConfig:
             check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.topk_logprobs)
         except ValueError as e:
             raise flag_error(e, self, {"max_tokens": "max_new_tokens", "logprobs": "topk_logprobs"}) from None
-        for name in ("n", "batch_size", "inputs_per_topic", "concurrency", "limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                flag = "-n" if name == "n" else f"--{name.replace('_', '-')}"
-                raise UsageError(f"{flag} {getattr(self, name)}: must be at least 1")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise UsageError("--threshold must be between 0 and 1")
-        for name in ("dedup_threshold", "decontam_threshold"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1]")
+        check_options(self)
         if self.on_missing_logprobs not in MISSING_LOGPROBS:
             raise UsageError(f"--on-missing-logprobs must be one of {', '.join(MISSING_LOGPROBS)}")
         if self.inputs and self.topics:
             raise UsageError("give --inputs or --topics, not both")
-        if self.retries < 0:
-            raise UsageError("--retries must be 0 or more")
         if self.topk_logprobs and self.teacher.startswith("openai:") and not self.tokenizer:
             raise UsageError("--topk-logprobs with an openai teacher needs --tokenizer MODEL (a local "
                              "model with the teacher's tokenizer) to turn its tokens into ids")

@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from slmkit import models, precision
-from slmkit.cli import add_config_arguments, config_from_args, option
+from slmkit.cli import AT_LEAST_1, Check, add_config_arguments, check_options, config_from_args, option
 from slmkit.errors import UsageError
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
@@ -135,8 +135,9 @@ class PruneConfig:
     task: str | None = option(None, "use this task preset's examples as calibration data",
                               wired=True)
     num_samples: int | None = option(None, "calibration rows (default 256 on CUDA, 16 on CPU); with "
-                                     "--search also the most held-out rows")
-    seq_len: int = option(256, "tokens per calibration row")
+                                     "--search also the most held-out rows", check=AT_LEAST_1)
+    seq_len: int = option(256, "tokens per calibration row",
+                          check=Check(lambda v: v >= 2, "at least 2"))
     seed: int = option(0, "shuffles the calibration texts")
     refit: bool = option(False, "refit each pruned MLP's output projection to the teacher's MLP "
                          "output on the calibration tokens (ridge least squares): a better model "
@@ -158,8 +159,7 @@ class PruneConfig:
                              f"use {', '.join(SHAPE_KEYS)}")
         if not self.dry_run and self.out is None:
             raise UsageError("give --out FOLDER for the pruned model (or --dry-run)")
-        if (self.num_samples is not None and self.num_samples < 1) or self.seq_len < 2:
-            raise UsageError("--num-samples must be >= 1 and --seq-len >= 2")
+        check_options(self)
 
     def _check_search(self):
         if self.search < 2:

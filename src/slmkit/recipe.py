@@ -32,6 +32,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slmkit.cli import check_value
 from slmkit.errors import UsageError, read_text
 
 # export runs before eval so the scorecard can show the exported files as a laptop runs them;
@@ -192,6 +193,9 @@ def _check_stage(stage: str, node, path: Path, line, trust_remote_code: bool = F
         choices = option.metadata["argparse"].get("choices")
         if choices and value not in choices:
             raise UsageError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        why = check_value(option, value)  # the config's own range, here before any stage runs
+        if why:
+            raise UsageError(f"{where}: {value!r} {why}")
     # the command-line flag, not the recipe, wires trust_remote_code (see pipeline._train)
     return {k: v for k, v in node.items() if k != "trust_remote_code"}
 
