@@ -3,6 +3,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -120,6 +121,39 @@ def test_gguf_converted_once_and_cached(tmp_path, tiny_llama, monkeypatch):
     ids = torch.randint(3, 300, (1, 10))
     with torch.no_grad():
         assert torch.allclose(ref(ids).logits, conv(ids).logits, atol=1e-4)
+
+
+def test_gguf_cache_drops_what_cannot_be_hit_and_keeps_under_its_cap(tmp_path, tiny_llama,
+                                                                     monkeypatch):
+    """A converted folder records its GGUF; rewriting or deleting that file makes the folder
+    unreachable (the key is path, size, mtime) and the next conversion removes it. Past the size
+    cap the least recently used go, never one used in the last RECENT_S seconds."""
+    gguf = pytest.importorskip("gguf")
+    from slmkit import models as m
+
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    a = _write_tiny_gguf(gguf, tiny_llama, tmp_path / "a.gguf")
+    first = m.resolve(a)
+    assert json.loads((first / m.SOURCE_RECORD).read_text())["gguf"] == str(a.resolve())
+    a.unlink()
+    _write_tiny_gguf(gguf, tiny_llama, a)  # the same path rebuilt, as a rerun's export is
+    os.utime(a, ns=(1, 10**18))  # a different mtime whatever the filesystem's clock resolution
+    second = m.resolve(a)
+    assert second != first and not first.exists() and second.exists()
+
+    def fake(name, mib, age_s):  # a folder from an older slmkit: no record, only its age counts
+        folder = tmp_path / "cache" / "gguf" / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * (mib << 20))
+        t = time.time() - age_s
+        os.utime(folder, (t, t))
+        return folder
+
+    old, older, recent = fake("old", 2, 3600), fake("older", 2, 7200), fake("recent", 2, 60)
+    removed = m.trim_gguf_cache(limit_gb=3 / 1024)  # ~6 MiB + the tiny conversion: over 3 MiB
+    assert removed == [older, old]  # oldest use first, until under the cap or only recent are left
+    assert recent.exists() and second.exists()
+    assert m.trim_gguf_cache(keep=second, limit_gb=0) == []  # recent and kept: nothing goes
 
 
 def _write_tiny_gguf(gguf, folder, out):

@@ -3,7 +3,8 @@
 Every MODEL argument is resolved to a plain Hugging Face folder first. A `.gguf` file (the
 embedded default among them) is converted once to safetensors in the cache folder
 (`SLMKIT_CACHE`, default `~/.cache/slmkit`) and reused afterwards: loading the cached folder takes
-~2 s instead of ~20 s of GGUF dequantisation. Code from a model folder never runs unless the
+~2 s instead of ~20 s of GGUF dequantisation. The cache removes folders whose GGUF file is gone and
+keeps under `SLMKIT_CACHE_GB` (default 20) by least recent use. Code from a model folder never runs unless the
 caller passes `trust_remote_code=True` explicitly.
 """
 
@@ -178,6 +179,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
+        os.utime(out)  # used now: the last the size cap evicts
         return out
     _check_gguf(gguf)
     print(f"slm: converting {gguf.name} to safetensors once (cached in {out})", file=sys.stderr)
@@ -191,8 +193,67 @@ def gguf_to_folder(gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    save_model(model, tokenizer, out)
+    save_model(model, tokenizer, out, extra={SOURCE_RECORD: {
+        "gguf": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}})
+    trim_gguf_cache(keep=out)
     return out
+
+
+SOURCE_RECORD = "source.json"  # in each converted folder: the GGUF it came from, as its key saw it
+CACHE_GB = 20.0  # the converted folders' default size cap ($SLMKIT_CACHE_GB); the embedded default's is ~0.5 GB
+RECENT_S = 600  # a folder used this recently may be open in another process: the cap spares it
+
+
+def _unreachable(folder: Path) -> bool:
+    """True when the folder's GGUF file is gone or changed: its key (path, size, mtime) can never
+    be asked for again. A folder without a readable record is not known to be unreachable."""
+    try:
+        rec = json.loads((folder / SOURCE_RECORD).read_text())
+        size, mtime_ns, gguf = rec["size"], rec["mtime_ns"], Path(rec["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        st = gguf.stat()
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
+
+
+def trim_gguf_cache(keep: Path | None = None, limit_gb: float | None = None) -> list[Path]:
+    """Remove converted GGUF folders that can never be used again (their file was deleted, e.g. a
+    rebuilt run's export, or rewritten), then the least recently used ones until the cache is
+    under its cap (`limit_gb`, else $SLMKIT_CACHE_GB, else CACHE_GB). Every build converts its
+    fresh exports to score them, so without this the cache grows by a few hundred MB a build.
+    `keep` and folders used in the last RECENT_S seconds are never removed. Returns the removed."""
+    import time
+
+    root = cache_dir() / "gguf"
+    if limit_gb is None:
+        try:
+            limit_gb = float(os.environ.get("SLMKIT_CACHE_GB", CACHE_GB))
+        except ValueError:
+            raise UsageError(f"SLMKIT_CACHE_GB={os.environ['SLMKIT_CACHE_GB']!r}: give a number "
+                             "of gigabytes, e.g. 20") from None
+    folders = [f for f in root.iterdir() if f.is_dir() and not f.name.startswith(".")] \
+        if root.is_dir() else []
+    keep = keep.resolve() if keep else None
+    removable = [f for f in folders if f.resolve() != keep]
+    removed = [f for f in removable if _unreachable(f)]
+    rest = sorted((f for f in removable if f not in removed), key=lambda f: f.stat().st_mtime)
+    size = {f: sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) for f in folders}
+    total = sum(size[f] for f in folders if f not in removed)
+    for f in rest:  # oldest use first
+        if total <= limit_gb * 2**30 or time.time() - f.stat().st_mtime < RECENT_S:
+            break
+        removed.append(f)
+        total -= size[f]
+    for f in removed:
+        shutil.rmtree(f, ignore_errors=True)
+    if removed:
+        print(f"slm: removed {len(removed)} converted GGUF folder(s) from {root} "
+              f"({sum(size[f] for f in removed) / 2**30:.1f} GB; their files are gone or the cache "
+              f"was over {limit_gb:g} GB)", file=sys.stderr)
+    return removed
 
 
 def _check_gguf(path: Path) -> None:
