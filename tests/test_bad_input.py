@@ -2,6 +2,7 @@
 files, broken model folders, impossible flag values, mistyped recipe options; and a reader that
 closes stdout early ends the command quietly."""
 
+import errno
 import json
 import shutil
 import struct
@@ -205,3 +206,19 @@ def test_info_into_a_closed_pipe_ends_quietly(tiny_llama):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait() == 141 and err == "", err
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_a_full_disk_is_one_line_that_says_what_survives(cli, monkeypatch, tiny_llama, error):
+    import slmkit.info
+
+    def full(args):
+        raise error
+
+    monkeypatch.setattr(slmkit.info, "run", full)
+    code, _, err = cli("info", tiny_llama)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no space left on the disk" in err and "rerun the same command" in err

@@ -139,6 +139,19 @@ def flag_error(e: ValueError, config, renamed: dict[str, str] | None = None) -> 
     return UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: {why}")
 
 
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, as an OSError or wrapped by a writer that does not keep the errno (safetensors)."""
+    import errno
+
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+def cache_hint() -> str:
+    from slmkit.models import cache_dir
+
+    return str(cache_dir() / "gguf")
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again."""
     try:
@@ -186,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slm {command}: error: {e}", file=sys.stderr)
         return UsageError.exit_code
     except Exception as e:
+        if _disk_full(e):
+            # the machine's fault, not the code's: say so in one line, and what survives
+            print(f"slm {command}: error: no space left on the disk ({e}); free some (converted "
+                  f"GGUF files are cached in {cache_hint()}) and rerun the same command: finished "
+                  "stages and the last training checkpoint are kept", file=sys.stderr)
+            return 1
         if not type(e).__module__.startswith("jinja2"):
             raise
         # a model's chat template failed where no caller named the model: still its fault, not ours
