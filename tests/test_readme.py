@@ -34,9 +34,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # README command (its text before any `#` comment) -> why it does not run here
 SKIP = {
-    "slm build": "the demo recipe: SmolLM2-135M for ~12 min (test_pipeline.py builds a tiny "
+    "slm build": "the demo recipe: SmolLM2-135M for ~15 min (test_pipeline.py builds a tiny "
                  "recipe end to end)",
-    "slm build recipes/grammar.yaml": "SmolLM2-135M for ~29 min (test_pipeline.py builds a tiny "
+    "slm build recipes/grammar.yaml": "SmolLM2-135M for ~12 min (test_pipeline.py builds a tiny "
                                       "recipe end to end)",
     "slm build recipes/dialogsum.yaml": "reads ../shared/data, which is not shipped, and runs "
                                         "SmolLM2-135M for minutes",
