@@ -3,9 +3,9 @@
 Every MODEL argument is resolved to a plain Hugging Face folder first. A `.gguf` file (the
 embedded default among them) is converted once to safetensors in the cache folder
 (`SLMKIT_CACHE`, default `~/.cache/slmkit`) and reused afterwards: loading the cached folder takes
-~2 s instead of ~20 s of GGUF dequantisation. The cache removes folders whose GGUF file is gone and
-keeps under `SLMKIT_CACHE_GB` (default 20) by least recent use. Code from a model folder never runs unless the
-caller passes `trust_remote_code=True` explicitly.
+~2 s instead of ~20 s of GGUF dequantisation. The cache drops folders whose GGUF file is gone and
+stays under `SLMKIT_CACHE_GB` (default 20) by least recent use. Code from a model folder never
+runs unless the caller passes `trust_remote_code=True` explicitly.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def gguf_to_folder(gguf: Path) -> Path:
 
 
 SOURCE_RECORD = "source.json"  # in each converted folder: the GGUF it came from, as its key saw it
-CACHE_GB = 20.0  # the converted folders' default size cap ($SLMKIT_CACHE_GB); the embedded default's is ~0.5 GB
+CACHE_GB = 20.0  # the converted folders' default size cap ($SLMKIT_CACHE_GB); `default` takes ~0.5 GB
 RECENT_S = 600  # a folder used this recently may be open in another process: the cap spares it
 
 
@@ -234,19 +234,24 @@ def trim_gguf_cache(keep: Path | None = None, limit_gb: float | None = None) -> 
         except ValueError:
             raise UsageError(f"SLMKIT_CACHE_GB={os.environ['SLMKIT_CACHE_GB']!r}: give a number "
                              "of gigabytes, e.g. 20") from None
-    folders = [f for f in root.iterdir() if f.is_dir() and not f.name.startswith(".")] \
-        if root.is_dir() else []
+    used, size = {}, {}  # folder -> last use (its mtime), bytes
+    for f in (root.iterdir() if root.is_dir() else ()):
+        try:  # another process may be removing the same folder
+            if f.is_dir() and not f.name.startswith("."):
+                used[f] = f.stat().st_mtime
+                size[f] = sum(p.stat().st_size for p in f.rglob("*") if p.is_file())
+        except OSError:
+            used.pop(f, None)
     keep = keep.resolve() if keep else None
-    removable = [f for f in folders if f.resolve() != keep]
+    removable = sorted((f for f in used if f.resolve() != keep), key=used.get)  # oldest use first
     removed = [f for f in removable if _unreachable(f)]
-    rest = sorted((f for f in removable if f not in removed), key=lambda f: f.stat().st_mtime)
-    size = {f: sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) for f in folders}
-    total = sum(size[f] for f in folders if f not in removed)
-    for f in rest:  # oldest use first
-        if total <= limit_gb * 2**30 or time.time() - f.stat().st_mtime < RECENT_S:
+    total = sum(size[f] for f in used if f not in removed)
+    for f in removable:
+        if total <= limit_gb * 2**30 or time.time() - used[f] < RECENT_S:
             break
-        removed.append(f)
-        total -= size[f]
+        if f not in removed:
+            removed.append(f)
+            total -= size[f]
     for f in removed:
         shutil.rmtree(f, ignore_errors=True)
     if removed:
