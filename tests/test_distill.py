@@ -67,6 +67,16 @@ def test_distill_changes_params_and_heldout_kd_falls(setup):
     assert not out.with_name("kd.work").exists()  # working files cleaned up once done
 
 
+@pytest.mark.parametrize("what", ["embeddings", "attention"])
+def test_freeze_keeps_those_weights_and_trains_the_rest(setup, what):
+    out = distill(_cfg(setup, f"freeze_{what}", max_steps=3, freeze=what))
+    before, after = _weights(setup[2]), _weights(out)
+    kept = {k for k in after if torch.equal(before[k], after[k])}
+    expect = {k for k in after if "embed_tokens" in k or "lm_head" in k
+              or (what == "attention" and ".self_attn." in k)}
+    assert expect and kept == expect  # exactly those: the MLPs and norms still learn
+
+
 def test_ce_only_needs_no_teacher(setup):
     out = distill(_cfg(setup, "ce", teacher=None, alpha_ce=1.0))
     evals = [m for m in _metrics(out) if "eval_ce" in m]

@@ -62,6 +62,7 @@ CACHE_FORMAT = "slmkit-topk-v1"
 
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")  # = losses.KINDS; here so `--help` imports no torch
+FREEZE = ("none", "embeddings", "attention")  # each also freezes what the one before it does
 
 
 @dataclass
@@ -90,6 +91,10 @@ class DistillConfig:
     edit_weight: float = option(1.0, "answer tokens that do not copy the prompt (a correction's "
                                 "edits) weigh this many times the copied ones in KD and CE; each "
                                 "example's weights still average 1 (1 = off)", check=POSITIVE)
+    freeze: str = option("none", "weights that stay as pruned: embeddings (the token embeddings and "
+                         "output head: with Adam every step moves every row, also of the words the "
+                         "data never shows), attention (also every layer's attention), or none",
+                         choices=FREEZE)
     max_steps: int | None = option(None, "optimizer steps (default: one epoch)", check=AT_LEAST_1)
     max_tokens: int | None = option(None, "token budget: prompt + answer tokens read by the student",
                                     check=AT_LEAST_1)
@@ -446,7 +451,7 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
-                    "edit_weight", "teacher_dtype", "pack", "fsdp")
+                    "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -742,10 +747,15 @@ def setup(cfg: DistillConfig) -> Run | None:
         total = len(train) // global_batch  # one epoch
     warmup = int(cfg.warmup_ratio * total)
 
+    frozen = freeze(student, cfg.freeze)
+    if frozen and acc.is_main_process:
+        print(f"slm distill: --freeze {cfg.freeze}: {frozen / 1e6:.1f}M parameters stay as they are",
+              file=sys.stderr)
     if cfg.fsdp:
         sharding.shard(student)  # before the optimizer: it holds the shards
-    decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.dim() >= 2]
+    no_decay = [p for n, p in trained if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                                   betas=(0.9, 0.95))
@@ -759,6 +769,24 @@ def setup(cfg: DistillConfig) -> Run | None:
               checkpointing, teacher=teacher, cache=cache, served=served)
     restore(run, state, ckpt)
     return run
+
+
+def freeze(model, what: str) -> int:
+    """Stop gradients to the weights `what` names (FREEZE); returns how many parameters that
+    holds. `embeddings` covers the input embeddings and the output head, tied or not; `attention`
+    adds every parameter of a module whose name ends in `self_attn` or `attention`."""
+    if what == "none":
+        return 0
+    tensors = {id(t): t for t in (model.get_input_embeddings().weight,
+                                  getattr(model.get_output_embeddings(), "weight", None))
+               if t is not None}
+    if what == "attention":
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in ("self_attn", "attention"):
+                tensors.update((id(p), p) for p in module.parameters())
+    for t in tensors.values():
+        t.requires_grad_(False)
+    return sum(t.numel() for t in tensors.values())
 
 
 def restore(run: Run, state: dict | None, ckpt: Path | None) -> None:
