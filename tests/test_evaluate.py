@@ -202,6 +202,26 @@ def test_gleu_task_scoring_uses_sources():
     assert E.tokenize("I don't know, do you?") == "I do n't know , do you ?"
 
 
+def test_paired_difference_for_each_kind_of_score():
+    from slmkit.data import Example
+    from slmkit.tasks import get_task
+
+    grammar, qa = get_task("grammar"), get_task("qa")
+    rows = [{"input": "she go to school .", "references": ["she goes to school ."]},
+            {"input": "we is happy .", "references": ["we are happy ."]},
+            {"input": "it rain .", "references": ["it rains ."]}]
+    ex = [Example(prompt=grammar.prompt(r), references=grammar.references(r), row=r) for r in rows]
+    fixed, copied = [r["references"][0] for r in rows], [r["input"] for r in rows]
+    out = E.paired_difference("gleu", ex, copied, fixed, grammar)
+    assert out["key"] == "gleu" and out["se"] >= 0
+    assert out["diff"] == pytest.approx(E.score_task("gleu", ex, fixed, grammar)["gleu"]
+                                        - E.score_task("gleu", ex, copied, grammar)["gleu"])
+    assert out["diff"] > 0.3
+    answers = [Example(prompt="q", references=[a], row={}) for a in ("Paris", "blue", "ten")]
+    f1 = E.paired_difference("f1", answers, ["Paris", "red", "ten"], ["Paris", "blue", "ten"], qa)
+    assert f1 == {"key": "f1", "diff": pytest.approx(1 / 3), "se": pytest.approx(1 / 3)}
+
+
 def test_cli_end_to_end(cli, tiny_pair, tmp_path):
     data = _write(tmp_path / "d.jsonl", [
         {"dialogue": f"#Person1#: Hi {i}. #Person2#: Hello there.", "summary": "Two friends say hello."}
@@ -218,6 +238,10 @@ def test_cli_end_to_end(cli, tiny_pair, tmp_path):
     teacher, student = m["models"]
     assert teacher["name"] == "teacher" and m["reference"] == "teacher"
     assert {"rouge1", "rouge2", "rougeL"} <= set(teacher["task"]) and "agreement" in student["task"]
+    paired = student["task"]["paired"]  # the student minus the teacher, example by example
+    assert paired["key"] == "rougeL" and "paired" not in teacher["task"]
+    assert paired["diff"] == pytest.approx(student["task"]["rougeL"] - teacher["task"]["rougeL"])
+    assert "ROUGE-L minus the reference, paired" in stdout
     assert student["relative"]["cost_x"]["parameters"] == pytest.approx(
         student["parameters"] / teacher["parameters"])
     assert teacher["relative"]["cost_x"]["parameters"] == 1.0

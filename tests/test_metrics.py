@@ -104,6 +104,42 @@ def test_gleu_draws_one_reference_per_sentence_in_order_like_jfleg():
     assert metrics.gleu(srcs, hyps, refs, iterations=30) == pytest.approx(sum(scores) / 30, abs=1e-12)
 
 
+def test_paired_mean_difference_hand_computed():
+    # d = b - a = [0.1, 0.4, 0.0]: mean 1/6; sd^2 = ((-1/15)^2 + (7/30)^2 + (1/6)^2) / 2 = 13/300
+    out = metrics.paired_mean_difference([0.1, 0.5, 0.3], [0.2, 0.9, 0.3])
+    assert out["diff"] == pytest.approx(1 / 6)
+    assert out["se"] == pytest.approx(math.sqrt(13 / 300 / 3))
+    assert metrics.paired_mean_difference([0.2, 0.4], [0.2, 0.4]) == {"diff": 0.0, "se": 0.0}
+    with pytest.raises(ValueError):
+        metrics.paired_mean_difference([0.1], [0.1, 0.2])
+
+
+def test_rouge_l_each_averages_to_rouge():
+    preds, refs = ["the cat sat", "a dog ran far"], [["a cat sat"], ["the dog ran", "a dog ran far"]]
+    each = metrics.rouge_l_each(preds, refs)
+    assert each[1] == pytest.approx(1.0)  # the best of two references
+    assert sum(each) / 2 == pytest.approx(metrics.rouge(preds, refs)["rougeL"])
+
+
+def test_gleu_paired_bootstrap():
+    # sentences where b fixes one more error than a on some, none on others: a spread to measure
+    srcs = [SRC, "she go to school by bus", "he have two cat", "we is happy"]
+    refs = [[REF], ["she goes to school by bus"], ["he has two cats"], ["we are happy"]]
+    a = [SRC, "she go to school by bus", "he has two cat", "we is happy"]
+    b = [HYP, "she goes to school by bus", "he has two cat", "we are happy"]
+    out = metrics.gleu_paired(srcs, a, b, refs, resamples=400)
+    assert out["diff"] == pytest.approx(metrics.gleu(srcs, b, refs) - metrics.gleu(srcs, a, refs))
+    assert out["diff"] > 0 and out["se"] > 0
+    same = metrics.gleu_paired(srcs, a, a, refs, resamples=50)
+    assert same == {"diff": 0.0, "se": 0.0}
+    # four times the sentences: the same difference, about half the error (1 / sqrt(4); a bit
+    # less at 8 sentences, where the ratio of sums is far from its large-sample behaviour)
+    small = metrics.gleu_paired(srcs * 2, a * 2, b * 2, refs * 2, resamples=400)
+    big = metrics.gleu_paired(srcs * 8, a * 8, b * 8, refs * 8, resamples=400)
+    assert small["diff"] == pytest.approx(out["diff"]) and big["diff"] == pytest.approx(out["diff"])
+    assert 0.3 < big["se"] / small["se"] < 0.6
+
+
 def test_squad_exact_match_and_f1():
     assert metrics.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
     assert metrics.exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0

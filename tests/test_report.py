@@ -48,6 +48,15 @@ def test_scorecard_table():
     assert any(line.startswith("| energy per token (estimate)") for line in lines)
 
 
+def test_scorecard_paired_row_follows_its_metric():
+    m = _metrics()
+    m["models"][1]["task"]["paired"] = {"key": "rougeL", "diff": -0.031, "se": 0.017}
+    lines = report.scorecard(m).splitlines()
+    row = "| ROUGE-L minus the reference, paired (+- standard error) | - | -3.1 +- 1.7 |"
+    assert lines[lines.index("| ROUGE-L | 40.0 | 30.0 (75%) |") + 1] == row
+    assert not any("paired" in line for line in report.scorecard(_metrics()).splitlines())
+
+
 def test_write_report_files(tmp_path):
     paths = report.write_report(_metrics(), tmp_path / "r")
     assert set(paths) == {"html", "md", "json"}

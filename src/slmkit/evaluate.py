@@ -272,6 +272,8 @@ def task_quality(cfg: EvalConfig, inputs: Inputs, metric: str, model, tok, backe
         from slmkit.metrics import agreement
 
         scores["agreement"] = agreement(preds, reference_predictions)
+        scores["paired"] = paired_difference(metric, examples, reference_predictions, preds,
+                                             inputs.task)
     if cfg.out:
         _write_predictions(Path(cfg.out) / "predictions" / f"{_slug(name)}.jsonl", examples, preds)
     return scores, preds
@@ -403,14 +405,40 @@ def score_task(metric: str, examples, predictions: list[str], task=None) -> dict
     if metric == "rouge":
         return Q.rouge(predictions, refs) | {"n": len(examples)}
     if metric == "gleu":
-        # JFLEG text is tokenised (spaces around punctuation); model outputs are not
-        sources = [_source(e, task) for e in examples]
-        width = max(len(r) for r in refs)
-        padded = [r + [r[-1]] * (width - len(r)) for r in refs]  # gleu.py needs equal counts
-        return {"gleu": Q.gleu([tokenize(s) for s in sources], [tokenize(p) for p in predictions],
-                               [[tokenize(r) for r in rs] for rs in padded]),
+        sources, padded = _gleu_inputs(examples, task)
+        return {"gleu": Q.gleu(sources, [tokenize(p) for p in predictions], padded),
                 "n": len(examples)}
     return Q.short_answer(predictions, refs) | Q.answerability(predictions, refs) | {"n": len(examples)}
+
+
+def paired_difference(metric: str, examples, reference: list[str], predictions: list[str],
+                      task=None) -> dict:
+    """The model minus the reference on the task's headline score, over the same examples:
+    {"key": "rougeL" | "gleu" | "f1", "diff", "se"} (scores in [0, 1]). Differences smaller than
+    about two standard errors are ties (the seed alone moves a 40-example score by points)."""
+    from slmkit import metrics as Q
+
+    refs = [e.references for e in examples]
+    if metric == "gleu":
+        sources, padded = _gleu_inputs(examples, task)
+        out = Q.gleu_paired(sources, [tokenize(p) for p in reference],
+                            [tokenize(p) for p in predictions], padded)
+        return {"key": "gleu", **out}
+    if metric == "rouge":
+        return {"key": "rougeL", **Q.paired_mean_difference(Q.rouge_l_each(reference, refs),
+                                                            Q.rouge_l_each(predictions, refs))}
+    return {"key": "f1", **Q.paired_mean_difference([Q.token_f1(p, r) for p, r in zip(reference, refs)],
+                                                    [Q.token_f1(p, r) for p, r in zip(predictions, refs)])}
+
+
+def _gleu_inputs(examples, task=None) -> tuple[list[str], list[list[str]]]:
+    """GLEU's sources and references, tokenised like JFLEG's (spaces around punctuation; model
+    outputs are not), every sentence given as many references as the most (gleu.py needs equal
+    counts: the last one repeats)."""
+    refs = [e.references for e in examples]
+    width = max(len(r) for r in refs)
+    return ([tokenize(_source(e, task)) for e in examples],
+            [[tokenize(r) for r in rs + [rs[-1]] * (width - len(rs))] for rs in refs])
 
 
 def _source(example, task=None) -> str:

@@ -5,6 +5,8 @@
     exact_match("The Eiffel Tower!", ["eiffel tower"]) # 1.0 (SQuAD normalisation)
     token_f1("in Paris", ["Paris, France"])            # 0.5
     agreement(student_predictions, teacher_predictions)  # mean ROUGE-L F of student vs teacher
+    paired_mean_difference(teacher_f1s, student_f1s)   # {"diff": .., "se": ..}, same examples
+    gleu_paired(sources, teacher_out, student_out, references)  # the same, by paired bootstrap
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, floa
         for k in ROUGE_TYPES:
             sums[k] += scores[k].fmeasure
     return {k: v / len(predictions) for k, v in sums.items()}
+
+
+def rouge_l_each(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """Each example's ROUGE-L F (best reference), the terms whose mean is rouge()["rougeL"]."""
+    from rouge_score import rouge_scorer
+
+    _check_lengths(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [(scorer.score_multi(refs, pred) if len(refs) > 1 else scorer.score(refs[0], pred))
+            ["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
 
 
 def agreement(predictions: list[str], teacher_predictions: list[str]) -> float:
@@ -80,29 +92,94 @@ def gleu(sources: list[str], hypotheses: list[str], references: list[list[str]],
     are summed over the corpus, and the GLEU of the sums is averaged over the rounds.
     Texts are split on whitespace, so give them tokenised alike (JFLEG is pre-tokenised).
     Every sentence needs the same number of references, as the corpus files have."""
+    per_ref = _gleu_table(sources, hypotheses, references, order)
+    return _gleu_mean(per_ref, _reference_draws(len(hypotheses), len(references[0]), iterations), order)
+
+
+def _gleu_table(sources, hypotheses, references, order: int) -> list[list[list[int]]]:
+    """gleu_stats of every (sentence, reference) pair: [sentence][reference] -> statistics."""
     _check_lengths(hypotheses, references)
     if len(sources) != len(hypotheses):
         raise ValueError(f"{len(sources)} sources for {len(hypotheses)} hypotheses")
     num_refs = len(references[0])
     if num_refs == 0 or any(len(r) != num_refs for r in references):
         raise ValueError("every sentence needs the same (non-zero) number of references")
-    src = [s.split() for s in sources]
-    hyp = [h.split() for h in hypotheses]
-    refs = [[r.split() for r in rs] for rs in references]
-    # one reference index per sentence per round, drawn as gleu.py draws them
-    indices = []
+    return [[gleu_stats(s.split(), h.split(), r.split(), order) for r in rs]
+            for s, h, rs in zip(sources, hypotheses, references)]
+
+
+def _reference_draws(sentences: int, num_refs: int, iterations: int) -> list[list[int]]:
+    """One reference index per sentence per round, drawn as gleu.py draws them."""
+    draws = []
     for j in range(iterations):
         rng = random.Random(j * 101)  # the same draws as gleu.py's random.seed(j * 101), and the
-        indices.append([rng.randint(0, num_refs - 1) for _ in hyp])  # global generator untouched
-    # statistics of every (sentence, reference) pair, computed once
-    per_ref = [[gleu_stats(s, h, r, order) for r in rs] for s, h, rs in zip(src, hyp, refs)]
+        draws.append([rng.randint(0, num_refs - 1) for _ in range(sentences)])  # global one untouched
+    return draws
+
+
+def _gleu_mean(per_ref, draws: list[list[int]], order: int) -> float:
+    """The mean over the rounds of `draws` of the GLEU of the corpus sums (gleu())."""
     scores = []
-    for round_ in indices:
+    for round_ in draws:
         totals = [0] * (2 * order + 2)
         for i, ref in enumerate(round_):
             totals = [a + b for a, b in zip(totals, per_ref[i][ref])]
         scores.append(gleu_from_stats(totals, order))
     return sum(scores) / len(scores)
+
+
+def _gleu_of_totals(totals, order: int):
+    """gleu_from_stats over the last axis of an array of summed statistics (numpy)."""
+    import numpy as np
+
+    c, r = totals[..., 0], totals[..., 1]
+    m, t = totals[..., 2::2], totals[..., 3::2]
+    ok = (totals > 0).all(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_prec = np.log(np.where(ok[..., None], m / np.where(t > 0, t, 1), 1)).sum(-1) / order
+        value = np.exp(np.minimum(0.0, 1.0 - r / np.where(c > 0, c, 1)) + log_prec)
+    return np.where(ok, value, 0.0)
+
+
+# --------------------------------------------------------------------------- paired differences
+
+def paired_mean_difference(a: list[float], b: list[float]) -> dict[str, float]:
+    """b minus a for a metric that is a mean of per-example scores, on the same examples:
+    {"diff": mean(b - a), "se": its standard error, sd(b - a) / sqrt(n)}. Pairing removes what
+    makes one example hard for both, so the error is smaller than either mean's."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"{len(a)} and {len(b)} scores: need the same examples, at least one")
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((v - mean) ** 2 for v in d) / (len(d) - 1) if len(d) > 1 else 0.0
+    return {"diff": mean, "se": math.sqrt(var / len(d))}
+
+
+def gleu_paired(sources: list[str], hyp_a: list[str], hyp_b: list[str], references: list[list[str]],
+                resamples: int = 1000, rounds: int = 50, seed: int = 0, iterations: int = 500,
+                order: int = 4) -> dict[str, float]:
+    """b minus a in corpus GLEU on the same sentences: {"diff": gleu(b) - gleu(a), "se"}. GLEU is
+    a ratio of corpus sums, not a mean, so its standard error comes from the paired bootstrap
+    (Koehn 2004): resample the sentences with replacement, score both systems on each resample
+    (each averaged over `rounds` of gleu.py's reference draws), take the spread of b - a."""
+    import numpy as np
+
+    table_a = _gleu_table(sources, hyp_a, references, order)
+    table_b = _gleu_table(sources, hyp_b, references, order)
+    n = len(sources)
+    full = _reference_draws(n, len(references[0]), iterations)
+    diff = _gleu_mean(table_b, full, order) - _gleu_mean(table_a, full, order)
+    stats_a, stats_b = np.array(table_a, dtype=np.float64), np.array(table_b, dtype=np.float64)
+    draws = np.array(_reference_draws(n, len(references[0]), rounds))  # (rounds, n)
+    counts = np.random.default_rng(seed).multinomial(n, [1 / n] * n, size=resamples)  # (B, n)
+
+    def resampled(stats):  # (n, refs, k) -> GLEU of each resample, averaged over the rounds: (B,)
+        chosen = stats[np.arange(n)[None, :], draws]  # (rounds, n, k)
+        totals = np.einsum("bn,rnk->brk", counts, chosen)
+        return _gleu_of_totals(totals, order).mean(1)
+
+    spread = resampled(stats_b) - resampled(stats_a)
+    return {"diff": diff, "se": float(spread.std(ddof=1))}
 
 
 # --------------------------------------------------------------------------- short answers (SQuAD)

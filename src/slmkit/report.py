@@ -159,7 +159,23 @@ def rows(metrics: dict) -> list[list[str]]:
                     cell += f" ({100 * base[1] / ref[1]:.0f}%)" if base[2] else ""
                 row.append(cell)
             table.append(row)
+            if kind == "quality" and k.startswith("task."):
+                table += paired_row(models, bases, k[5:], label)
     return table
+
+
+def paired_row(models: list[dict], bases: list[dict], key: str, label: str) -> list[list[str]]:
+    """[the row "LABEL minus the reference, paired"] when the models carry a paired difference
+    of task score `key` (evaluate.paired_difference), else []: each cell "-3.1 +- 1.7" x100."""
+    cells = []
+    for m in models[1:]:
+        p = m.get("task", {}).get("paired")
+        cells.append(f"{100 * p['diff']:+.1f} +- {100 * p['se']:.1f}"
+                     if p and p.get("key") == key else "-")
+    if all(c == "-" for c in cells):
+        return []
+    return [[f"{label} minus the reference, paired (+- standard error)", "-", *cells,
+             *("-" for _ in bases)]]
 
 
 def below_baselines(entry: dict, baselines: list[dict], key: str) -> list[dict]:
