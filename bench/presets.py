@@ -53,11 +53,19 @@ def row(name: str, metrics: dict, seconds: float) -> dict:
         if k in tuned["task"]:
             extra.append(f"{label} {100 * tuned['task'][k]:.1f} -> {100 * student['task'][k]:.1f}")
     return {"preset": name, "metric": key, "n": tuned["task"].get("n"),
-            "tuned": 100 * ref, "zero": pct(zero["task"][key], ref), "student": pct(student["task"][key], ref),
+            "tuned": 100 * ref, "zero": pct(zero["task"][key], ref),
+            "student": pct(student["task"][key], ref) + paired(student, key),
             "kept": student["task"][key] / ref if ref else None,
             "copy": pct(base["task"][key], ref) if base else "-",
             "params": f"{student['parameters'] / 1e6:.1f}M ({100 * student['parameters'] / tuned['parameters']:.1f} %)",
             "seconds": seconds, "extra": "; ".join(extra)}
+
+
+def paired(entry: dict, key: str) -> str:
+    """", -3.1 +- 1.7 paired": the model minus the report's reference (the tuned teacher) on
+    `key`, when the report has it (slm eval writes it since the paired rows came in)."""
+    p = entry["task"].get("paired")
+    return f", {100 * p['diff']:+.1f} +- {100 * p['se']:.1f} paired" if p and p["key"] == key else ""
 
 
 def answerability(metrics: dict) -> None:
@@ -98,7 +106,7 @@ def jfleg(runs: Path, limit: int | None) -> dict:
     gleu = {e["name"]: e["task"]["gleu"] for e in m["models"]}
     base = next(iter(m.get("baselines") or []), None) or copy_baseline("grammar", str(JFLEG), None, limit)
     return {"n": m["n_examples"], "gleu": gleu, "copy": base["task"]["gleu"] if base else None,
-            "seconds": time.perf_counter() - t0}
+            "paired": paired(m["models"][1], "gleu"), "seconds": time.perf_counter() - t0}
 
 
 def table(rows: list[dict], jf: dict | None) -> str:
@@ -111,7 +119,7 @@ def table(rows: list[dict], jf: dict | None) -> str:
     if jf:
         t, s = jf["gleu"]["teacher (tuned)"], jf["gleu"]["student"]
         out += ["", f"grammar on JFLEG dev ({jf['n']} sentences, GLEU, {jf['seconds'] / 60:.1f} min): "
-                f"tuned teacher {100 * t:.1f}, student {pct(s, t)}, copy the input "
+                f"tuned teacher {100 * t:.1f}, student {pct(s, t)}{jf['paired']}, copy the input "
                 f"{100 * jf['copy']:.1f} (student - copy = {100 * (s - jf['copy']):+.1f})"]
     return "\n".join(out)
 
