@@ -170,7 +170,7 @@ def gleu_paired(sources: list[str], hyp_a: list[str], hyp_b: list[str], referenc
     full = _reference_draws(n, len(references[0]), iterations)
     diff = _gleu_mean(table_b, full, order) - _gleu_mean(table_a, full, order)
     stats_a, stats_b = np.array(table_a, dtype=np.float64), np.array(table_b, dtype=np.float64)
-    draws = np.array(_reference_draws(n, len(references[0]), rounds))  # (rounds, n)
+    draws = np.array(full[:rounds])  # (rounds, n): gleu.py's first draws
     counts = np.random.default_rng(seed).multinomial(n, [1 / n] * n, size=resamples)  # (B, n)
 
     def resampled(stats):  # (n, refs, k) -> GLEU of each resample, averaged over the rounds: (B,)
