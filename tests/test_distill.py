@@ -597,6 +597,16 @@ def test_fsdp_two_processes_match_one_and_resume(setup, monkeypatch):
     assert [m["step"] for m in _metrics(resumed)] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
+def test_fsdp_with_frozen_attention_keeps_it(setup):
+    """FSDP2 shards frozen and trained tensors in one unit: the frozen ones come back as pruned."""
+    out = _launch_two(setup, "fsdp-frozen", "--fsdp", "--freeze", "attention", port=29544)
+    before, after = _weights(setup[2]), _weights(out)
+    kept = {k for k in after if torch.equal(before[k], after[k])}
+    assert kept and kept == {k for k in after if "embed_tokens" in k or "lm_head" in k
+                             or ".self_attn." in k}
+
+
 def test_fsdp_needs_a_launcher(setup, cli):
     code, _, err = cli(*_args(setup, "fsdp-alone", "--fsdp"))
     assert code == 2 and "accelerate launch" in err
