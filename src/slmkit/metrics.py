@@ -25,26 +25,25 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure (Porter stemming, as rouge_score's `use_stemmer=True`).
     With several references an example takes its best one (rouge_score's `score_multi`)."""
-    from rouge_score import rouge_scorer
-
-    _check_lengths(predictions, references)
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    sums = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for pred, refs in zip(predictions, references):
-        scores = scorer.score_multi(refs, pred) if len(refs) > 1 else scorer.score(refs[0], pred)
-        for k in ROUGE_TYPES:
-            sums[k] += scores[k].fmeasure
-    return {k: v / len(predictions) for k, v in sums.items()}
+    each = _rouge_each(predictions, references, ROUGE_TYPES)
+    return {k: sum(e[k] for e in each) / len(each) for k in ROUGE_TYPES}
 
 
 def rouge_l_each(predictions: list[str], references: list[list[str]]) -> list[float]:
     """Each example's ROUGE-L F (best reference), the terms whose mean is rouge()["rougeL"]."""
+    return [e["rougeL"] for e in _rouge_each(predictions, references, ("rougeL",))]
+
+
+def _rouge_each(predictions, references, types) -> list[dict[str, float]]:
     from rouge_score import rouge_scorer
 
     _check_lengths(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [(scorer.score_multi(refs, pred) if len(refs) > 1 else scorer.score(refs[0], pred))
-            ["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+    out = []
+    for pred, refs in zip(predictions, references):
+        scores = scorer.score_multi(refs, pred) if len(refs) > 1 else scorer.score(refs[0], pred)
+        out.append({k: scores[k].fmeasure for k in types})
+    return out
 
 
 def agreement(predictions: list[str], teacher_predictions: list[str]) -> float:
