@@ -121,6 +121,17 @@ def test_rouge_l_each_averages_to_rouge():
     assert sum(each) / 2 == pytest.approx(metrics.rouge(preds, refs)["rougeL"])
 
 
+def test_vectorised_gleu_equals_gleu_from_stats():
+    # the bootstrap's numpy GLEU against the scalar one, brevity penalty and zero statistics included
+    np = pytest.importorskip("numpy")
+    rng = random.Random(0)
+    rows = [[rng.randint(1, 30), rng.randint(1, 30)] + [rng.randint(0, 9) for _ in range(8)]
+            for _ in range(200)]
+    rows += [[5, 10, 5, 5, 4, 4, 3, 3, 2, 2], [5, 5, 5, 5, 4, 4, 3, 3, 0, 2]]
+    got = metrics._gleu_of_totals(np.array(rows, dtype=np.float64), 4)
+    assert got.tolist() == pytest.approx([metrics.gleu_from_stats(r) for r in rows], abs=1e-12)
+
+
 def test_gleu_paired_bootstrap():
     # sentences where b fixes one more error than a on some, none on others: a spread to measure
     srcs = [SRC, "she go to school by bus", "he have two cat", "we is happy"]

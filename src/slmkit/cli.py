@@ -146,12 +146,6 @@ def _disk_full(e: BaseException) -> bool:
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
 
 
-def cache_hint() -> str:
-    from slmkit.models import cache_dir
-
-    return str(cache_dir() / "gguf")
-
-
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again."""
     try:
@@ -201,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if _disk_full(e):
             # the machine's fault, not the code's: say so in one line, and what survives
+            from slmkit.models import cache_dir
+
             print(f"slm {command}: error: no space left on the disk ({e}); free some (converted "
-                  f"GGUF files are cached in {cache_hint()}) and rerun the same command: finished "
-                  "stages and the last training checkpoint are kept", file=sys.stderr)
+                  f"GGUF files are cached in {cache_dir() / 'gguf'}) and rerun the same command: "
+                  "finished stages and the last training checkpoint are kept", file=sys.stderr)
             return 1
         if not type(e).__module__.startswith("jinja2"):
             raise

@@ -753,9 +753,9 @@ def setup(cfg: DistillConfig) -> Run | None:
               file=sys.stderr)
     if cfg.fsdp:
         sharding.shard(student)  # before the optimizer: it holds the shards
-    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trained if p.dim() >= 2]
-    no_decay = [p for n, p in trained if p.dim() < 2]
+    trained = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                                   betas=(0.9, 0.95))
