@@ -48,7 +48,7 @@ def answer_ppl(model, tok, items, batch_size: int = 8) -> float:
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
             ids, att, mask, pos = collate(items[i:i + batch_size], tok.pad_token_id)
-            logits, labels, tmask = logits_window(model, ids, att, mask, pos)
+            logits, labels, tmask, _ = logits_window(model, ids, att, mask, pos)
             _, c, m = loss_sums(logits, labels, tmask)
             ce, n = ce + float(c), n + m
     return math.exp(ce / n)

@@ -416,6 +416,83 @@ def test_prompt_kd_needs_an_online_teacher(setup, cli):
     assert code == 2 and "--prompt-kd needs an online --teacher" in err
 
 
+def _hidden_sums(student_dir, teacher_dir, examples, pairs) -> tuple[float, int]:
+    """Summed mean-over-pairs cosine distance between student layer j's and teacher layer t's
+    outputs over every token of `examples`, and the token count: one unpadded forward each."""
+    from slmkit import models
+    from slmkit.data import encode
+
+    student, tok = models.load_model(student_dir)
+    teacher, _ = models.load_model(teacher_dir)
+    total = n = 0
+    with torch.no_grad():
+        for ex in examples:
+            x = torch.tensor([encode(ex, tok)[0]])
+            s = student(x, output_hidden_states=True).hidden_states
+            t = teacher(x, output_hidden_states=True).hidden_states
+            d = sum(1 - torch.cosine_similarity(s[j + 1][0], t[k + 1][0], dim=-1) for j, k in pairs)
+            total += float(d.sum()) / len(pairs)
+            n += x.shape[1]
+    return total, n
+
+
+def test_hidden_kd_is_the_cosine_distance_of_the_matched_layers(setup):
+    # lr 0: step 1 logs the untouched student's distance on that step's batch, padding excluded;
+    # the 2-layer student has no prune plan, so its first layer stands for the teacher's second
+    from slmkit import models
+    from slmkit.distill import encode_all, epoch_batches, split_rows
+
+    root, teacher, student, data = setup
+    out = distill(_cfg(setup, "hkd_lr0", hidden_kd=1.0, lr=0.0, max_steps=1))
+    logged = next(r for r in _metrics(out) if r["step"] == 1)["hidden_kd"]
+    train, _ = split_rows(str(data), None, 0.05, 200)
+    tok = models.load_tokenizer(str(student))
+    batch = epoch_batches([len(e.ids) for e in encode_all(train, tok, 1024)], 4, 0, 0)[0]
+    total, n = _hidden_sums(student, teacher, [train[i][1] for i in batch], [(0, 1)])
+    assert logged == pytest.approx(total / n, rel=path_tol(1e-4))
+
+
+def test_hidden_kd_brings_the_matched_layers_closer(setup):
+    from slmkit.data import load_examples
+
+    root, teacher, _, data = setup
+    held = load_examples(str(data), None, split="eval")
+    plain = distill(_cfg(setup, "no_hidden"))
+    matched = distill(_cfg(setup, "with_hidden", hidden_kd=10.0))
+    assert not any("hidden_kd" in r for r in _metrics(plain))
+    d_plain, d_matched = (_hidden_sums(s, teacher, held, [(0, 1)])[0] for s in (plain, matched))
+    assert d_matched < 0.93 * d_plain  # measured 1884 vs 2195 (0.86)
+
+
+def test_hidden_kd_layer_map(tmp_path):
+    from types import SimpleNamespace
+
+    from slmkit.distill import layer_pairs
+
+    def conf(layers, hidden):
+        return SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden)
+
+    # no plan: 3 layers spread over 12, the last one left to the logits
+    assert layer_pairs(tmp_path, conf(3, 64), conf(12, 64)) == ([(0, 3), (1, 7)], None)
+    with pytest.raises(UsageError, match="no prune_plan.json"):
+        layer_pairs(tmp_path, conf(3, 48), conf(12, 64))
+    # slm prune's plan names the teacher layers and hidden channels kept
+    plan = {"shape_before": {"layers": 12, "hidden": 64},
+            "kept": {"layers": [0, 1, 5, 11], "hidden": list(range(0, 64, 2))}}
+    (tmp_path / "prune_plan.json").write_text(json.dumps(plan))
+    assert layer_pairs(tmp_path, conf(4, 32), conf(12, 64)) == (
+        [(0, 0), (1, 1), (2, 5)], list(range(0, 64, 2)))
+    # a plan of another model's cut does not describe this teacher: spread evenly instead
+    assert layer_pairs(tmp_path, conf(4, 32), conf(8, 32))[0] == [(0, 1), (1, 3), (2, 5)]
+
+
+def test_hidden_kd_needs_a_local_teacher(setup, cli):
+    root, teacher, student, data = setup
+    code, _, err = cli("distill", "--student", student, "--data", data, "--out", root / "x",
+                       "--alpha-ce", "1", "--hidden-kd", "1")
+    assert code == 2 and "--hidden-kd needs a local online --teacher" in err
+
+
 def test_missing_data_is_reported_before_any_model_loads(setup, cli, tmp_path):
     root, teacher, student, _ = setup
     for extra in ([], ["--cache-teacher", tmp_path / "c.safetensors"]):

@@ -184,3 +184,25 @@ def test_loss_sums_weights_each_position():
     plain = losses.loss_sums(s, labels, mask, teacher_logits=t)
     assert float(ones[0]) == pytest.approx(float(plain[0]), rel=1e-6)
     assert float(ones[1]) == pytest.approx(float(plain[1]), rel=1e-6)
+
+
+def test_hidden_distance_is_one_minus_cosine_over_counted_positions():
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 8)
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    # the same states at any positive scale: distance 0 (cosine ignores the residual's scale)
+    assert float(losses.hidden_distance([s], [3 * s], mask)) == pytest.approx(0, abs=1e-5)
+    # opposite directions: 2 per position; orthogonal: 1 per position
+    assert float(losses.hidden_distance([s], [-s], mask)) == pytest.approx(2 * 4, rel=1e-5)
+    e0, e1 = torch.zeros(2, 3, 8), torch.zeros(2, 3, 8)
+    e0[..., 0], e1[..., 1] = 1, 1
+    assert float(losses.hidden_distance([e0], [e1], mask)) == pytest.approx(4, rel=1e-6)
+    # the mean over layer pairs, and masked positions never count
+    t = torch.randn(2, 3, 8)
+    one = float(losses.hidden_distance([s], [t], mask))
+    assert float(losses.hidden_distance([s, s], [t, s], mask)) == pytest.approx(one / 2, rel=1e-5)
+    t2 = t.clone()
+    t2[0, 2] = torch.randn(8)
+    assert float(losses.hidden_distance([s], [t2], mask)) == pytest.approx(one, rel=1e-6)
+    with pytest.raises(ValueError):
+        losses.hidden_distance([s], [t, t], mask)

@@ -49,6 +49,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from slmkit.backends import MAX_LOGPROBS
 from slmkit.cli import (AT_LEAST_1, FRACTION, NOT_NEGATIVE, POSITIVE, Check, add_config_arguments,
@@ -88,6 +89,10 @@ class DistillConfig:
     prompt_kd: float = option(0.0, "also match the teacher on the prompt tokens, with this weight "
                               "(more signal per example; ~45%% slower steps; online teacher only)",
                               check=NOT_NEGATIVE)
+    hidden_kd: float = option(0.0, "also match each student layer's output to the teacher layer it "
+                              "was cut from (cosine distance on every token, with this weight; the "
+                              "map comes from slm prune's prune_plan.json, else layers spread "
+                              "evenly); online teacher only", check=NOT_NEGATIVE)
     edit_weight: float = option(1.0, "answer tokens that do not copy the prompt (a correction's "
                                 "edits) weigh this many times the copied ones in KD and CE; each "
                                 "example's weights still average 1 (1 = off)", check=POSITIVE)
@@ -181,6 +186,9 @@ class DistillConfig:
         if self.prompt_kd > 0 and not (self.teacher and self.alpha_ce < 1):
             raise UsageError("--prompt-kd needs an online --teacher and --alpha-ce below 1 (the "
                              "teacher cache holds answer positions only)")
+        if self.hidden_kd > 0 and not (self.teacher and not is_served(self.teacher) and self.alpha_ce < 1):
+            raise UsageError("--hidden-kd needs a local online --teacher MODEL and --alpha-ce below 1 "
+                             "(a served teacher and the teacher cache give no hidden states)")
         if is_served(self.teacher) and (self.prompt_kd > 0 or self.on_policy > 0 or self.temperature != 1):
             raise UsageError("a served teacher (openai:...) gives top-k log-probs at temperature 1 "
                              "on the data's answers: drop --prompt-kd, --on-policy and --temperature")
@@ -360,6 +368,45 @@ def check_vocab(student, s_tok, teacher, t_tok, cfg) -> None:
             "(no --teacher, --alpha-ce 1)")
 
 
+def layer_pairs(student_folder: Path, s_config, t_config) -> tuple[list[tuple[int, int]], list[int] | None]:
+    """--hidden-kd's map: (student layer j, teacher layer t) pairs, and the teacher's hidden
+    channels the student kept (None: all of them). A student cut by `slm prune` names them in its
+    prune_plan.json (`kept.layers`, `kept.hidden`, both teacher indices); any other student
+    spreads its L' layers evenly over the teacher's L (layer j stands for round((j + 1) L / L') - 1)
+    and needs the teacher's hidden size. The last layer is left out: its output goes through the
+    final norm into the logits, which KD matches already."""
+    n_s, n_t = s_config.num_hidden_layers, t_config.num_hidden_layers
+    d_s, d_t = s_config.hidden_size, t_config.hidden_size
+    if n_s < 2:
+        raise UsageError(f"--hidden-kd matches the student's layers but its last; `{student_folder}` "
+                         "has one layer: drop --hidden-kd")
+    plan_file = student_folder / "prune_plan.json"
+    kept = {}
+    if plan_file.is_file():
+        from slmkit import models
+
+        plan = models.read_json(plan_file, fix="delete it to match layers spread evenly")
+        kept = plan.get("kept") or {}
+        before = plan.get("shape_before") or {}
+        fits = (isinstance(kept.get("layers"), list) and len(kept["layers"]) == n_s
+                and isinstance(kept.get("hidden"), list) and len(kept["hidden"]) == d_s
+                and before.get("layers") == n_t and before.get("hidden") == d_t)
+        if not fits:  # cut from a model of another shape than this teacher
+            kept = {}
+    if kept:
+        layers, channels = [int(t) for t in kept["layers"]], [int(c) for c in kept["hidden"]]
+        if channels == list(range(d_t)):
+            channels = None
+    elif d_s != d_t:
+        raise UsageError(f"--hidden-kd: the student `{student_folder}` has hidden size {d_s}, the "
+                         f"teacher {d_t}, and no prune_plan.json of this teacher names the channels "
+                         "it kept; use a student cut by `slm prune` from this teacher, or drop "
+                         "--hidden-kd")
+    else:
+        layers, channels = [round((j + 1) * n_t / n_s) - 1 for j in range(n_s)], None
+    return [(j, layers[j]) for j in range(n_s - 1)], channels
+
+
 def predicted(mask, att):
     """The positions that count in a left-padded batch: (B, W) mask and attention -> (B, W - 1)
     bool, True where column c's logits predict a counted token c + 1 *and* column c is a real
@@ -384,11 +431,19 @@ def final_hidden(model):
         model.set_output_embeddings(head)
 
 
-def logits_window(model, ids, att, mask, pos):
-    """Run `model` and return (logits (B, K, V), labels (B, K), mask (B, K)) aligned so logits[:, i]
-    predicts labels[:, i], for the K columns from the first counted position on. Logits of the
-    prompt columns before it are never computed (`logits_to_keep`). Inside `final_hidden` the
-    first item is the hidden states (B, K, H) instead. A batch with packed rows goes without an
+class Window(NamedTuple):
+    logits: object   # (B, K, V); inside `final_hidden` the final hidden states (B, K, H)
+    labels: object   # (B, K)
+    mask: object     # (B, K) bool
+    states: object   # with `states=True`: every layer's output, (L + 1) x (B, T, H), else None
+
+
+def logits_window(model, ids, att, mask, pos, states: bool = False) -> Window:
+    """Run `model` and return logits (B, K, V), labels (B, K) and mask (B, K) aligned so
+    logits[:, i] predicts labels[:, i], for the K columns from the first counted position on.
+    Logits of the prompt columns before it are never computed (`logits_to_keep`); the layers'
+    hidden states (`states`, for --hidden-kd: the embeddings, then each layer's output, the
+    last one after the final norm) cover every column. A batch with packed rows goes without an
     attention mask: transformers then builds a block-causal mask from the positions, each run
     0, 1, ... attending only to itself (the left padding is one such run, never counted)."""
     width = ids.shape[1]
@@ -397,9 +452,9 @@ def logits_window(model, ids, att, mask, pos):
     keep = width - first                                # columns first .. width-1
     packed = bool((pos[:, 1:] < pos[:, :-1]).logical_and(att[:, 1:].bool()).any())
     out = model(input_ids=ids, attention_mask=None if packed else att, position_ids=pos,
-                logits_to_keep=keep, use_cache=False)
+                logits_to_keep=keep, use_cache=False, output_hidden_states=states)
     logits = out.logits[:, :-1]                         # the last column predicts nothing
-    return logits, ids[:, first + 1:], target[:, first:]
+    return Window(logits, ids[:, first + 1:], target[:, first:], out.hidden_states if states else None)
 
 
 def teacher_rows(cache, items, device):
@@ -451,7 +506,7 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
-                    "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze")
+                    "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze", "hidden_kd")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -637,6 +692,7 @@ class Run:
     teacher: object = None   # the teacher: online (frozen model), offline (top-k file) or served
     cache: object = None
     served: ServedTeacher | None = None
+    layer_map: tuple | None = None  # --hidden-kd: `layer_pairs` (pairs, kept teacher channels)
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
@@ -720,6 +776,10 @@ def setup(cfg: DistillConfig) -> Run | None:
         check_vocab(student, tokenizer, teacher, t_tok, cfg)
         teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
     cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
+    layer_map = None
+    if cfg.hidden_kd > 0:
+        pairs, channels = layer_pairs(models.resolve(cfg.student), student.config, teacher.config)
+        layer_map = pairs, None if channels is None else torch.tensor(channels, device=device)
 
     # data
     train = encode_all(train_ex, tokenizer, cfg.max_length, cfg.edit_weight)
@@ -766,7 +826,7 @@ def setup(cfg: DistillConfig) -> Run | None:
     else:
         model, optimizer = acc.prepare(student, optimizer)
     run = Run(cfg, acc, fp, out, work, model, tokenizer, optimizer, scheduler, train, held, total,
-              checkpointing, teacher=teacher, cache=cache, served=served)
+              checkpointing, teacher=teacher, cache=cache, served=served, layer_map=layer_map)
     restore(run, state, ckpt)
     return run
 
@@ -862,19 +922,22 @@ def fit(run: Run) -> Path:
         counts = torch.tensor([answers, read, read - firsts - answers],  # prompt positions
                               dtype=torch.float64, device=run.device)
         n_global, read, p_global = (float(x) for x in acc.reduce(counts, reduction="sum"))
-        sums = torch.zeros(3, dtype=torch.float64, device=run.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=run.device)
         micro = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         for m, items in enumerate(micro):
             last = m == len(micro) - 1
             sync = (sharding.no_sync(run.model, not last) if cfg.fsdp
                     else nullcontext() if last else acc.no_sync(run.model))
             with sync:
-                kd, ce, _, pkd = batch_losses(run, items, prompt=cfg.prompt_kd > 0)
+                kd, ce, _, pkd, hkd = batch_losses(run, items, prompt=cfg.prompt_kd > 0,
+                                                   states=cfg.hidden_kd > 0)
                 loss = objective(kd, ce) * (run.world / n_global)  # DDP averages grads
                 if cfg.prompt_kd > 0:
                     loss = loss + cfg.prompt_kd * pkd * (run.world / max(p_global, 1.0))
+                if cfg.hidden_kd > 0:  # a mean over every real token read
+                    loss = loss + cfg.hidden_kd * hkd * (run.world / read)
                 acc.backward(loss)
-            sums += torch.stack([kd.detach(), ce.detach(), pkd.detach()]).double()
+            sums += torch.stack([kd.detach(), ce.detach(), pkd.detach(), hkd.detach()]).double()
         grad_norm = (sharding.clip_grad_norm(run.model, cfg.clip) if cfg.fsdp
                      else acc.clip_grad_norm_(run.model.parameters(), cfg.clip))
         run.optimizer.step()
@@ -882,7 +945,7 @@ def fit(run: Run) -> Path:
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
         run.tokens += int(read)
-        kd_sum, ce_sum, pkd_sum = (float(x) for x in acc.reduce(sums, reduction="sum"))
+        kd_sum, ce_sum, pkd_sum, hkd_sum = (float(x) for x in acc.reduce(sums, reduction="sum"))
         run.elapsed = time.perf_counter() - t0
         row = {"step": run.step, "tokens": run.tokens,
                "loss": float(objective(torch.tensor(kd_sum / n_global), torch.tensor(ce_sum / n_global))),
@@ -891,6 +954,8 @@ def fit(run: Run) -> Path:
                "elapsed_s": round(run.elapsed, 3)}
         if cfg.prompt_kd > 0:
             row["prompt_kd"] = pkd_sum / max(p_global, 1.0)
+        if cfg.hidden_kd > 0:
+            row["hidden_kd"] = hkd_sum / read
         if sampled:
             row["on_policy"] = True
         if run.step % cfg.eval_every == 0 or run.step == run.total:
@@ -913,9 +978,19 @@ def fit(run: Run) -> Path:
     return run.out
 
 
-def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt: bool = False):
-    """Summed (KD, CE) and the number of counted answer tokens for one micro-batch; with
-    `prompt`, also the summed KD over the prompt tokens (else 0)."""
+class Sums(NamedTuple):
+    """One micro-batch's summed losses (0-dim tensors) and its count of counted answer tokens."""
+    kd: object
+    ce: object
+    n: int
+    prompt_kd: object  # KD over the prompt tokens (`prompt`), else 0
+    hidden_kd: object  # over every real token, `losses.hidden_distance` (`states`), else 0
+
+
+def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt: bool = False,
+                 states: bool = False) -> Sums:
+    """The summed losses of one micro-batch: KD and CE over the answer tokens, with `prompt` KD
+    over the prompt tokens, with `states` the hidden-state distance of --hidden-kd."""
     import torch
 
     from slmkit import losses
@@ -926,12 +1001,12 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
     window = att * (pos > 0) if prompt else mask  # every token after its example's first
     # the models return final hidden states; the loss projects them to logits chunk by chunk
     with final_hidden(run.student) as lm_head, run.autocast():
-        hidden, labels, wmask = logits_window(run.model if with_grad else run.student,
-                                              ids, att, window, pos)
+        hidden, labels, wmask, s_states = logits_window(run.model if with_grad else run.student,
+                                                        ids, att, window, pos, states)
     t_hidden = topk = t_head = None
     if run.teacher is not None and cfg.alpha_ce < 1:
         with final_hidden(run.teacher) as t_lm_head, run.autocast(), torch.no_grad():
-            t_hidden, _, _ = logits_window(run.teacher, ids, att, window, pos)
+            t_hidden, _, _, t_states = logits_window(run.teacher, ids, att, window, pos, states)
         t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
     if run.cache is not None and cfg.alpha_ce < 1:
         topk = teacher_rows(run.cache, items, device)
@@ -949,7 +1024,13 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
     if prompt:
         prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,
                                            teacher_logits=t_hidden, **kw)
-    return kd, ce, n, prompt_kd
+    hidden_kd = kd.new_zeros(())
+    if states:  # states[0] is the embeddings: layer j's output is states[j + 1]
+        pairs, channels = run.layer_map
+        mine = [s_states[j + 1] for j, _ in pairs]
+        theirs = [t_states[t + 1] if channels is None else t_states[t + 1][..., channels] for _, t in pairs]
+        hidden_kd = losses.hidden_distance(mine, theirs, att.bool())
+    return Sums(kd, ce, n, prompt_kd, hidden_kd)
 
 
 def evaluate_held(run: Run) -> dict:
@@ -960,7 +1041,7 @@ def evaluate_held(run: Run) -> dict:
     kd = ce = n = 0.0
     with torch.no_grad():
         for i in range(0, len(run.held), run.cfg.batch_size):
-            k, c, m, _ = batch_losses(run, run.held[i:i + run.cfg.batch_size], with_grad=False)
+            k, c, m, _, _ = batch_losses(run, run.held[i:i + run.cfg.batch_size], with_grad=False)
             kd, ce, n = kd + float(k), ce + float(c), n + m
     run.model.train()
     if not n:
@@ -1064,7 +1145,7 @@ def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
         ids, att, mask, pos = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         with torch.no_grad():
             with final_hidden(teacher) as lm_head, autocast:
-                hidden, _, tmask = logits_window(teacher, ids, att, mask, pos)
+                hidden, _, tmask, _ = logits_window(teacher, ids, att, mask, pos)
             rows, cols = tmask.nonzero(as_tuple=True)  # row-major: each example's rows in order
             hidden, head = hidden[rows, cols], projector(lm_head, device, cfg.bf16, grad=False)
             parts = [F.log_softmax(head(hidden[j:j + cfg.chunk]).float(), -1).topk(k, dim=-1)

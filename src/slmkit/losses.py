@@ -178,3 +178,21 @@ def mix(kd_mean: torch.Tensor, ce_mean: torch.Tensor, alpha_ce: float) -> torch.
     if alpha_ce <= 0:
         return kd_mean
     return (1 - alpha_ce) * kd_mean + alpha_ce * ce_mean
+
+
+def hidden_distance(student_states, teacher_states, mask: torch.Tensor) -> torch.Tensor:
+    """Intermediate-layer distillation (TinyBERT, arXiv 1909.10351; Minitron's intermediate-state
+    loss, arXiv 2407.14679): how far each student layer's output is from the teacher layer it
+    stands for. student_states, teacher_states: P matched pairs of hidden states (B, T, H) each;
+    mask (B, T) bool, the positions that count. Returns sum over counted positions of
+    mean over pairs of (1 - cos(student, teacher)), a 0-dim float32 tensor; divide by the number
+    of counted positions for the mean. Cosine, not MSE: a pruned student's residual stream has
+    another scale than its teacher's (fewer channels, rescaled norms) and a few channels of every
+    Llama-style model carry activations 100x the rest, which MSE would spend itself on."""
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(f"{len(student_states)} student states for {len(teacher_states)} teacher states")
+    total = mask.new_zeros((), dtype=torch.float32)
+    for s, t in zip(student_states, teacher_states):
+        cos = F.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-6)  # (B, T)
+        total = total + (1 - cos)[mask].sum()
+    return total / len(student_states)
