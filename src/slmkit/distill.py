@@ -14,6 +14,9 @@ plain text: every token). KD is forward KL at tau = 1 unless --loss/--temperatur
 (see slmkit.losses). --prompt-kd W adds W x the KD mean over the prompt tokens: the teacher's
 distribution over the input text is extra signal (a dialogue has ~5x the tokens of its summary;
 Minitron distils on every token), at ~45 % more time a step; on the demo it did not pay (README).
+--hidden-kd W adds W x the mean cosine distance between each student layer's output and that of
+the teacher layer it was cut from (`layer_pairs`, `losses.hidden_distance`), over every token:
+a dense signal per layer where logit KD gives one distribution per answer token.
 The token budget (--max-tokens) counts every non-padding token the student reads, prompt and
 answer; the schedule length is estimated from the mean example length.
 
