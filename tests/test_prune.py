@@ -465,3 +465,17 @@ def test_refit_is_off_by_default_and_recorded(tiny_llama, calib_file, tmp_path, 
     wa = models.load_model(tmp_path / "a")[0].state_dict()[down]
     wb = models.load_model(tmp_path / "b")[0].state_dict()[down]
     assert wa.shape == wb.shape and not torch.allclose(wa, wb)
+
+
+def test_distill_reads_the_layer_and_channel_map_from_the_plan(tiny_llama, tmp_path):
+    # --hidden-kd matches student layer j to the teacher layer it was cut from: the plan that
+    # slm prune writes must name those layers and the hidden channels kept
+    from slmkit.distill import layer_pairs
+
+    t_cfg = models.load_model(tiny_llama)[0].config
+    plan = P.prune(P.PruneConfig(tiny_llama, tmp_path / "p", task="summarize", num_samples=2, seq_len=16,
+                                 shape={"layers": 3, "hidden": t_cfg.hidden_size // 2}))
+    s_cfg = models.load_model(tmp_path / "p")[0].config
+    pairs, channels = layer_pairs(tmp_path / "p", s_cfg, t_cfg)
+    assert [t for _, t in pairs] == plan["kept"]["layers"][:2] and len(set(plan["kept"]["layers"])) == 3
+    assert channels == plan["kept"]["hidden"] and len(channels) == s_cfg.hidden_size
