@@ -1186,4 +1186,17 @@ def run(args) -> int:
         print(cache_teacher(config_from_args(DistillConfig, args), args.cache_teacher))
         return 0
     print(distill(config_from_args(DistillConfig, args)))
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Under `accelerate launch` or torchrun: wait for every process, then tear the process group
+    down before the interpreter exits. Left to interpreter shutdown, gloo's threads can abort a
+    process whose work is done ("terminate called without an active exception", exit -6), which
+    fails the whole launch (seen once in CI on a loaded 2-core machine)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
