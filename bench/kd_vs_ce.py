@@ -54,9 +54,9 @@ keeps a settings.json; other settings there are refused (use another --work).
 Cost, measured on the shared 2-core CPU with OMP_NUM_THREADS=1: --quick took 16.5 min at load
 average ~2-3. Its rates give the full run (100 held-out, 50,000 tokens per arm,
 ~281 tokens an example, so 0.44 epochs of the 400-line pool and 3.6 of the 50 labelled lines):
-training ~108 tokens/s CE and ~68 with the online teacher (5 arms: ~55 min), 350 teacher
-summaries at ~3.7 s each (~22 min), 7 models x 100 greedy summaries at ~2.5 s each (~30 min),
-7 held-out perplexities (~5 min): about 2 h at load ~2-3, 3.5-4 h at ~5. --tune-teacher adds one
+training ~108 tokens/s CE and ~68 with the online teacher (6 arms: ~65 min), 350 teacher
+summaries at ~3.7 s each (~22 min), 8 models x 100 greedy summaries at ~2.5 s each (~33 min),
+8 held-out perplexities (~6 min): about 2 h at load ~2-3, 3.5-4 h at ~5. --tune-teacher adds one
 epoch of the pool on the 135M teacher (~112k tokens: ~40 min, twice that under load):
 
     OMP_NUM_THREADS=1 python bench/kd_vs_ce.py --tune-teacher
@@ -88,16 +88,19 @@ FULL = {"heldout": 100, "pool": None, "labelled": 50, "tokens": 50_000}
 QUICK = {"heldout": 20, "pool": 50, "labelled": 10, "tokens": 2_000}  # a few minutes of training
 PPL_BATCH = 8  # held-out examples per forward pass of held_ppl
 MAX_NEW_TOKENS = 64  # the `slm eval` default; DialogSum summaries are ~21 words
-ARMS = {  # key: (label, training file, alpha_ce); alpha_ce < 1 trains with the teacher
-    "ce": ("CE only, pool", "train_pool", 1.0),
-    "kd": ("KD only, pool", "train_pool", 0.0),
-    "kd_ce": ("KD + CE, pool", "train_pool", 0.5),
-    "few_ce": ("CE only, labelled alone", "train_few", 1.0),
-    "few_teacher": ("KD + CE, labelled + teacher-labelled", "train_few_teacher", 0.5),
+ARMS = {  # key: (label, training file, alpha_ce, more distill flags); alpha_ce < 1: with the teacher
+    "ce": ("CE only, pool", "train_pool", 1.0, []),
+    "kd": ("KD only, pool", "train_pool", 0.0, []),
+    "kd_ce": ("KD + CE, pool", "train_pool", 0.5, []),
+    "kd_ce_hidden": ("KD + CE + layer matching (--hidden-kd 5), pool", "train_pool", 0.5,
+                     ["--hidden-kd", 5]),
+    "few_ce": ("CE only, labelled alone", "train_few", 1.0, []),
+    "few_teacher": ("KD + CE, labelled + teacher-labelled", "train_few_teacher", 0.5, []),
 }
 QUESTIONS = [  # (a, b, what a - b answers)
     ("kd", "ce", "KD only vs CE only (does KD beat plain fine-tuning?)"),
     ("kd_ce", "ce", "KD + CE vs CE only"),
+    ("kd_ce_hidden", "kd_ce", "layer matching on top of KD + CE (--hidden-kd 5)"),
     ("few_teacher", "few_ce", "labelled + teacher-labelled vs labelled alone (does teacher labelling help?)"),
     ("kd_ce", "few_teacher", "all human labels vs teacher labels for the same dialogues"),
 ]
@@ -321,12 +324,12 @@ def main() -> int:
                               ("pruned", "pruned init, untrained", str(pruned))):
         rows[key] = {"label": label, "answer_ppl": held_ppl(model, key, work, args),
                      **rouge_rows(model, key, work)}
-    for key, (label, file, alpha) in ARMS.items():
+    for key, (label, file, alpha, flags) in ARMS.items():
         out = work / key
         if record(out) is None:
             teach = ["--teacher", teacher] if alpha < 1 else []
             slm("distill", "--student", pruned, *teach, "--data", d / f"{file}.jsonl", "--alpha-ce", alpha,
-                "--max-tokens", args.tokens, "--out", out, *train_args(args, args.lr))
+                "--max-tokens", args.tokens, "--out", out, *flags, *train_args(args, args.lr))
         rec = record(out)
         rows[key] = {"label": label, "train_lines": n_train[file], "alpha_ce": alpha,
                      "teacher": alpha < 1, "tokens": rec["tokens"], "steps": rec["steps"],
