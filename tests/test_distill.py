@@ -360,9 +360,10 @@ def test_two_processes_match_one(setup, tmp_path, autocast_mode):
         torch.testing.assert_close(a[k], b[k], rtol=100 * weight_tol, atol=weight_tol)
 
 
-def _prompt_kl_sums(student_dir, teacher_dir, examples) -> tuple[float, int]:
-    """Summed forward KL(teacher || student) over the prompt tokens of `examples`, and their
-    count, computed directly: one unpadded forward per example."""
+def _direct_sums(student_dir, teacher_dir, examples, term) -> tuple[float, int]:
+    """Sums of `term(student_out, teacher_out, mask) -> (sum, count)` over `examples`, computed
+    directly: one unpadded forward per example (logits and hidden states, no batching, no
+    padding), mask being its answer mask from `encode`."""
     from slmkit import models
     from slmkit.data import encode
 
@@ -373,27 +374,38 @@ def _prompt_kl_sums(student_dir, teacher_dir, examples) -> tuple[float, int]:
         for ex in examples:
             ids, mask = encode(ex, tok)
             x = torch.tensor([ids])
-            s, t = student(x).logits[0, :-1].log_softmax(-1), teacher(x).logits[0, :-1].log_softmax(-1)
-            prompt = torch.tensor(mask[1:]) == 0  # column c predicts token c + 1
-            total += float((t.exp() * (t - s)).sum(-1)[prompt].sum())
-            n += int(prompt.sum())
+            got, count = term(student(x, output_hidden_states=True),
+                              teacher(x, output_hidden_states=True), mask)
+            total, n = total + got, n + count
     return total, n
+
+
+def _prompt_kl(s_out, t_out, mask) -> tuple[float, int]:
+    """Forward KL(teacher || student) summed over the prompt tokens, and their count."""
+    s, t = s_out.logits[0, :-1].log_softmax(-1), t_out.logits[0, :-1].log_softmax(-1)
+    prompt = torch.tensor(mask[1:]) == 0  # column c predicts token c + 1
+    return float((t.exp() * (t - s)).sum(-1)[prompt].sum()), int(prompt.sum())
+
+
+def _step_one_examples(setup) -> list:
+    """The examples step 1 trains on, in the order `slm distill` batches them (batch 4, seed 0)."""
+    from slmkit import models
+    from slmkit.distill import encode_all, epoch_batches, split_rows
+
+    root, teacher, student, data = setup
+    train, _ = split_rows(str(data), None, 0.05, 200)
+    tok = models.load_tokenizer(str(student))
+    batch = epoch_batches([len(e.ids) for e in encode_all(train, tok, 1024)], 4, 0, 0)[0]
+    return [train[i][1] for i in batch]
 
 
 def test_prompt_kd_is_the_kl_over_the_prompt_tokens(setup):
     # lr 0: the logged term of step 1 is the untouched student's KL on that step's batch, which
     # pins the masks down (left padding, each row's first token and the answers excluded)
-    from slmkit import models
-    from slmkit.distill import encode_all, epoch_batches, split_rows
-
     root, teacher, student, data = setup
     out = distill(_cfg(setup, "pkd_lr0", prompt_kd=1.0, lr=0.0, max_steps=1))
     logged = next(r for r in _metrics(out) if r["step"] == 1)["prompt_kd"]
-    train, _ = split_rows(str(data), None, 0.05, 200)
-    tok = models.load_tokenizer(str(student))
-    lengths = [len(e.ids) for e in encode_all(train, tok, 1024)]
-    batch = epoch_batches(lengths, 4, 0, 0)[0]
-    total, n = _prompt_kl_sums(student, teacher, [train[i][1] for i in batch])
+    total, n = _direct_sums(student, teacher, _step_one_examples(setup), _prompt_kl)
     assert logged == pytest.approx(total / n, rel=path_tol(1e-4))
 
 
@@ -405,7 +417,7 @@ def test_prompt_kd_teaches_the_prompt_tokens_too(setup):
     plain = distill(_cfg(setup, "answers_only"))
     both = distill(_cfg(setup, "with_prompt", prompt_kd=1.0))
     assert not any("prompt_kd" in r for r in _metrics(plain))
-    kl_plain, kl_both = (_prompt_kl_sums(s, teacher, held)[0] for s in (plain, both))
+    kl_plain, kl_both = (_direct_sums(s, teacher, held, _prompt_kl)[0] for s in (plain, both))
     assert kl_both < 0.97 * kl_plain  # measured 1.148 vs 1.211 nats a token
 
 
@@ -418,37 +430,22 @@ def test_prompt_kd_needs_an_online_teacher(setup, cli):
 
 def _hidden_sums(student_dir, teacher_dir, examples, pairs) -> tuple[float, int]:
     """Summed mean-over-pairs cosine distance between student layer j's and teacher layer t's
-    outputs over every token of `examples`, and the token count: one unpadded forward each."""
-    from slmkit import models
-    from slmkit.data import encode
+    outputs (hidden_states[j + 1], [t + 1]) over every token of `examples`, and the token count."""
+    def distance(s_out, t_out, mask):
+        s, t = s_out.hidden_states, t_out.hidden_states
+        d = sum(1 - torch.cosine_similarity(s[j + 1][0], t[k + 1][0], dim=-1) for j, k in pairs)
+        return float(d.sum()) / len(pairs), len(mask)
 
-    student, tok = models.load_model(student_dir)
-    teacher, _ = models.load_model(teacher_dir)
-    total = n = 0
-    with torch.no_grad():
-        for ex in examples:
-            x = torch.tensor([encode(ex, tok)[0]])
-            s = student(x, output_hidden_states=True).hidden_states
-            t = teacher(x, output_hidden_states=True).hidden_states
-            d = sum(1 - torch.cosine_similarity(s[j + 1][0], t[k + 1][0], dim=-1) for j, k in pairs)
-            total += float(d.sum()) / len(pairs)
-            n += x.shape[1]
-    return total, n
+    return _direct_sums(student_dir, teacher_dir, examples, distance)
 
 
 def test_hidden_kd_is_the_cosine_distance_of_the_matched_layers(setup):
     # lr 0: step 1 logs the untouched student's distance on that step's batch, padding excluded;
     # the 2-layer student has no prune plan, so its first layer stands for the teacher's second
-    from slmkit import models
-    from slmkit.distill import encode_all, epoch_batches, split_rows
-
     root, teacher, student, data = setup
     out = distill(_cfg(setup, "hkd_lr0", hidden_kd=1.0, lr=0.0, max_steps=1))
     logged = next(r for r in _metrics(out) if r["step"] == 1)["hidden_kd"]
-    train, _ = split_rows(str(data), None, 0.05, 200)
-    tok = models.load_tokenizer(str(student))
-    batch = epoch_batches([len(e.ids) for e in encode_all(train, tok, 1024)], 4, 0, 0)[0]
-    total, n = _hidden_sums(student, teacher, [train[i][1] for i in batch], [(0, 1)])
+    total, n = _hidden_sums(student, teacher, _step_one_examples(setup), [(0, 1)])
     assert logged == pytest.approx(total / n, rel=path_tol(1e-4))
 
 
