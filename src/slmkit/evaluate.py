@@ -74,6 +74,11 @@ class EvalConfig:
     batch_size: int | str = option("auto", "sequences per forward pass, or `auto` (default): as "
                                    "many tokens as free memory allows (CPU and CUDA)")
     device: str | None = option(None, "cpu, cuda, cuda:1 (default: cuda when present)", wired=True)
+    dtype: str = option("auto", "torch weights dtype: auto (bfloat16 where the forward runs under "
+                        "bf16 autocast, else float32), float32, bfloat16, float16",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    threads: int | None = option(None, "CPU threads for llama.cpp (default: the usable cores)",
+                                 check=AT_LEAST_1)
     trust_remote_code: bool = option(False, "allow code from model folders", wired=True)
     out: str | None = option(None, "folder for report.html, report.md, metrics.json, predictions/",
                              wired=True)
@@ -126,9 +131,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     measured: dict = {}  # speed by model shape: (name, result)
     for spec, folder, name in zip(cfg.models, inputs.folders, cfg.names):
         entry, info = describe_model(spec, folder, name)
-        model, tok = M.load_folder(folder, device=inputs.device, trust_remote_code=cfg.trust_remote_code)
-        backend = gguf_backend(cfg, spec, name) if inputs.generates else None
-        entry["engines"] = {"generation": "llamacpp" if backend else "torch", "log-likelihoods": "torch"}
+        backend = gguf_backend(cfg, inputs, spec, name) if inputs.generates else None
+        model = tok = None
+        if folder is not None:  # None: llama.cpp does all this model's work
+            model, tok = M.load_folder(folder, dtype=M.compute_dtype(cfg.dtype, inputs.device),
+                                       device=inputs.device, trust_remote_code=cfg.trust_remote_code)
+        if tok is None:
+            from slmkit.backends.llamacpp import GGUFTemplate
+
+            tok = GGUFTemplate(backend)
+        entry["prompt"] = "chat template" if getattr(tok, "chat_template", None) else "plain text"
+        entry["engines"] = {"generation": "llamacpp" if backend else "torch",
+                            "log-likelihoods": "torch" if model is not None else None}
         if inputs.examples:
             entry["task"], preds = task_quality(cfg, inputs, metrics["metric"], model, tok, backend, name,
                                                 reference_predictions)
@@ -197,15 +211,21 @@ def read_inputs(cfg: EvalConfig) -> Inputs:
         from slmkit.data import calibration_texts
 
         ppl_text = "\n\n".join(calibration_texts(cfg.ppl, what="--ppl"))
-    folders = [M.resolve(m, trust_remote_code=cfg.trust_remote_code) for m in cfg.models]
-    if examples:  # task prompts are user messages: an instruct model needs its chat template
-        for spec, folder in zip(cfg.models, folders):
-            if not M.has_chat_template(folder):
-                raise UsageError(f"{folder / 'tokenizer_config.json'}: the tokenizer of `{spec}` has no chat "
-                                 f"template, which task `{task.name if task else 'input/output'}` "
-                                 "needs (its prompts are chat messages); use an instruct model or add a "
-                                 "chat_template.jinja to the folder")
     generates = bool(examples) or any(b["kind"] == "gen" for b in benches)
+    # torch is needed for log-likelihoods (benchmarks, perplexity, safety, the harness) and for
+    # generation and speed unless llama.cpp does them; then a GGUF is never converted or loaded
+    only_llamacpp = (cfg.engine == "llamacpp" and not (benches or cfg.ppl or cfg.safety or cfg.harness))
+    folders = [None if only_llamacpp and gguf_path(m)
+               else M.resolve(m, trust_remote_code=cfg.trust_remote_code,
+                              dtype=M.compute_dtype(cfg.dtype, M.pick_device(cfg.device)))
+               for m in cfg.models]
+    chat = next((e for e in examples if e.messages is not None), None)
+    if chat is not None:  # a task prompt runs as plain text without a template; a conversation cannot
+        for spec, folder in zip(cfg.models, folders):
+            if not (M.has_chat_template(folder) if folder else M.describe(spec)["chat_template"]):
+                raise UsageError(f"{chat.where}: a `messages` line needs a chat template, which "
+                                 f"`{spec}` has none of; use an instruct model, or give "
+                                 "`input`/`output` lines (run as plain text)")
     if cfg.engine == "llamacpp" and (cfg.speed or generates) and any(map(gguf_path, cfg.models)):
         from slmkit import speed as SP
 
@@ -240,7 +260,7 @@ def describe_model(spec, folder: Path, name: str) -> tuple[dict, dict]:
     from slmkit import models as M
 
     info = M.describe(spec)
-    entry = {"name": name, "source": str(spec), "path": str(folder),
+    entry = {"name": name, "source": str(spec), "path": str(folder or gguf_path(spec)),
              **{k: info[k] for k in ("architecture", "parameters", "bytes_on_disk", "layers",
                                      "hidden_size", "heads", "kv_heads", "mlp_size")}}
     if gguf_path(spec):  # a user downloads the file, not the folder it is converted to here
@@ -249,14 +269,27 @@ def describe_model(spec, folder: Path, name: str) -> tuple[dict, dict]:
     return entry, info
 
 
-def gguf_backend(cfg: EvalConfig, spec, name: str):
+def gguf_backend(cfg: EvalConfig, inputs: Inputs, spec, name: str):
     """A .gguf generates through llama.cpp when asked (the exported file judged as users run
-    it); None: generation goes through torch."""
+    it), with a context sized to the longest prompt; None: generation goes through torch."""
     if cfg.engine != "llamacpp" or not gguf_path(spec):
         return None
-    from slmkit.backends.llamacpp import LlamaCppBackend
+    from slmkit.backends.llamacpp import LlamaCppBackend, fit_context
 
-    return LlamaCppBackend(str(gguf_path(spec)), name)
+    path = str(gguf_path(spec))
+    texts = [e.prompt if e.prompt is not None else "\n".join(m["content"] for m in e.messages)
+             for e in inputs.examples] + [_longest_prompt(b) for b in inputs.benches if b["kind"] == "gen"]
+    # chat templates add a few dozen tokens around the user's text, chain-of-thought answers more
+    n_ctx = fit_context(path, texts, max(cfg.max_new_tokens, cfg.cot_tokens) + 128)
+    return LlamaCppBackend(path, name, n_threads=cfg.threads, n_ctx=n_ctx)
+
+
+def _longest_prompt(bench: dict) -> str:
+    """Text at least as long as any K-shot prompt of a generation benchmark: its K + 1 longest
+    items written out whole (question, rationale, answer)."""
+    texts = sorted((" ".join(str(i.get(k, "")) for k in ("question", "rationale", "answer"))
+                    for i in bench["items"]), key=len, reverse=True)
+    return "\n\n".join(texts[:bench["shots"] + 1])
 
 
 def task_quality(cfg: EvalConfig, inputs: Inputs, metric: str, model, tok, backend, name: str,

@@ -124,6 +124,8 @@ class GenerateConfig:
                           "refused connections, with exponential backoff", check=NOT_NEGATIVE)
     tokenizer: str | None = option(None, "MODEL whose tokenizer an openai teacher uses; needed to "
                                    "write its top-k log-probs as ids")
+    threads: int | None = option(None, "CPU threads for a llama.cpp teacher (a .gguf or packaged "
+                                 "name; default: the usable cores) or a PyTorch one", check=AT_LEAST_1)
     trust_remote_code: bool = option(False, "allow a model folder that ships its own code (auto_map)",
                                      wired=True)
 
@@ -518,7 +520,7 @@ def teacher_backend(cfg: GenerateConfig):
         return OpenAIBackend.from_spec(cfg.teacher, concurrency=cfg.concurrency, retries=cfg.retries)
     from slmkit.backends import load_backend
 
-    return load_backend(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    return load_backend(cfg.teacher, n_threads=cfg.threads, trust_remote_code=cfg.trust_remote_code)
 
 
 def prompt_fits(backend):

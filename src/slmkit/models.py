@@ -1,9 +1,11 @@
-"""Load, save and describe models: Hugging Face checkpoint folders, GGUF files and `default`.
+"""Load, save and describe models: Hugging Face checkpoint folders, GGUF files, Hub ids and names.
 
-Every MODEL argument is resolved to a plain Hugging Face folder first. A `.gguf` file (the
-embedded default among them) is converted once to safetensors in the cache folder
-(`SLMKIT_CACHE`, default `~/.cache/slmkit`) and reused afterwards: loading the cached folder takes
-~2 s instead of ~20 s of GGUF dequantisation. The cache drops folders whose GGUF file is gone and
+A MODEL argument is a folder, a `.gguf` file, a Hub id `Org/Name[@revision]` (the local Hub cache
+first, then the Hub where the network allows), `default` (the embedded SmolLM2-135M-Instruct) or
+a packaged name (slmkit.packaged). Every one is resolved to a plain Hugging Face folder first. A
+`.gguf` file is converted once, in the dtype the verb computes in, to safetensors in the cache
+folder (`SLMKIT_CACHE`, default `~/.cache/slmkit`) and reused afterwards: loading the cached
+folder takes ~2 s instead of ~20 s of GGUF dequantisation. The cache drops folders whose GGUF file is gone and
 stays under `SLMKIT_CACHE_GB` (default 20) by least recent use. Code from a model folder never
 runs unless the caller passes `trust_remote_code=True` explicitly.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -24,7 +27,12 @@ from slmkit.errors import UsageError, read_text
 
 DEFAULT = "default"
 DTYPES = ("float32", "bfloat16", "float16")
-WEIGHTS_HELP = "a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file, or `default`"
+WEIGHTS_HELP = ("a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file, a Hub id "
+                "Org/Name[@revision], `default`, or a packaged name (`slm models` lists them)")
+# Org/Name[@revision] as the Hub spells them; a path that exists always wins over this reading
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
+# What a checkpoint folder needs from a Hub repo: never pickles (*.bin) or code (*.py)
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
 
 
 # --------------------------------------------------------------------------- paths and cache
@@ -53,26 +61,72 @@ def default_gguf() -> Path:
     return files[0]
 
 
+def is_name(spec) -> bool:
+    """True for `default` and the packaged names: models slmkit installs, named not by a path."""
+    from slmkit.packaged import PACKAGED
+
+    return str(spec) == DEFAULT or str(spec) in PACKAGED
+
+
 def gguf_path(spec) -> Path | None:
-    """The .gguf file a MODEL argument names (`default`: the embedded one); None for a folder."""
+    """The .gguf file a MODEL argument names (`default` and packaged names: the installed file,
+    checked); None for a folder or a Hub id."""
+    from slmkit import packaged
+
     if str(spec) == DEFAULT:
         return default_gguf()
+    if str(spec) in packaged.PACKAGED:
+        return packaged.path_of(str(spec))
     return Path(spec) if str(spec).endswith(".gguf") else None
 
 
-def resolve(spec: str | os.PathLike, trust_remote_code: bool = False) -> Path:
-    """MODEL argument -> a checked Hugging Face checkpoint folder (GGUF converted once)."""
-    if str(spec) == DEFAULT:
-        return gguf_to_folder(default_gguf())
+def resolve(spec: str | os.PathLike, trust_remote_code: bool = False, dtype: str = "float32") -> Path:
+    """MODEL argument -> a checked Hugging Face checkpoint folder (a GGUF converted once, into
+    `dtype`: the dtype the verb loads it in, so a bf16 verb never holds a float32 copy)."""
+    if is_name(spec):
+        return gguf_to_folder(gguf_path(spec), dtype=dtype, name=str(spec))
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UsageError(f"model path `{spec}` does not exist; give {WEIGHTS_HELP}")
+        if HUB_ID.match(str(spec)) and not str(spec).endswith(".gguf"):
+            path = hub_folder(str(spec))
+        else:
+            raise UsageError(f"model path `{spec}` does not exist; give {WEIGHTS_HELP}")
     if path.is_file():
         if path.suffix == ".gguf":
-            return gguf_to_folder(path)
+            return gguf_to_folder(path, dtype=dtype)
         raise UsageError(f"`{spec}` is a file but not a .gguf; give {WEIGHTS_HELP}")
     check_folder(path, trust_remote_code=trust_remote_code)
     return path
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_folder(spec: str) -> Path:
+    """The snapshot folder of Hub id `Org/Name[@revision]`: from the local Hub cache
+    ($HF_HUB_CACHE / $HF_HOME), else downloaded (safetensors, JSON and tokenizer files only)
+    unless HF_HUB_OFFLINE is set. HF_TOKEN is read by huggingface_hub itself."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = spec.partition("@")
+    kw = dict(revision=revision or None, allow_patterns=HUB_FILES)
+    try:
+        return Path(snapshot_download(repo, local_files_only=True, **kw))
+    except Exception:  # not cached (LocalEntryNotFoundError), or a cache entry without files
+        pass
+    if hub_offline():
+        raise UsageError(f"`{spec}` is neither a path nor a model in the local Hub cache, and "
+                         "HF_HUB_OFFLINE is set; download it where the network allows "
+                         f"(`hf download {repo}`) or give a local folder or .gguf file")
+    try:
+        print(f"slm: downloading {spec} from the Hugging Face Hub (weights, config, tokenizer)",
+              file=sys.stderr)
+        return Path(snapshot_download(repo, etag_timeout=10, **kw))
+    except Exception as e:  # no network, no such repo, gated without HF_TOKEN
+        raise UsageError(f"`{spec}` is neither a path nor a model in the local Hub cache, and the "
+                         f"Hub could not give it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         "); check the id and HF_TOKEN, or give a local folder or .gguf file") from None
 
 
 def read_json(path: Path, fix: str = "restore it from the original checkpoint") -> dict:
@@ -172,31 +226,58 @@ def tensor_headers(folder: Path) -> dict[str, dict]:
 
 # --------------------------------------------------------------------------- GGUF conversion
 
-def gguf_to_folder(gguf: Path) -> Path:
-    """Convert a GGUF file once to a safetensors checkpoint in the cache; return that folder."""
+def gguf_to_folder(gguf: Path, dtype: str = "float32", name: str | None = None) -> Path:
+    """Convert a GGUF file once to a safetensors checkpoint in `dtype` in the cache; return that
+    folder. The tensors are dequantised one at a time straight into `dtype`, so converting
+    holds about two copies of the model in that dtype, never a float32 one for a bf16 verb.
+    name: what the user called the model (a packaged name), for messages."""
     gguf = gguf.resolve()
     st = gguf.stat()
+    torch_dtype(dtype)  # a valid name, before the key is made of it
     key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    suffix = "" if dtype == "float32" else f"-{dtype}"  # float32 keeps the older folders' names
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}{suffix}"
     if (out / "config.json").is_file():
         os.utime(out)  # used now: the last the size cap evicts
+        ORIGIN[out] = name or str(gguf)
         return out
     _check_gguf(gguf)
-    print(f"slm: converting {gguf.name} to safetensors once (cached in {out})", file=sys.stderr)
+    print(f"slm: converting {name or gguf.name} to {dtype} safetensors once (cached in {out})",
+          file=sys.stderr)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, NotImplementedError) as e:  # an architecture transformers cannot read
+        raise UsageError(f"`{name or gguf}`: transformers cannot read this GGUF "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); give the "
+                         "model's Hugging Face folder or Hub id instead") from None
     # The dequantised weights are plain float tensors; the GGUF quantization config only stops
     # save_pretrained and would mislead readers of the saved config.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     save_model(model, tokenizer, out, extra={SOURCE_RECORD: {
-        "gguf": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}})
+        "gguf": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": dtype}})
+    del model
     trim_gguf_cache(keep=out)
+    ORIGIN[out] = name or str(gguf)
     return out
+
+
+# A converted folder -> the MODEL the user gave (a .gguf path or a packaged name): messages name
+# that, never the cache folder, which the user did not make and the cache may evict.
+ORIGIN: dict[Path, str] = {}
+
+
+def shown(folder) -> str:
+    """How a message names a model folder: the user's GGUF file or name for a converted one."""
+    return ORIGIN.get(Path(folder), str(folder))
 
 
 SOURCE_RECORD = "source.json"  # in each converted folder: the GGUF it came from, as its key saw it
@@ -261,11 +342,12 @@ def trim_gguf_cache(keep: Path | None = None, limit_gb: float | None = None) -> 
     return removed
 
 
-def _check_gguf(path: Path) -> None:
+def _check_gguf(path: Path):
+    """The file's GGUFReader (memory-mapped: the header is parsed, no tensor is read)."""
     try:
         from gguf import GGUFReader
 
-        GGUFReader(str(path))
+        return GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError/IndexError/OSError on bad files
         raise UsageError(f"`{path}` is not a readable GGUF file ({type(e).__name__}: {e}); "
                          "it may be truncated: copy or download it again") from None
@@ -282,6 +364,25 @@ def pick_device(name: str | None = None):
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(requested: str, device) -> str:
+    """`auto` -> the dtype a model that only runs forward is held in: bfloat16 where the forward
+    runs under bf16 autocast anyway (so a 1.5B teacher takes 3 GB, not 6), else float32."""
+    from slmkit import precision
+
+    if requested != "auto":
+        torch_dtype(requested)
+        return requested
+    return "bfloat16" if precision.autocast_dtype(device) is not None else "float32"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def torch_dtype(name: str):
@@ -314,7 +415,7 @@ def context_length(config) -> int:
 
 def load_model(spec, dtype: str = "float32", device=None, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a MODEL argument. The model is in eval mode on `device`."""
-    folder = resolve(spec, trust_remote_code=trust_remote_code)
+    folder = resolve(spec, trust_remote_code=trust_remote_code, dtype=dtype)
     return load_folder(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
@@ -328,7 +429,7 @@ def load_folder(folder: Path, dtype: str = "float32", device=None, trust_remote_
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"cannot load the model in `{folder}`: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot load the model `{shown(folder)}`: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
     return model, load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
@@ -339,7 +440,7 @@ def load_tokenizer(folder, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the tokenizer in `{folder}`: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"cannot load the tokenizer of `{shown(folder)}`: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # batching needs a pad id; masked out everywhere it matters
     return tok
@@ -423,7 +524,11 @@ HEAD_KEYS = ("lm_head.weight", "embed_out.weight")
 
 
 def describe(spec, trust_remote_code: bool = False) -> dict:
-    """Facts about a model from its files alone (no weights loaded, so it is fast)."""
+    """Facts about a model from its files alone (no weights loaded, so it is fast). A GGUF file
+    is described from its header: no conversion, and its own size on disk."""
+    gguf = gguf_path(spec)
+    if gguf is not None:
+        return describe_gguf(gguf) | {"source": str(spec)}
     folder = resolve(spec, trust_remote_code=trust_remote_code)
     cfg = read_config(folder)
     tensors = tensor_headers(folder)
@@ -434,6 +539,116 @@ def describe(spec, trust_remote_code: bool = False) -> dict:
         "dtype": cfg.get("dtype") or cfg.get("torch_dtype") or ",".join(sorted(dtypes)),
         "bytes_on_disk": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
         "chat_template": has_chat_template(folder),
+    }
+
+
+# GGUF value types (gguf spec): struct format of each scalar; 8 = string, 9 = array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_header(path: Path) -> tuple[dict, dict[str, tuple[list[int], int]]]:
+    """(metadata, tensors) of a GGUF file, read from its header alone in well under a second:
+    metadata maps keys to scalars and strings, and arrays to their length (a 150k-token
+    vocabulary is skipped, not decoded); tensors maps names to (shape as HF orders it, ggml type).
+    A truncated or foreign file is a UsageError naming it."""
+    import mmap
+
+    bad = (f"`{path}` is not a readable GGUF file (truncated or not GGUF); copy or download it "
+           "again, or reinstall a packaged model with `make models`")
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # empty file
+            raise UsageError(bad) from None
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals if len(vals) > 1 else vals[0]
+
+    def text():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+
+    def value(kind):
+        nonlocal pos
+        if kind == 8:
+            return text()
+        if kind == 9:
+            elem, count = take("I"), take("Q")
+            if elem == 8:
+                for _ in range(count):
+                    n = take("Q")  # not `pos += take(...)`: that would add to the old pos
+                    pos += n
+            elif elem in _GGUF_SCALARS:
+                pos += count * struct.calcsize(_GGUF_SCALARS[elem])
+            else:
+                raise ValueError(f"array of type {elem}")
+            return count
+        return take(_GGUF_SCALARS[kind])
+
+    try:
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("magic")
+        pos = 4
+        _version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = text()
+            meta[key] = value(take("I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = text()
+            dims = [take("Q") for _ in range(take("I"))]
+            kind, _offset = take("I"), take("Q")
+            tensors[name] = (dims[::-1], kind)  # GGUF lists the fastest-varying dimension first
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError):
+        raise UsageError(bad) from None
+    finally:
+        buf.close()
+    return meta, tensors
+
+
+def describe_gguf(path: Path) -> dict:
+    """describe()'s record from a GGUF header: metadata and tensor shapes, nothing dequantised."""
+    if not path.is_file():
+        raise UsageError(f"model path `{path}` does not exist; give {WEIGHTS_HELP}")
+    from gguf import GGMLQuantizationType
+
+    meta, tensors = gguf_header(path)
+    arch = meta.get("general.architecture")
+    a = lambda key: meta.get(f"{arch}.{key}")  # noqa: E731
+    shapes = {name: shape for name, (shape, _) in tensors.items()}
+    tied = "output.weight" not in shapes
+    embed = numel(shapes.get("token_embd.weight", []))
+    total = sum(numel(s) for s in shapes.values())
+    head = 0 if tied else numel(shapes["output.weight"])
+    heads, hidden = a("attention.head_count"), a("embedding_length")
+    kinds = sorted({GGMLQuantizationType(k).name if k in GGMLQuantizationType._value2member_map_
+                    else str(k) for _, k in tensors.values()})
+    return {
+        "architecture": f"{arch} (GGUF)",
+        "model_type": arch,
+        "parameters": total,
+        "embedding_parameters": embed + head,
+        "non_embedding_parameters": total - embed - head,
+        "tied_embeddings": tied,
+        "layers": a("block_count"),
+        "hidden_size": hidden,
+        "heads": heads,
+        "kv_heads": a("attention.head_count_kv") or heads,
+        "head_dim": a("attention.key_length") or (hidden // heads if heads and hidden else None),
+        "mlp_size": a("feed_forward_length"),
+        "vocab_size": meta.get("tokenizer.ggml.tokens") or a("vocab_size"),
+        "context_length": a("context_length"),
+        "path": str(path),
+        "dtype": ",".join(kinds),
+        "bytes_on_disk": path.stat().st_size,
+        "chat_template": "tokenizer.chat_template" in meta,
     }
 
 

@@ -73,8 +73,8 @@ def _sha(obj) -> str:
 
 def model_fingerprint(spec: str) -> str:
     """Cheap identity of a model: file names, sizes and mtimes (weights are not hashed)."""
-    if spec == models.DEFAULT:
-        spec = str(models.default_gguf())
+    if models.is_name(spec):
+        spec = str(models.gguf_path(spec))
     if spec.startswith("openai:"):
         return spec
     p = Path(spec)

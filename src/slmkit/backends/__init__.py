@@ -166,8 +166,15 @@ class Backend:
 
 
 def model_name(spec: str) -> str:
-    """The name a model is served under: the file or folder stem, or `default`."""
-    return "default" if str(spec) == "default" else Path(str(spec).rstrip("/")).stem
+    """The name a model is served under: `default` or a packaged name as it is, a Hub id's last
+    part, else the file or folder stem."""
+    from slmkit.models import HUB_ID, is_name
+
+    if is_name(spec):
+        return str(spec)
+    if HUB_ID.match(str(spec)) and not Path(str(spec)).exists():
+        return str(spec).split("@")[0].split("/")[-1]
+    return Path(str(spec).rstrip("/")).name.removesuffix(".gguf")
 
 
 def load_backend(spec: str, name: str | None = None, device: str | None = None,
@@ -176,14 +183,19 @@ def load_backend(spec: str, name: str | None = None, device: str | None = None,
     """A `.gguf` file -> llama.cpp (CPU); a Hugging Face folder or `default` -> PyTorch.
     n_threads: CPU threads of llama.cpp, or of PyTorch (process-wide) for the PyTorch backend.
     trust_remote_code: let a Hugging Face folder run its own code (never by default)."""
+    from slmkit.models import DEFAULT, gguf_path
+
     name = name or model_name(spec)
-    if str(spec).endswith(".gguf"):
-        if not Path(spec).is_file():
+    # a .gguf file or a packaged name runs in llama.cpp; `default` stays in PyTorch, where its
+    # tokens and log-probs match the students it teaches bit for bit
+    gguf = gguf_path(spec) if str(spec) != DEFAULT else None
+    if gguf is not None:
+        if not gguf.is_file():
             raise UsageError(f"model path `{spec}` does not exist; give a .gguf file, "
-                             "a Hugging Face folder or `default`")
+                             "a Hugging Face folder, a Hub id or a name (`slm models`)")
         from slmkit.backends.llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(spec, name=name, n_threads=n_threads)
+        return LlamaCppBackend(str(gguf), name=name, n_threads=n_threads)
     from slmkit.backends.hf import HFBackend
 
     if n_threads:

@@ -25,8 +25,12 @@ class LlamaCppBackend(Backend):
                              "(builds from source in ~5 min), or serve the Hugging Face folder "
                              "instead") from None
         try:
-            # n_ctx=0: the context length the model was trained with
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+            from slmkit.models import usable_cores
+
+            # n_ctx=0: the context length the model was trained with; callers that know their
+            # longest prompt ask for less (a 32k context costs GBs of KV cache)
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or usable_cores(),
+                             verbose=False)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"llama.cpp cannot load `{path}` ({e}); check the file with "
                              "`slm info` or export it again") from None
@@ -111,6 +115,34 @@ class LlamaCppBackend(Backend):
         dec = lambda i: self.llm.detokenize([int(i)]).decode("utf-8", "replace")  # noqa: E731
         return TokenLogprobs(token, dec(token), float(lp[token]),
                              [(int(i), dec(i), float(lp[i])) for i in top])
+
+
+class GGUFTemplate:
+    """What prompt rendering reads from a tokenizer (`chat_template`, `apply_chat_template`),
+    served by a llama.cpp backend: a GGUF is then evaluated without loading it in torch."""
+
+    def __init__(self, backend: LlamaCppBackend):
+        self.backend = backend
+        self.chat_template = backend.template
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        assert not tokenize and add_generation_prompt, "only prompts are rendered here"
+        return self.backend.render(messages)
+
+
+def fit_context(path: str, texts: list[str], max_new_tokens: int) -> int:
+    """A context just large enough for the longest of `texts` plus `max_new_tokens` (rounded up
+    to 256 tokens, at most the model's own), counted with the GGUF's tokenizer alone."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    longest = max((len(vocab.tokenize(t.encode("utf-8"), add_bos=True, special=True)) for t in texts),
+                  default=0)
+    trained = int(vocab.metadata.get(f"{vocab.metadata.get('general.architecture')}.context_length", 0)
+                  or 0)
+    want = -(-(longest + max_new_tokens + 16) // 256) * 256
+    return min(want, trained) if trained else want
 
 
 def render_chat(template: str, messages: list[dict], bos: str, eos: str) -> str:
