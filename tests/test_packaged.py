@@ -186,3 +186,4 @@ def test_model_without_chat_template_gets_the_plain_prompt(tmp_path, tiny_llama,
     assert code == 0, err
     models = json.loads((tmp_path / "rep" / "metrics.json").read_text())["models"]
     assert [m["prompt"] for m in models] == ["chat template", "plain text"]
+    assert "plain-text prompt (no chat template): base" in (tmp_path / "rep" / "report.md").read_text()

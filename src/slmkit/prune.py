@@ -827,7 +827,9 @@ def format_search(plan: dict) -> str:
 def read_teacher(cfg: PruneConfig):
     """(folder, config.json, shape, count): `count(shape)` is the exact parameter count of that
     cut, from the safetensors headers (no weights loaded)."""
-    folder = models.resolve(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    # a GGUF is converted in the dtype the pruning computes in (bfloat16 on bf16 hardware)
+    folder = models.resolve(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                            dtype=models.compute_dtype("auto", models.pick_device(cfg.device)))
     config = models.read_config(folder)
     check_arch(config, f"{folder}/config.json")
     shapes = header_shapes(folder)
@@ -895,7 +897,8 @@ def prune(cfg: PruneConfig) -> dict:
 
     device = models.pick_device(cfg.device)
     num_samples = cfg.num_samples or (256 if device.type == "cuda" else 16)
-    model, tok = models.load_folder(folder, device=device, trust_remote_code=cfg.trust_remote_code)
+    model, tok = models.load_folder(folder, dtype=models.compute_dtype("auto", device), device=device,
+                                    trust_remote_code=cfg.trust_remote_code)
     ids = calibration_batch(tok, texts, num_samples, cfg.seq_len, seed=cfg.seed)
     scores = measure_importance(model, ids, device=device)
     refit_ids = ids if cfg.refit else None

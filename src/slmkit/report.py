@@ -203,6 +203,10 @@ def _settings_line(metrics: dict) -> str:
     parts.append(f"greedy, max {s.get('max_new_tokens')} new tokens, device {s.get('device')}")
     if s.get("engine") == "llamacpp":
         parts.append(".gguf models generate with llama.cpp (log-likelihoods with torch)")
+    plain = [m["name"] for m in metrics.get("models", []) if m.get("prompt") == "plain text"]
+    if plain:  # a base model without a chat template reads the task's prompt as plain text
+        parts.append(f"plain-text prompt (no chat template): {', '.join(plain)}; the others: "
+                     "their chat template")
     return "; ".join(parts) + f"; {metrics.get('created', '')}"
 
 
