@@ -292,9 +292,11 @@ def test_no_chat_template(cli, tiny_llama, tmp_path):
     cfg = json.loads((plain / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
-    f = _write(tmp_path / "d.jsonl", [{"dialogue": "hi", "summary": "s"}])
-    err = _bad(cli, tiny_llama, plain, "--task", "summarize", "--data", f)
-    assert "tokenizer_config.json" in err and "chat template" in err
+    # a task's prompt runs as plain text (test_packaged); a conversation needs the template
+    f = _write(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "hello"}]}])
+    err = _bad(cli, tiny_llama, plain, "--data", f)
+    assert "d.jsonl:1" in err and "chat template" in err and str(plain) in err
 
 
 def test_harness_missing_is_a_clear_error(tiny_llama):
