@@ -280,6 +280,13 @@ def shown(folder) -> str:
     return ORIGIN.get(Path(folder), str(folder))
 
 
+def config_where(folder) -> str:
+    """Where a message says a config problem is: `FOLDER/config.json`, or for a converted GGUF
+    the user's file or name (its metadata became that config)."""
+    folder = Path(folder)
+    return f"`{ORIGIN[folder]}`" if folder in ORIGIN else f"{folder}/config.json"
+
+
 SOURCE_RECORD = "source.json"  # in each converted folder: the GGUF it came from, as its key saw it
 CACHE_GB = 20.0  # the converted folders' default size cap ($SLMKIT_CACHE_GB); `default` takes ~0.5 GB
 RECENT_S = 600  # a folder used this recently may be open in another process: the cap spares it
