@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # and pip never pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test test-bf16 bench clean
+.PHONY: install demo test test-bf16 bench docs clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test-bf16: install
 
 bench: install
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# the generated pages: docs/cli.md from the verbs' options, results/README.md from results/*/*.json
+docs: install
+	$(BIN)/python -m slmkit.clidoc
+	$(BIN)/python -m slmkit.results
 
 clean:
 	rm -rf $(VENV) runs
