@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # and pip never pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test test-bf16 bench docs clean
+.PHONY: install demo test test-bf16 bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,7 @@ bench: install
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # the generated pages: docs/cli.md from the verbs' options, results/README.md from results/*/*.json
+.PHONY: docs
 docs: install
 	$(BIN)/python -m slmkit.clidoc
 	$(BIN)/python -m slmkit.results
