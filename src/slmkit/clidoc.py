@@ -67,6 +67,31 @@ def verb_section(command: str) -> list[str]:
     return lines + [""]
 
 
+def stage_section() -> list[str]:
+    """The recipe keys of each `slm build` stage: its verb's options minus the ones build wires."""
+    import dataclasses
+
+    from slmkit.recipe import CONFIGS, STAGES, _stage_api
+
+    lines = ["## Recipe stage keys", "",
+             "What each stage under `stages:` accepts: the options of its verb that `slm build` does",
+             "not set itself, with the verb's defaults (recipes.md lists the few a stage changes).", "",
+             "| stage | verb | keys |", "|---|---|---|"]
+    verbs = {"generate": "generate", "label": "generate", "tune_teacher": "distill", "prune": "prune",
+             "distill": "distill", "export": "export", "eval": "eval"}
+    for stage in STAGES:
+        keys = []
+        for name, (field, _) in _stage_api(stage).items():
+            value = field.default
+            # YAML spelling: true/false; no default shown where there is none (None)
+            value = str(value).lower() if isinstance(value, bool) else value
+            default = "" if value in (dataclasses.MISSING, None) else f": `{value}`"
+            keys.append(f"`{name}`{default}")
+        lines.append(f"| `{stage}` | [slm {verbs[stage]}](#slm-{verbs[stage]}) "
+                     f"(`{CONFIGS[stage][1]}`) | {', '.join(keys)} |")
+    return lines + [""]
+
+
 def render() -> str:
     lines = ["# CLI reference", "",
              "Generated from the options the verbs declare (`option(...)` fields of their config",
@@ -74,9 +99,11 @@ def render() -> str:
              "A recipe stage takes the same options as its verb, with `-` written `_` (`max_steps: 200`",
              "for `--max-steps 200`); the options `slm build` sets itself (models, data, task, output",
              "folder, device) are not recipe keys. See [recipes.md](recipes.md).", "",
-             "Verbs: " + ", ".join(f"[{c}](#slm-{c})" for c in COMMANDS), ""]
+             "Verbs: " + ", ".join(f"[{c}](#slm-{c})" for c in COMMANDS)
+             + "; [recipe stage keys](#recipe-stage-keys)", ""]
     for command in COMMANDS:
         lines += verb_section(command)
+    lines += stage_section()
     return "\n".join(lines).rstrip() + "\n"
 
 
