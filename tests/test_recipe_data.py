@@ -64,3 +64,35 @@ def test_no_shipped_recipe_points_outside_the_package(path):
         inside = (path.parent / value).resolve()
         assert inside.is_relative_to(RECIPES.parent.resolve()), f"{path.name}: {key}: {value}"
     assert "shared/data" not in path.read_text(), path.name
+
+
+def test_a_custom_task_runs_through_every_training_stage_and_a_rerun_skips(tmp_path, tiny_llama):
+    """A recipe's own task (not a preset) reaches tune_teacher, prune, distill and eval, and the
+    training record holds it as JSON, so an unchanged rerun skips every stage."""
+    rows = [{"id": f"t{i}", "ticket": f"My invoice {i} is wrong, please fix it.", "label": "billing",
+             **({"split": "eval"} if i % 4 == 0 else {})} for i in range(8)]
+    (tmp_path / "tickets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mine.yaml").write_text(f"""
+name: mine
+teacher: {tiny_llama}
+task:
+  template: "Classify this support ticket as bug, billing or other.\\n\\n{{ticket}}"
+  target: label
+  metric: exact
+data: tickets.jsonl
+stages:
+  tune_teacher: {{max_steps: 1, batch_size: 2, eval_max: 2}}
+  prune: {{shape: {{layers: 2}}, method: depth, num_samples: 4, seq_len: 32}}
+  distill: {{max_steps: 1, batch_size: 2, eval_max: 2}}
+  eval: {{limit: 2, max_new_tokens: 4}}
+""")
+    runs = tmp_path / "runs"
+    done = pipeline.build(load_recipe(tmp_path / "mine.yaml"), runs=runs)
+    assert [s["status"] for s in done["stages"].values()] == ["done"] * 4
+    record = json.loads((runs / "mine" / "student" / "training_record.json").read_text())
+    assert record["fingerprint"]["task"]["target"] == "label"
+    metrics = json.loads((runs / "mine" / "report" / "metrics.json").read_text())
+    assert all("exact" in m["task"] for m in metrics["models"])
+    seconds = {k: s["seconds"] for k, s in done["stages"].items()}
+    again = pipeline.build(load_recipe(tmp_path / "mine.yaml"), runs=runs)
+    assert {k: s["seconds"] for k, s in again["stages"].items()} == seconds  # all skipped
