@@ -45,5 +45,11 @@ test-bf16: install
 bench: install
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# the generated pages: docs/cli.md from the verbs' options, results/README.md from results/*/*.json
+.PHONY: docs
+docs: install
+	$(BIN)/python -m slmkit.clidoc
+	$(BIN)/python -m slmkit.results
+
 clean:
 	rm -rf $(VENV) runs

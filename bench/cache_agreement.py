@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from slmkit import models, precision  # noqa: E402
+from slmkit import models, precision, results  # noqa: E402
 from slmkit.distill import DistillConfig, cache_teacher, distill  # noqa: E402
 
 
@@ -79,8 +79,15 @@ def main() -> int:
                                 data=str(data), out=str(work / "student"), max_steps=args.distill_steps,
                                 batch_size=2, eval_every=10**6))
     rec = json.loads((out / "training_record.json").read_text())
-    print(f"--teacher-cache distillation: {rec['steps']} steps in {time.perf_counter() - t:.1f} s, "
+    seconds = time.perf_counter() - t
+    print(f"--teacher-cache distillation: {rec['steps']} steps in {seconds:.1f} s, "
           f"final kd {rec['final_train']['kd']:.4f}")
+    results.write("cache_agreement", {
+        "teacher": args.teacher, "rows": len(rows), "positions": total,
+        "top1_agreement": agree / total, "worst_row": worst, "precision": precision.describe(device),
+        "distill_steps": rec["steps"], "distill_s": round(seconds, 1), "final_kd": rec["final_train"]["kd"]},
+        summary=f"cache top-1 agreement {100 * agree / total:.1f} % of {total} positions, "
+                f"worst row {100 * worst:.1f} % ({precision.describe(device)})")
     return 0 if worst >= 0.9 else 1
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from slmkit import data, models
+from slmkit import data, models, results
 from slmkit.distill import DistillConfig, collate, distill, encode_all, logits_window
 from slmkit.losses import loss_sums
 from slmkit.tasks import get_task
@@ -171,18 +171,23 @@ def main() -> int:
         (rows_dir / f"{key}.json").write_text(json.dumps({"name": name} | row))
         print(name, json.dumps(row), flush=True)
 
-    results = {}
+    results_rows = {}
     for k in ("teacher", "pruned", "a", "b", "c"):
         if (rows_dir / f"{k}.json").is_file():
             r = json.loads((rows_dir / f"{k}.json").read_text())
-            results[r["name"]] = r
+            results_rows[r["name"]] = r
     print(f"\n{len(held_ex)} held-out dialogues, {args.tokens:,} training tokens per arm, "
           f"lr {args.lr}, batch {args.batch_size}, threads {torch.get_num_threads()}\n")
     print("| model | params | answer ppl | ROUGE-L | train tokens | train s |")
     print("|---|---|---|---|---|---|")
-    for name, r in results.items():
+    for name, r in results_rows.items():
         print(f"| {name} | {r['parameters'] / 1e6:.1f}M | {r['answer_ppl']:.2f} | {r['rougeL']:.1f} | "
               f"{r.get('train_tokens', '-')} | {r.get('train_s', '-')} |")
+    results.write("distill", {"held_out": len(held_ex), "tokens_per_arm": args.tokens, "lr": args.lr,
+                              "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                              "rows": results_rows},
+                  summary="; ".join(f"{n}: ROUGE-L {r['rougeL']:.1f}, ppl {r['answer_ppl']:.2f}"
+                                    for n, r in results_rows.items()))
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from slmkit import data, models, precision
+from slmkit import results as slm_results
 from slmkit.distill import DistillConfig, distill
 from slmkit.tasks import get_task
 
@@ -132,7 +133,13 @@ def main() -> int:
         print(f"| {name} | {r['seconds']:.1f} | {tps:.1f} | {fl / 1e9:.1f} | {100 * fl / peak:.0f}% |")
     ratio = results["slm distill"]["tokens_per_s"] / results["TRL GKDTrainer"]["tokens_per_s"]
     print(f"\nslm distill / TRL = {ratio:.2f}x tokens/s (goal >= 1.5x)")
-    (work / "results.json").write_text(json.dumps(results | {"ratio": ratio, "peak_flops": peak}, indent=2))
+    slm_results.write("distill_speed", {
+        "trainers": results, "ratio": ratio, "peak_flops": peak, "student_parameters": student_n,
+        "teacher_parameters": teacher_n, "examples": args.examples, "tokens": tokens,
+        "batch_size": args.batch_size, "max_length": args.max_length, "bf16": use_bf16,
+        "threads": torch.get_num_threads()},
+        summary=f"slm distill / TRL GKDTrainer = {ratio:.2f}x tokens/s "
+                f"({'bf16 autocast' if use_bf16 else 'float32'}, {torch.get_num_threads()} threads)")
     return 0
 
 

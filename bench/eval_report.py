@@ -39,15 +39,21 @@ def half_student(out: Path) -> Path:
     return out
 
 
-def run(name: str, argv: list[str]) -> None:
-    """`slm eval ARGV` in this process (it prints the scorecard), timed."""
+def run(name: str, argv: list[str]) -> dict:
+    """`slm eval ARGV` in this process (it prints the scorecard), timed; its metrics.json."""
+    import json
+
     from slmkit.cli import main
 
     print(f"\n== {name}: slm eval {' '.join(argv)}", flush=True)
     t = time.perf_counter()
     if main(["eval", *argv]):
         raise SystemExit(f"slm eval failed for {name}")
-    print(f"({time.perf_counter() - t:.0f} s)")
+    seconds = time.perf_counter() - t
+    print(f"({seconds:.0f} s)")
+    out = Path(argv[argv.index("--out") + 1])
+    return {"command": "slm eval " + " ".join(argv), "seconds": round(seconds, 1),
+            "metrics": json.loads((out / "metrics.json").read_text())}
 
 
 def main() -> int:
@@ -61,10 +67,11 @@ def main() -> int:
         print(f"skipped: no development data in {DATA}", file=sys.stderr)
         return 0
     student = a.student or str(half_student(out / "default-half"))
-    run("summaries", ["default", student, "--names", "default,student", "--task", "summarize",
+    runs = {}
+    runs["summaries"] = run("summaries", ["default", student, "--names", "default,student", "--task", "summarize",
                       "--data", str(DATA / "dialogsum-dev.jsonl"), "--limit", str(a.limit), "--speed",
                       "--out", str(out / "summarize")])
-    run("grammar", ["default", student, "--names", "default,student", "--task", "grammar",
+    runs["grammar"] = run("grammar", ["default", student, "--names", "default,student", "--task", "grammar",
                     "--data", str(DATA / "jfleg-dev.jsonl"), "--limit", str(a.limit),
                     "--out", str(out / "grammar")])
     try:
@@ -73,7 +80,7 @@ def main() -> int:
         from slmkit import models
 
         # the same weights twice: the converted folder runs on torch, the GGUF on llama.cpp
-        run("engines", [str(models.resolve("default")), "default", "--names", "torch-f32,llamacpp-gguf",
+        runs["engines"] = run("engines", [str(models.resolve("default")), "default", "--names", "torch-f32,llamacpp-gguf",
                         "--speed", "--engine", "llamacpp", "--out", str(out / "engines")])
     except ImportError:
         print("\n(llama-cpp-python not installed: engine comparison skipped)")
@@ -84,6 +91,10 @@ def main() -> int:
                         f"--screenshot={shot}", (out / "summarize" / "report.html").resolve().as_uri()],
                        capture_output=True, timeout=120)
         print(f"\nscreenshot: {shot}")
+    from slmkit import results
+
+    results.write("eval_report", runs, summary="; ".join(
+        f"{k}: {results.scorecard_summary(v['metrics'])}" for k, v in runs.items()))
     return 0
 
 

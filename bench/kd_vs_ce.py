@@ -372,6 +372,10 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=1))
     print(f"results: {rel(out.resolve())}")
+    from slmkit import results
+
+    results.write("kd_vs_ce", result, summary="; ".join(
+        f"{a['question']}: ROUGE-L {a['rougeL_diff']:+.1f} +- {a['se']:.1f}" for a in answers))
     return 0
 
 

@@ -152,6 +152,11 @@ def main() -> int:
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")
+    from slmkit import results
+
+    results.write("presets", {"rows": rows, "jfleg": jf, "table": text}, summary="; ".join(
+        f"{r['preset']}: student {r['student']} vs tuned teacher {r['tuned']:.1f} ({r['metric']}), "
+        f"{r['seconds'] / 60:.1f} min" for r in rows))
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slmkit import data, models
+from slmkit import data, models, results
 from slmkit import prune as P
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -117,6 +117,13 @@ def main(argv=None) -> int:
         print(f"| {name} | {s.layers} | {s.hidden} | {s.ffn} | {s.heads}/{s.kv_heads} | "
               f"{n:,} ({100 * n / total:.1f}%) | {ppl:,.2f} |")
     print(f"\n({time.time() - t0:.0f} s on {torch.get_num_threads()} CPU threads)")
+    results.write("prune", {
+        "model": args.model, "target": args.target, "budget": budget, "parameters": total,
+        "held_out_tokens": list(held.shape), "seconds": round(time.time() - t0, 1),
+        "threads": torch.get_num_threads(),
+        "rows": [{"name": name, "layers": s.layers, "hidden": s.hidden, "ffn": s.ffn, "heads": s.heads,
+                  "kv_heads": s.kv_heads, "parameters": n, "ppl": ppl} for name, s, n, ppl in rows]},
+        summary="held-out ppl, no retraining: " + ", ".join(f"{name} {ppl:,.1f}" for name, _, _, ppl in rows))
     return 0
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from slmkit.export import QUANTS as ALL_QUANTS
+from slmkit import results
 from slmkit.speed import usable_cores
 
 QUANTS = [q for q in ALL_QUANTS if q != "f32"]  # f32: as big as the HF student, nothing to learn
@@ -80,6 +81,9 @@ def main() -> int:
     print(f"\n{m['n_examples']} examples of `{a.task}` ({m['split']} split), greedy, "
           f"{a.max_new_tokens} new tokens; exports {export_s:.0f} s; load average after "
           f"{load_after:.1f} on {usable_cores()} cores")
+    results.write("quant_table", {"task": a.task, "student": str(student), "export_s": export_s,
+                                  "load_after": load_after, "table": rows, "metrics": m},
+                  summary=f"{key}: " + results.scorecard_summary(m))
     return 0
 
 

@@ -175,6 +175,13 @@ def main() -> int:
         a, b = results["ours"], results["trl"]
         print(f"\nslm distill / TRL: {(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f}x "
               f"tokens/s, {a['peak_rss'] / b['peak_rss']:.2f}x peak RSS")
+    from slmkit import results as slm_results
+
+    slm_results.write("scale", {"steps": args.steps, "batch_size": args.batch_size,
+                                "max_length": args.max_length, "device": args.device, "trainers": results},
+                      summary=", ".join(f"{'slm distill' if k == 'ours' else 'TRL'} "
+                                        f"{r['tokens'] / r['seconds']:.1f} tokens/s, peak RSS "
+                                        f"{r['peak_rss'] / 2**30:.2f} GiB" for k, r in results.items()))
     return 0
 
 

@@ -203,8 +203,10 @@ def main() -> int:
 
     import torch
 
+    from slmkit import results
     from slmkit.serve import start_server
 
+    record, summary = {"teacher": args.teacher, "student": args.student}, []
     if "load" not in args.skip:
         with start_server([args.teacher], names=["teacher"], max_batch=args.max_batch,
                           batch_window_ms=20, timeout=900, threads=args.torch_threads) as s:
@@ -218,6 +220,9 @@ def main() -> int:
         print(f"latency p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s  wall {r['wall_s']:.1f} s")
         print(f"aggregate {r['tokens_per_s']:.1f} completion tokens/s ({r['completion_tokens']} tokens); "
               f"mean batch {mean_batch:.1f}, largest {max(sizes) if sizes else 0}")
+        record["load"] = r | {"clients": args.clients, "requests_each": args.requests,
+                              "max_tokens": args.max_tokens, "mean_batch": mean_batch}
+        summary.append(f"load {args.clients} clients: {r['tokens_per_s']:.1f} tokens/s, p95 {r['p95_s']:.2f} s")
 
     if "gguf" not in args.skip:
         try:
@@ -229,6 +234,8 @@ def main() -> int:
                 gguf = Path(args.gguf) if args.gguf else export_default(Path(tmp))
                 g = bench_gguf(gguf, args.reps, args.decode_tokens, args.threads)
             m = g["median"]
+            record["gguf"] = g | {"file": gguf.name}
+            summary.append(f"slm serve / llama-cpp-python decode {100 * m['ours_stream'] / m['direct_stream']:.1f} %")
             print(f"\n== single stream, {gguf.name}, {g['threads']} llama.cpp threads, "
                   f"{g['tokens']['ours']} / {g['tokens']['direct']} tokens, median of {args.reps}")
             print(f"decode (streamed, after the first token): slm serve {m['ours_stream']:.1f} tokens/s, "
@@ -257,6 +264,9 @@ def main() -> int:
                 lat = statistics.median(r[2] for r in runs)
                 print(f"{name:8s} {tokens / seconds:.1f} tokens/s over whole requests "
                       f"({tokens} tokens in {seconds:.1f} s)   median latency {lat:.2f} s")
+                record.setdefault("student_vs_teacher", {})[name] = {
+                    "tokens": tokens, "seconds": seconds, "median_latency_s": lat}
+    results.write("serve", record, summary="; ".join(summary) or "(no part run)")
     return 0
 
 

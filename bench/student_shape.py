@@ -61,10 +61,15 @@ def main() -> int:
     m = evaluate(EvalConfig([str(student)], task=a.task, split="eval", max_new_tokens=a.max_new_tokens,
                             batch_size=8))
     key = m["headline"].split(".", 1)[1]
-    print(json.dumps({"shape": shape, "distill": cfg, key: m["models"][0]["task"][key],
-                      "task": m["models"][0]["task"], "baselines": m.get("baselines"),
-                      "parameters": m["models"][0]["parameters"], "prune_s": round(t1 - t0, 1),
-                      "distill_s": round(t2 - t1, 1), "eval_s": round(time.perf_counter() - t2, 1)}))
+    record = {"shape": shape, "distill": cfg, key: m["models"][0]["task"][key],
+              "task": m["models"][0]["task"], "baselines": m.get("baselines"),
+              "parameters": m["models"][0]["parameters"], "prune_s": round(t1 - t0, 1),
+              "distill_s": round(t2 - t1, 1), "eval_s": round(time.perf_counter() - t2, 1)}
+    print(json.dumps(record))
+    from slmkit import results
+
+    results.write("student_shape", record, summary=f"shape {json.dumps(shape)}: {key} "
+                  f"{100 * record[key]:.1f}, {record['parameters'] / 1e6:.1f}M parameters")
     return 0
 
 

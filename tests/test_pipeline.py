@@ -85,8 +85,8 @@ def test_every_shipped_recipe_loads():
     for path in paths:
         try:
             stages = list(load_recipe(path).stages)
-        except UsageError as e:  # dialogsum.yaml reads the shared dev data, absent on some clones
-            if "shared/data" in str(e) and "does not exist" in str(e):
+        except UsageError as e:  # dialogsum.yaml reads data a user brings ($SLMKIT_DATA)
+            if "SLMKIT_DATA" in str(e):
                 continue
             raise
         assert stages == sorted(stages, key=list(pipeline.RUNNERS).index), path.name

@@ -1,13 +1,16 @@
-"""The README's commands are tests: every `slm ...` line of its fenced blocks (continuation
-lines joined) runs through `slmkit.cli.main` on the tiny fixtures and must exit 0 and write what
-it says it writes. A command added to the README runs here by default; the few that cannot run
+"""The README's commands are tests, and so are those of docs/: every `slm ...` line of their
+fenced blocks (continuation lines joined) runs through `slmkit.cli.main` on the tiny fixtures and
+must exit 0 and write what it says it writes. A fenced block whose first line is `# NAME.yaml` is
+a file the reader saves: it is written to the reader's folder (budgets shrunk, RECIPE_SHRINK)
+before the commands run, so `slm build NAME.yaml` builds the README's own recipe. A command added to the README runs here by default; the few that cannot run
 in a test are listed in SKIP with the reason, one that fails on a known bug in KNOWN_BUGS, and an
 entry of either that the README no longer has fails. `slm serve` runs in a thread until its
 server answers /health, then is closed; `slm chat` reads one message and /exit from stdin.
 
-The commands run in README order in one folder, as a reader would type them: `slm prune ... --out
-pruned` makes the `pruned` that `slm distill --student pruned` reads. The names a reader brings
-(`default`, `train.jsonl`, `runs/demo/student`, `../shared/data/...`) are made there up front
+The commands run in order (README.md, then docs/*.md by name; the generated pages have none) in
+one folder, as a reader would type them: `slm prune ... --out pruned` makes the `pruned` that
+`slm distill --student pruned` reads. The names a reader brings (`default`, `teacher`,
+`train.jsonl`, `student.q8_0.gguf`) are made there up front
 from the tiny model and a few lines of data; budgets shrink through flags added to each verb
 (SHRINK) or dropped (DROP), and shape arguments sized for SmolLM2-135M are scaled to the tiny
 model (SCALED). The module takes ~30 s on 2 cores; run it whole, since later commands read what
@@ -30,20 +33,21 @@ import pytest
 
 from conftest import CORPUS, make_tiny_model, run_cli
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# the pages whose commands run: the README, then the hand-written docs (cli.md and
+# architectures.md are generated from the code and hold no commands to run)
+GENERATED = {"cli.md", "architectures.md"}
+PAGES = [README] + sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in GENERATED)
 
 # README command (its text before any `#` comment) -> why it does not run here
 SKIP = {
-    "slm build": "the demo recipe: SmolLM2-135M for ~15 min (test_pipeline.py builds a tiny "
-                 "recipe end to end)",
-    "slm build recipes/grammar.yaml": "SmolLM2-135M for ~12 min (test_pipeline.py builds a tiny "
-                                      "recipe end to end)",
-    "slm build recipes/dialogsum.yaml": "reads ../shared/data, which is not shipped, and runs "
-                                        "SmolLM2-135M for minutes",
-    "slm build recipes/demo.yaml --from distill": "needs a finished demo run (test_pipeline.py "
-                                                  "reruns stages of a tiny build)",
-    "accelerate launch --multi_gpu --num_processes 2 -m slmkit distill ... --fsdp":
-        "two processes under accelerate (test_distill.py runs the two-process and FSDP runs)",
+    "slm info Qwen/Qwen2.5-0.5B-Instruct": "a Hub id is read from the local Hugging Face cache, "
+                                           "which a test does not have (nothing downloads)",
+    "slm info qwen2.5-coder-0.5b-instruct": "a packaged model, installed by `make models` "
+                                            "(~0.5 GB), which tests never need",
+    "SLMKIT_DATA=~/datasets slm build recipes/dialogsum.yaml": "DialogSum is not shipped, and the "
+        "recipe runs SmolLM2-135M for ~25 min (test_recipe_data.py loads it from $SLMKIT_DATA)",
 }
 
 # README command -> the src bug that makes it fail today (xfail, strict: fixed, it must leave here)
@@ -51,7 +55,10 @@ KNOWN_BUGS: dict[str, str] = {}
 
 # flags appended to every command of a verb (argparse: the last value wins)
 SHRINK = {
-    "prune": ["--num-samples", "4", "--seq-len", "32"],
+    # depth only: the tiny model's 32-wide rows cut in width are not whole 32-value q8_0 blocks,
+    # and transformers cannot load such a GGUF back (eval of serving-and-export.md's exports);
+    # real widths stay on prune's grid of 32
+    "prune": ["--num-samples", "4", "--seq-len", "32", "--method", "depth"],
     "distill": ["--max-steps", "1", "--batch-size", "2", "--max-length", "96", "--eval-max", "2"],
     "eval": ["--limit", "2", "--max-new-tokens", "4", "--cot-tokens", "4"],
     # --threshold 0: a random teacher's answers score ~0 against the references and as judge
@@ -64,8 +71,16 @@ DROP = {"--speed": "times each model in a child process, 10-20 s a model here; t
                    "and test_evaluate.py run it"}
 # (flag, README value) -> value for the tiny model (4 layers, MLP 64, ~50K parameters)
 SCALED = {("--target", "60M"): "35K", ("--layers", "24"): "2", ("--ffn", "1024"): "32"}
-# model folders and GGUF files the README names as inputs, made from the tiny llama
-MODEL_DIRS = ("models/default", "runs/demo/student", "student", "teacher", "runs/grammar/student")
+# a recipe block's stage options -> the tiny budget (the rest of the recipe runs as written)
+RECIPE_SHRINK = {
+    "tune_teacher": {"max_steps": 2, "batch_size": 2, "max_length": 96, "eval_max": 2},
+    "distill": {"max_steps": 2, "batch_size": 2, "max_length": 96, "eval_max": 2},
+    "prune": {"num_samples": 4, "seq_len": 32},
+    "generate": {"limit": 2, "max_new_tokens": 4}, "label": {"limit": 2, "max_new_tokens": 4},
+    "eval": {"limit": 2, "max_new_tokens": 4, "speed": False},
+}
+# model folders and GGUF files the pages name as inputs, made from the tiny llama
+MODEL_DIRS = ("models/default", "student", "teacher")
 GGUF_FILES = ("student.q8_0.gguf",)
 # what `--out` holds after each verb
 OUT_FILES = {"prune": ["prune_plan.json", "config.json"],
@@ -73,17 +88,39 @@ OUT_FILES = {"prune": ["prune_plan.json", "config.json"],
              "eval": ["metrics.json", "report.html", "report.md"]}
 
 
-def readme_commands() -> list[tuple[int, str]]:
-    """(fenced block number, line) of every `slm` command of README.md, in order."""
+def fenced_blocks(page: Path) -> list[str]:
+    return re.findall(r"^ *```[^\n]*\n(.*?)^ *```", page.read_text(), re.S | re.M)
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(page:block number, line) of every `slm` command of the pages, in order."""
     found = []
-    blocks = re.findall(r"^ *```[^\n]*\n(.*?)^ *```", README.read_text(), re.S | re.M)
-    for i, block in enumerate(blocks):
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            line = " ".join(line.split()).removeprefix("$ ")
-            words = [w for w in line.split() if not re.fullmatch(r"[A-Z_]+=\S*", w)]
-            if words[:1] == ["slm"] or "-m slmkit" in line:
-                found.append((i, line))
+    for page in PAGES:
+        for i, block in enumerate(fenced_blocks(page)):
+            found += [(f"{page.name}:{i}", line) for line in block_commands(block)]
     return found
+
+
+def block_commands(block: str) -> list[str]:
+    """The `slm` lines of one fenced block (continuation lines joined, `$ ` and VAR= dropped)."""
+    found = []
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+        line = " ".join(line.split()).removeprefix("$ ")
+        words = [w for w in line.split() if not re.fullmatch(r"[A-Z_]+=\S*", w)]
+        if words[:1] == ["slm"] or "-m slmkit" in line:
+            found.append(line)
+    return found
+
+
+def saved_files() -> dict[str, str]:
+    """NAME.yaml -> text, for each fenced block of the pages that starts with `# NAME.yaml`."""
+    files = {}
+    for page in PAGES:
+        for block in fenced_blocks(page):
+            first = block.split("\n", 1)[0].strip()
+            if re.fullmatch(r"# [\w.-]+\.yaml", first):
+                files[first[2:]] = block
+    return files
 
 
 def key(line: str) -> str:
@@ -93,10 +130,16 @@ def key(line: str) -> str:
 COMMANDS = readme_commands()
 
 
-def test_the_readme_has_commands_and_every_skip_is_one_of_them():
+def test_the_pages_have_commands_and_every_skip_is_one_of_them():
     keys = [key(line) for _, line in COMMANDS]
-    assert len(keys) >= 30 and "slm info default" in keys
+    assert len(keys) >= 20 and "slm info default" in keys  # the block parser still finds them
+    assert {block.split(":")[0] for block, _ in COMMANDS} >= {"README.md", "serving-and-export.md"}
     assert [k for k in (*SKIP, *KNOWN_BUGS) if k not in keys] == []
+
+
+def test_the_readme_recipe_is_saved_and_built():
+    assert "slm build mine.yaml" in [key(line) for _, line in COMMANDS]
+    assert "mine.yaml" in saved_files()
 
 
 # --------------------------------------------------------------------------- the reader's folder
@@ -119,7 +162,7 @@ def _dialogues(n: int, split: bool = False):
 
 
 def make_workspace(root: Path) -> Path:
-    """root/main is the reader's folder (root/shared/data beside it, as in this repository)."""
+    """root/main is the reader's folder."""
     from slmkit.export import export_gguf
 
     cwd = root / "main"
@@ -137,12 +180,13 @@ def make_workspace(root: Path) -> Path:
     _jsonl(cwd / "data.jsonl", _dialogues(8))
     _jsonl(cwd / "dialogues.jsonl", [{k: r[k] for k in ("id", "dialogue")} for r in _dialogues(3)])
     _jsonl(cwd / "eval.jsonl", _dialogues(12)[9:])
-    _jsonl(root / "shared/data/dialogsum-dev.jsonl",
-           [{"fname": f"dev_{i}", **r} for i, r in enumerate(_dialogues(3))])
-    _jsonl(root / "shared/data/jfleg-dev.jsonl", [
-        {"id": f"jfleg-dev-{i}", "input": "she don't like going to the dentist .",
-         "references": ["she doesn't like going to the dentist .",
-                        "she does not like going to the dentist ."]} for i in range(3)])
+    import yaml
+
+    for name, text in saved_files().items():  # the recipes a reader saves, on a tiny budget
+        recipe = yaml.safe_load(text)
+        for stage, opts in (recipe.get("stages") or {}).items():
+            recipe["stages"][stage] = (opts or {}) | RECIPE_SHRINK.get(stage, {})
+        (cwd / name).write_text(yaml.safe_dump(recipe, sort_keys=False))
     _jsonl(cwd / "arc.jsonl", [{"question": f"Which word comes {i}?", "choices": ["cat", "dog", "sun"],
                                 "gold": i % 3, "group": "ab"[i % 2]} for i in range(7)])
     _jsonl(cwd / "gsm.jsonl", [{"question": f"Tom has {i} apples and buys 1. How many?",
@@ -179,14 +223,15 @@ def workspace(tmp_path_factory):
 # --------------------------------------------------------------------------- running one command
 
 def expand(block: int, line: str) -> list[list[str]]:
-    """The argv lists one README line stands for: `slm distill ... --resume` borrows the flags of
-    the block's first full `slm distill` that it does not set itself, and `--quant Q ... # Q = a,
-    b` runs once per value."""
+    """The argv lists one line stands for: `slm distill ... --resume` borrows the flags of the
+    block's nearest full `slm distill` above it that it does not set itself, and `--quant Q ...
+    # Q = a, b` runs once per value."""
     words = shlex.split(line, comments=True)
     words = [w for w in words if not re.fullmatch(r"[A-Z_]+=\S*", w)]
     if "..." in words:
         verb = words[:2]
-        full = next(shlex.split(other, comments=True) for b, other in COMMANDS
+        above = COMMANDS[:COMMANDS.index((block, line))]
+        full = next(shlex.split(other, comments=True) for b, other in reversed(above)
                     if b == block and shlex.split(other, comments=True)[:2] == verb
                     and "..." not in other)
         given = {w for w in words if w.startswith("-")}
@@ -209,6 +254,8 @@ def test_expand_borrows_flags_and_placeholders():
     assert distill, "the README's `slm distill ... --resume` line is gone: update this test"
     (argv,) = expand(*distill[0])
     assert argv[-1] == "--resume" and "--student" in argv and "--out" in argv and "..." not in argv
+    # the nearest full `slm distill` above it (the student's), not the block's first (the tuning)
+    assert flag(argv, "--out") == "student" and flag(argv, "--teacher") == "teacher_tuned"
     quants = [c for c in COMMANDS if "--quant Q" in c[1]]
     assert [a[a.index("--quant") + 1] for a in expand(*quants[0])] == ["q8_0", "q4_k_m", "q5_k_m"]
 
@@ -279,7 +326,8 @@ def check_outputs(argv: list[str], stdout: str) -> None:
             assert Path(out).with_suffix(".topk.safetensors").is_file()
 
 
-@pytest.mark.parametrize("block, line", COMMANDS, ids=[key(line) for _, line in COMMANDS])
+@pytest.mark.parametrize("block, line", COMMANDS,
+                         ids=[f"{b.split(':')[0]}: {key(line)}" for b, line in COMMANDS])
 def test_readme_command(block, line, workspace, monkeypatch, request):
     if key(line) in SKIP:
         pytest.skip(SKIP[key(line)])

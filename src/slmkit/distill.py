@@ -519,6 +519,8 @@ def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
     from slmkit.data import file_hash
 
     fp = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+    if dataclasses.is_dataclass(fp.get("task")):  # a recipe's custom task: its fields, as JSON
+        fp["task"] = dataclasses.asdict(fp["task"])
     fp["data_sha256"] = file_hash(cfg.data)
     fp["global_batch"] = cfg.batch_size * cfg.grad_accum * world
     fp["autocast"] = precision.describe(device, cfg.bf16)

@@ -282,7 +282,8 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
     return {"report": str(out)}
 
 
-EXPORT_QUANT = "q4_k_m"  # README "## slm export": it kept the demo student's ROUGE-L
+# it kept the demo student's ROUGE-L (docs/notes/2026-11-26-prune-eval-export-serve.md)
+EXPORT_QUANT = "q4_k_m"
 
 
 def stage_export(ctx: Context, opts: dict) -> dict:

@@ -7,6 +7,8 @@ Every error names the recipe file, the line and the key, e.g.
     teacher: default           # MODEL: HF folder, .gguf, `default`, or openai:NAME@URL (generate only)
     task: summarize            # a preset name, or {template, target, metric[, references_field]}
     data: preset               # `preset` (the task's shipped examples) or a JSONL path
+    # data: $SLMKIT_DATA/x.jsonl   # data a user brings: the folder $SLMKIT_DATA names (./data)
+    # data_source: "..."         # what that file is and where to get it, said when it is missing
     stages:                    # run in this order; leave a stage out to skip it
       tune_teacher: {max_steps: 40}
       label: {}                # the tuned teacher answers data lines that have no target
@@ -41,7 +43,17 @@ STAGES = ("generate", "tune_teacher", "label", "prune", "distill", "export", "ev
 # a run name is one path component: it names runs/NAME/ and the exported files
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "unlabelled", "seed", "device",
-            "stages", "description"}
+            "stages", "description", "data_source"}
+# a data path that starts with this is read from the user's data folder, not the recipe's: a
+# shipped recipe can name data that slmkit does not ship without pointing outside the package
+DATA_VAR = "$SLMKIT_DATA"
+
+
+def data_dir() -> Path:
+    """The folder `$SLMKIT_DATA/...` paths are read from: $SLMKIT_DATA, else ./data."""
+    import os
+
+    return Path(os.environ.get("SLMKIT_DATA") or "data").expanduser().resolve()
 
 
 class Node(dict):
@@ -268,8 +280,14 @@ def _data_path(doc: Node, path: Path, key: str) -> str | None:
     value = _text(doc, path, key)
     if value is None or value == "preset":
         return value
-    p = Path(value).expanduser()
+    mine = value.startswith(DATA_VAR + "/")
+    p = data_dir() / value[len(DATA_VAR) + 1:] if mine else Path(value).expanduser()
     p = p if p.is_absolute() else path.parent / p
+    if mine and not p.is_file():
+        source = _text(doc, path, "data_source") or "a data file that slmkit does not ship"
+        raise UsageError(f"{path}:{doc.line(key)}: {key}: this recipe needs {source}; put "
+                         f"`{p.name}` in {p.parent} (the folder SLMKIT_DATA names, ./data by "
+                         f"default) or copy the recipe and point `{key}:` at your file")
     if p.is_dir():
         raise UsageError(f"{path}:{doc.line(key)}: {key}: `{value}` is a folder; give a "
                          "JSONL file")

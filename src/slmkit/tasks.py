@@ -96,7 +96,10 @@ PRESETS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str | Task) -> Task:
+    """The preset `name`; a Task (a recipe's custom task, handed on by `slm build`) is itself."""
+    if isinstance(name, Task):
+        return name
     if name not in PRESETS:
         raise UsageError(f"unknown task `{name}`; presets: {', '.join(PRESETS)} "
                          "(or define a custom task with a template and a metric in a recipe)")
