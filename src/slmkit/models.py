@@ -80,9 +80,12 @@ def gguf_path(spec) -> Path | None:
     return Path(spec) if str(spec).endswith(".gguf") else None
 
 
-def resolve(spec: str | os.PathLike, trust_remote_code: bool = False, dtype: str = "float32") -> Path:
+def resolve(spec: str | os.PathLike, trust_remote_code: bool = False, dtype: str | None = None) -> Path:
     """MODEL argument -> a checked Hugging Face checkpoint folder (a GGUF converted once, into
-    `dtype`: the dtype the verb loads it in, so a bf16 verb never holds a float32 copy)."""
+    `dtype`: the dtype the verb loads it in, so a bf16 verb never holds a float32 copy; None:
+    the dtype a forward pass computes in on the default device, compute_dtype("auto"))."""
+    if dtype is None and gguf_path(spec) is not None:
+        dtype = compute_dtype("auto", pick_device())
     if is_name(spec):
         return gguf_to_folder(gguf_path(spec), dtype=dtype, name=str(spec))
     path = Path(spec).expanduser()
