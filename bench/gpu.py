@@ -51,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench"), str(ROOT / "tests")]
+from slmkit import results  # noqa: E402  (after the path above: the bench runs without an install)
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     if args.arm:
         return child(args)
 
-    args.results = args.results or (Path(tempfile.gettempdir()) / "slmkit-gpu-quick" if q else ROOT / "results" / "gpu")
+    args.results = args.results or (Path(tempfile.gettempdir()) / "slmkit-gpu-quick" / "gpu" if q else ROOT / "results" / "gpu")
     start = time.monotonic()
     wanted = [a for a in args.arms.split(",") if a]
     bad = [a for a in wanted if a not in ARMS]
@@ -145,8 +147,12 @@ def main(argv=None) -> int:
             print(f"[{arm}] {summary(arm, report['arms'][arm])}", flush=True)
         report["seconds"] = round(time.monotonic() - start, 1)
         report["ratios"] = ratios(report["arms"])
-        for dest in [path] + ([Path(args.copy_to) / name] if args.copy_to else []):
-            write_json(dest, report)
+        # results/gpu/<date>-<commit>-<machine>.json through the project's writer, after every
+        # arm, so a run cut short keeps what it measured; the copy is what comes back from a device
+        path = results.write("gpu", report, summary=summary_line(report),
+                             root=Path(args.results).parent, commit_id=(report["commit"], False))
+        if args.copy_to:
+            write_json(Path(args.copy_to) / path.name, report)
     if own_work:
         shutil.rmtree(work, ignore_errors=True)
     for k, v in report["ratios"].items():
@@ -236,6 +242,11 @@ def ratios(arms: dict) -> dict:
     if s.get("status") == "ok":
         out["safety_items_per_s_batched_over_single"] = s["ratio"]
     return out
+
+
+def summary_line(report: dict) -> str:
+    """The results page's line: the ratios measured so far."""
+    return "; ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()) or "no ratio measured"
 
 
 def write_json(path: Path, obj: dict) -> None:
