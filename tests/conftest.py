@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from slmkit.archs import TABLE
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
+# every family slmkit prunes or exports (archs.TABLE); TINY gives each its test shape
+ARCHS = tuple(t for t, a in TABLE.items() if a.prune or a.gguf_arch)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -53,29 +56,37 @@ def make_tokenizer():
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int, layers: int = 4):
+# family -> the config keys of its tiny test model beyond the common ones
+TINY = {
+    "llama": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False),
+    # Phi-2's architecture: LayerNorm, biases, partial rotary, parallel block
+    "phi": dict(num_key_value_heads=4, partial_rotary_factor=0.5, tie_word_embeddings=False),
+    "phi3": dict(num_key_value_heads=2, tie_word_embeddings=False),  # fused qkv and gate_up
+    # Gemma 3: (1 + w) norms, sqrt(hidden) embedding scale, tied, 7 layers so one is global
+    # (5 sliding, 1 global, 1 sliding), a window shorter than the test texts
+    "gemma3_text": dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                        sliding_window=8, tie_word_embeddings=True, layers=7),
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0),
+    "cohere": dict(num_key_value_heads=2, logit_scale=0.5),
+}
+
+
+def tiny_config(arch: str, vocab_size: int, layers: int | None = None):
     import transformers as tf
 
+    extra = dict(TINY[arch])
+    layers = layers or extra.pop("layers", 4)
+    extra.pop("layers", None)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "llama":
-        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
-    if arch == "mistral":
-        return tf.MistralConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
-    if arch == "qwen2":
-        return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
-    if arch == "qwen3":
-        return tf.Qwen3Config(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **common)
-    if arch == "phi":  # Phi-2's architecture: LayerNorm, biases, partial rotary, parallel block
-        return tf.PhiConfig(num_key_value_heads=4, partial_rotary_factor=0.5,
-                            tie_word_embeddings=False, **common)
-    if arch == "phi3":  # fused qkv_proj and gate_up_proj
-        return tf.Phi3Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
-    raise ValueError(arch)
+    return getattr(tf, TABLE[arch].config_class)(**common, **extra)
 
 
-def make_tiny_model(arch: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
+def make_tiny_model(arch: str, out: Path, layers: int | None = None, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -121,7 +132,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """arch -> folder of a tiny random model (4 layers, hidden 32, 4 heads, 2 KV heads)."""
+    """arch -> folder of a tiny random model (4 layers, hidden 32, 4 heads, 2 KV heads; Gemma 3:
+    7 layers)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(arch, root / arch) for arch in ARCHS}
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from slmkit import models
+from slmkit import archs, models
 from slmkit.export import export_gguf, rotary_permute
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
+ARCHS = archs.EXPORTABLE
 TEXTS = ["Summarize the conversation between the two friends.",
          "numbers 0 1 22 333 and punctuation , . ! ? \"quoted\" (x) - #",
          "  two spaces\nnew line\n\n tabs\tend",
@@ -215,14 +215,12 @@ def test_unsupported_arch_exits_2(cli, tmp_path):
     out = tmp_path / "out" / "gpt2.gguf"
     code, _, err = cli("export", folder, "--quant", "q4_k_m", "--out", out)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "gpt2" in err and "supported: llama, mistral, qwen2, qwen3, phi, phi3" in err
+    assert "gpt2" in err and f"supported: {', '.join(archs.EXPORTABLE)}" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_every_architecture_prune_makes_exports():
-    from slmkit import export, prune
-
-    assert set(prune.ARCHS) <= set(export.ARCHS)
+    assert set(archs.PRUNABLE) <= set(archs.EXPORTABLE)
 
 
 def test_phi_and_phi3_layout(gguf_files, tiny_models):

@@ -184,9 +184,14 @@ def gguf_to_folder(gguf: Path) -> Path:
     _check_gguf(gguf)
     print(f"slm: converting {gguf.name} to safetensors once (cached in {out})", file=sys.stderr)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    from slmkit import archs
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    archs.gguf_config(config, gguf)  # head_dim of width-pruned models, and what else it leaves out
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
+                                                 dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantised weights are plain float tensors; the GGUF quantization config only stops
     # save_pretrained and would mislead readers of the saved config.

@@ -1,0 +1,85 @@
+"""The architecture table (slmkit/archs.py): the generated support matrix, the depth rule of
+pattern families, and that nothing outside the table branches on the model type."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from slmkit import archs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_docs_architectures_is_generated_from_the_table():
+    doc = ROOT / "docs" / "architectures.md"
+    assert doc.read_text() == archs.matrix(), "stale: run `python -m slmkit.archs docs/architectures.md`"
+    assert archs.main(["--check", str(doc)]) == 0
+
+
+def test_stale_docs_are_caught(tmp_path):
+    doc = tmp_path / "architectures.md"
+    assert archs.main([str(doc)]) == 0 and archs.main(["--check", str(doc)]) == 0
+    doc.write_text(doc.read_text().replace("| yes", "| no", 1))
+    assert archs.main(["--check", str(doc)]) == 1
+
+
+def test_every_family_has_a_tiny_model_of_its_real_config_class():
+    import transformers
+
+    from conftest import ARCHS, TINY
+
+    assert set(TINY) == set(archs.TABLE)
+    assert set(ARCHS) == set(archs.PRUNABLE) | set(archs.EXPORTABLE)
+    for a in archs.TABLE.values():
+        assert getattr(transformers, a.config_class)().model_type == a.model_type
+
+
+def test_no_model_type_branches_outside_the_table():
+    for name in ("prune.py", "export.py"):
+        src = (ROOT / "src" / "slmkit" / name).read_text()
+        code = "\n".join(line.split("#")[0] for line in src.splitlines())
+        assert not re.search(r"model_type\s*[!=]=|model_type\s+(not\s+)?in\s", code), name
+        assert not re.search(r"\barch\s*[!=]=\s*\"", code), name
+
+
+GEMMA3 = archs.TABLE["gemma3_text"]
+
+
+def test_keep_layers_follows_the_pattern_and_maximises_the_score():
+    types = archs.layer_types(GEMMA3, 18)  # 5 sliding, 1 global, x3 (Gemma-3-270M)
+    assert types[5] == types[11] == types[17] == "full_attention" and types.count("full_attention") == 3
+    scores = [float(i % 7) for i in range(18)]
+    for n in range(1, 18):
+        kept = archs.keep_layers(GEMMA3, scores, types, n)
+        assert len(kept) == n and kept == sorted(kept)
+        assert [types[i] for i in kept] == archs.layer_types(GEMMA3, n)
+    # brute force on a smaller case: no valid subsequence scores more
+    import itertools
+
+    types, scores = archs.layer_types(GEMMA3, 9), [3, 1, 4, 1, 5, 9, 2, 6, 5]
+    for n in range(1, 9):
+        best = max(sum(scores[i] for i in c) for c in itertools.combinations(range(9), n)
+                   if [types[i] for i in c] == archs.layer_types(GEMMA3, n))
+        assert sum(scores[i] for i in archs.keep_layers(GEMMA3, scores, types, n)) == best
+
+
+def test_keep_layers_refuses_what_the_pattern_cannot_express():
+    from slmkit.errors import UsageError
+
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    with pytest.raises(UsageError, match="pattern"):
+        archs.keep_layers(GEMMA3, [1.0] * 6, ["full_attention"] + types[:5], 6)
+    # a family without a pattern keeps the best layers
+    assert archs.keep_layers(archs.TABLE["llama"], [0.1, 0.9, 0.5, 0.7], [], 2) == [1, 3]
+
+
+def test_scale_norm_scales_the_effective_weight():
+    import torch
+
+    w = torch.tensor([0.5, -0.2])
+    archs.scale_norm(GEMMA3, w, 2.0)  # (1 + w) doubles
+    assert torch.allclose(1 + w, torch.tensor([3.0, 1.6]))
+    w = torch.tensor([0.5, -0.2])
+    archs.scale_norm(archs.TABLE["llama"], w, 2.0)
+    assert torch.allclose(w, torch.tensor([1.0, -0.4]))
