@@ -430,3 +430,84 @@ def test_a_killed_export_is_cleaned_and_exports_share_a_folder(tiny_models, tmp_
     assert "FROM ./a.gguf" in (folder / "Modelfile").read_text()  # the first export's, kept
     assert "FROM ./b.gguf" in (folder / "b.Modelfile").read_text()
     assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "a.gguf", "b.Modelfile", "b.gguf"]
+
+
+# --------------------------------------------------------------------------- width-pruned hidden
+
+HIDDEN_PRUNED = [a for a in ARCHS if archs.TABLE[a].head_dim_arch]
+
+
+@pytest.fixture(scope="module")
+def calib_txt(tmp_path_factory):
+    from conftest import CORPUS
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(CORPUS) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("arch", HIDDEN_PRUNED)
+def test_hidden_pruned_model_exports_loads_and_evaluates(arch, trained, calib_txt, tmp_path, cli,
+                                                         monkeypatch):
+    """`slm prune --hidden 24 --heads 2`: 2 heads x head_dim 8 = 16 is not the hidden size 24,
+    which real width-pruned models hit (Qwen2.5-1.5B at half: hidden 1120, 10 heads of 128).
+    The export carries head_dim (key_length) in a graph that sizes q by it (Qwen2: llama), so
+    llama.cpp loads it and computes what transformers does; `slm eval` reads the file back."""
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    from gguf import GGUFReader
+
+    folder, ids = trained(arch)
+    pruned, out = tmp_path / "pruned", tmp_path / "m.f32.gguf"
+    code, _, err = cli("prune", folder, "--hidden", "24", "--heads", "2", "--calib", calib_txt,
+                       "--out", pruned, "--num-samples", "4", "--seq-len", "16")
+    assert code == 0, err
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert cfg["hidden_size"] == 24 and cfg["num_attention_heads"] * cfg["head_dim"] == 16
+    code, _, err = cli("export", pruned, "--quant", "f32", "--out", out)
+    assert code == 0, err
+    f = {k: v.contents() for k, v in GGUFReader(str(out)).fields.items() if "length" in k}
+    name = archs.TABLE[arch].head_dim_arch
+    assert f[f"{name}.attention.key_length"] == f[f"{name}.attention.value_length"] == 8
+
+    model, tok = models.load_model(pruned)
+    llm = llama(out)
+    try:
+        text = TEXTS[1]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids
+        cpp = cpp_logits(llm, ids)
+    finally:
+        llm.close()
+    hf = hf_logits(model, ids)
+    cosine = (cpp * hf).sum(-1) / np.linalg.norm(cpp, axis=-1) / np.linalg.norm(hf, axis=-1)
+    assert cosine.min() >= MIN_COSINE, f"{arch}: cosine {cosine.min():.6f}"
+
+    back, _ = models.load_model(out)  # what `slm eval FILE.gguf` loads
+    assert np.abs(hf_logits(back, ids) - hf).max() < F32_TOL
+    code, _, err = cli("eval", out, "--ppl", calib_txt, "--out", tmp_path / "report")
+    assert code == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not archs.TABLE[a].head_dim_arch])
+def test_hidden_pruned_shape_llamacpp_cannot_load_is_refused(arch, tiny_models, calib_txt,
+                                                              tmp_path, cli):
+    """phi2 and phi3: llama.cpp sizes q by hidden. `slm prune` keeps hidden = heads x head_dim
+    for them, and `slm export` refuses a model that does not (one line, exit 2, nothing written)."""
+    code, _, err = cli("prune", tiny_models[arch], "--hidden", "24", "--heads", "2", "--calib",
+                       calib_txt, "--out", tmp_path / "p")
+    assert code == 2 and "--hidden 16" in err and not (tmp_path / "p").exists()
+    code, out, err = cli("prune", tiny_models[arch], "--target", "0.5", "--method", "width",
+                         "--calib", calib_txt, "--out", tmp_path / "w", "--num-samples", "2",
+                         "--seq-len", "16")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert cfg["num_attention_heads"] * cfg["head_dim"] == cfg["hidden_size"] < 32
+
+    from slmkit import prune as P
+    from test_prune import random_keep
+
+    model, tok = models.load_model(tiny_models[arch])
+    dst = P.Shape(layers=2, hidden=24, ffn=32, heads=2, kv_heads=2)
+    models.save_model(P.apply_plan(model, random_keep(model, dst), dst), tok, tmp_path / "odd")
+    code, _, err = cli("export", tmp_path / "odd", "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "would not load" in err and not (tmp_path / "x").exists()
