@@ -511,3 +511,111 @@ def test_hidden_pruned_shape_llamacpp_cannot_load_is_refused(arch, tiny_models, 
     code, _, err = cli("export", tmp_path / "odd", "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "would not load" in err and not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- SentencePiece, Llama 3 rope
+
+HARD = ("Naïve café, 東京 😀 — résumé!\n\n  numbers 0 12 345 6789 and   three spaces\t\ttabs  end "
+        "Summarize the conversation between the two friends.")
+
+
+def f32_parity(path, model, ids):
+    """(min cosine, max |diff|) of llama.cpp's f32 logits against transformers' on `ids`."""
+    llm = llama(path)
+    try:
+        cpp = cpp_logits(llm, ids)
+    finally:
+        llm.close()
+    hf = hf_logits(model, ids)
+    cosine = (cpp * hf).sum(-1) / np.linalg.norm(cpp, axis=-1) / np.linalg.norm(hf, axis=-1)
+    return cosine.min(), np.abs(cpp - hf).max()
+
+
+@pytest.mark.parametrize("style", ["llama2", "metaspace", "gemma"])
+def test_sentencepiece_tokenizers_export_as_llamacpp_reads_them(style, tmp_path):
+    """Byte-fallback BPE (Llama 2, Mistral, Phi-3, Gemma) as llama.cpp's `llama` tokenizer:
+    scores that merge like HF's merges, byte and unknown token types, the space prefix (none for
+    Gemma). llama.cpp's tokens equal transformers' on unicode, digits and whitespace runs."""
+    from gguf import GGUFReader
+
+    from conftest import make_sp_tokenizer, make_tiny_model
+
+    tok = make_sp_tokenizer(style)
+    arch = "gemma3_text" if style == "gemma" else "llama"
+    folder = make_tiny_model(arch, tmp_path / "m", tokenizer=tok)
+    path = export_gguf(folder, tmp_path / "m.f32.gguf", "f32")
+    f = {k: v.contents() for k, v in GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+    assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.scores"]) == len(tok)
+    assert f["tokenizer.ggml.token_type"][0] == 2 and f["tokenizer.ggml.token_type"][3] == 6  # unk, <0x00>
+    assert f["tokenizer.ggml.add_space_prefix"] is (style != "gemma")
+    assert f["tokenizer.ggml.add_bos_token"] is True
+    llm = llama(path)
+    try:
+        for text in TEXTS + [HARD, HARD.upper(), "x"]:
+            if style == "metaspace" and text[0].isspace():
+                # transformers' Metaspace skips the prefix when the text starts with a space;
+                # SentencePiece and llama.cpp add it always (so do Mistral's own files)
+                continue
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text).input_ids, text
+    finally:
+        llm.close()
+    model, _ = models.load_model(folder)
+    cosine, _ = f32_parity(path, model, tok(HARD).input_ids)
+    assert cosine >= MIN_COSINE, cosine
+
+
+def test_unigram_tokenizer_is_refused_before_any_work(tiny_llama, tmp_path, cli):
+    import shutil
+
+    folder = tmp_path / "uni"
+    shutil.copytree(tiny_llama, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items()}
+    spec["model"] = {"type": "Unigram", "unk_id": 0, "byte_fallback": False,
+                     "vocab": [[t, -1.0] for t in sorted(vocab, key=vocab.get)]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    code, _, err = cli("export", folder, "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Unigram" in err
+    assert not (tmp_path / "x").exists()
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def test_llama3_rope_exports_as_rope_freqs(tmp_path, monkeypatch):
+    """Llama 3.x rope scaling: one factor per frequency in `rope_freqs.weight`. With an original
+    context of 16, three of the fixture's four frequencies are divided by 8 and one is smoothed,
+    so over 40+ positions the logits differ without the tensor (checked: the test can fail)."""
+    from gguf import GGUFReader
+
+    from slmkit import export
+    from conftest import make_tiny_model, make_tokenizer
+
+    tok = make_tokenizer()
+    folder = make_tiny_model("llama", tmp_path / "m", rope_parameters=dict(LLAMA3_ROPE))
+    model, _ = models.load_model(folder)
+    ids = tok(" ".join(TEXTS)).input_ids
+    assert len(ids) > 40
+    path = export_gguf(folder, tmp_path / "m.f32.gguf", "f32")
+    r = GGUFReader(str(path))
+    factors = {t.name: np.asarray(t.data) for t in r.tensors}["rope_freqs.weight"]
+    assert factors.shape == (4,) and factors[1:].tolist() == [8.0, 8.0, 8.0] and 1 < factors[0] < 8
+    cosine, diff = f32_parity(path, model, ids)
+    assert cosine >= MIN_COSINE and diff < CPP_F32_TOL, (cosine, diff)
+
+    monkeypatch.setattr(export, "rope_freqs", lambda cfg: np.ones(4, dtype=np.float32))
+    plain = export_gguf(folder, tmp_path / "plain.f32.gguf", "f32")
+    _, diff_plain = f32_parity(plain, model, ids)
+    assert diff_plain > 10 * CPP_F32_TOL, diff_plain
+
+
+def test_unexportable_rope_is_refused(tmp_path, cli):
+    from conftest import make_tiny_model
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 32}
+    folder = make_tiny_model("qwen2", tmp_path / "m", layers=1, rope_parameters=rope)
+    code, _, err = cli("export", folder, "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "yarn" in err
+    assert not (tmp_path / "x").exists()

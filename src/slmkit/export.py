@@ -620,7 +620,9 @@ def space_prefix(spec: dict, folder: Path) -> bool:
     """Whether the tokenizer puts "▁" (a space) before the text, as SentencePiece's
     add_dummy_prefix does (Llama 2, Mistral: yes; Gemma: no), from the normalizer's Prepend or
     the Metaspace pre-tokenizer's prepend_scheme; and a check that spaces become "▁" (llama.cpp
-    always does that) and nothing else splits the text."""
+    always does that) and nothing else splits the text. One difference stays: transformers'
+    Metaspace (Mistral v0.3's tokenizer.json) adds no "▁" to a text that starts with a space,
+    where SentencePiece and llama.cpp add one always."""
     def steps(node):
         if not node:
             return []
