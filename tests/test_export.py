@@ -519,8 +519,15 @@ HARD = ("Naïve café, 東京 😀 — résumé!\n\n  numbers 0 12 345 6789 and 
         "Summarize the conversation between the two friends.")
 
 
+REL_F32_TOL = 0.01
+"""max |logit diff| / max |logit|, llama.cpp f32 against transformers: measured 0.0008 (Llama 3
+rope) to 0.006 (Gemma 3, 13 -> 7 layers: there from position 0 and the same without a sliding
+window, so rounding, not attention)."""
+
+
 def f32_parity(path, model, ids):
-    """(min cosine, max |diff|) of llama.cpp's f32 logits against transformers' on `ids`."""
+    """(min cosine, max |diff| / max |logit|) of llama.cpp's f32 logits against transformers'
+    on `ids`."""
     llm = llama(path)
     try:
         cpp = cpp_logits(llm, ids)
@@ -528,7 +535,7 @@ def f32_parity(path, model, ids):
         llm.close()
     hf = hf_logits(model, ids)
     cosine = (cpp * hf).sum(-1) / np.linalg.norm(cpp, axis=-1) / np.linalg.norm(hf, axis=-1)
-    return cosine.min(), np.abs(cpp - hf).max()
+    return cosine.min(), np.abs(cpp - hf).max() / np.abs(hf).max()
 
 
 @pytest.mark.parametrize("style", ["llama2", "metaspace", "gemma"])
@@ -602,12 +609,13 @@ def test_llama3_rope_exports_as_rope_freqs(tmp_path, monkeypatch):
     factors = {t.name: np.asarray(t.data) for t in r.tensors}["rope_freqs.weight"]
     assert factors.shape == (4,) and factors[1:].tolist() == [8.0, 8.0, 8.0] and 1 < factors[0] < 8
     cosine, diff = f32_parity(path, model, ids)
-    assert cosine >= MIN_COSINE and diff < CPP_F32_TOL, (cosine, diff)
+    print(f"llama3 rope: cosine {cosine:.6f}, relative max diff {diff:.5f}")
+    assert cosine >= MIN_COSINE and diff < REL_F32_TOL, (cosine, diff)
 
     monkeypatch.setattr(export, "rope_freqs", lambda cfg: np.ones(4, dtype=np.float32))
     plain = export_gguf(folder, tmp_path / "plain.f32.gguf", "f32")
     _, diff_plain = f32_parity(plain, model, ids)
-    assert diff_plain > 10 * CPP_F32_TOL, diff_plain
+    assert diff_plain > 10 * REL_F32_TOL, diff_plain
 
 
 def test_unexportable_rope_is_refused(tmp_path, cli):
@@ -618,4 +626,40 @@ def test_unexportable_rope_is_refused(tmp_path, cli):
     folder = make_tiny_model("qwen2", tmp_path / "m", layers=1, rope_parameters=rope)
     code, _, err = cli("export", folder, "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "yarn" in err
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- Gemma 3
+
+def test_gemma3_depth_cut_keeps_the_pattern_llamacpp_runs(calib_txt, tmp_path, cli):
+    """13 layers (5 sliding, 1 global, 5 sliding, 1 global, 1 sliding) cut to 7 by measured
+    importance: the kept layers read as llama.cpp's fixed pattern, so llama.cpp's graph (window 8,
+    shorter than the text) computes what transformers does. A model whose layers do not follow
+    the pattern is refused by export and prune, one line each."""
+    from conftest import make_tiny_model
+
+    folder = make_tiny_model("gemma3_text", tmp_path / "g", layers=13)
+    pruned, out = tmp_path / "pruned", tmp_path / "g.f32.gguf"
+    code, _, err = cli("prune", folder, "--layers", "7", "--ffn", "48", "--calib", calib_txt,
+                       "--out", pruned, "--num-samples", "4", "--seq-len", "16")
+    assert code == 0, err
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert cfg["layer_types"] == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    plan = json.loads((pruned / "prune_plan.json").read_text())
+    gemma3 = archs.TABLE["gemma3_text"]
+    assert plan["kept"]["layers"] == archs.keep_layers(  # the best-scoring pattern subsequence
+        gemma3, plan["importance"]["block_influence"], archs.layer_types(gemma3, 13), 7)
+    model, tok = models.load_model(pruned)
+    ids = tok(" ".join(TEXTS)).input_ids
+    assert len(ids) > 3 * cfg["sliding_window"]
+    cosine, diff = f32_parity(export_gguf(pruned, out, "f32"), model, ids)
+    print(f"gemma3 depth cut: cosine {cosine:.6f}, relative max diff {diff:.5f}")
+    assert cosine >= MIN_COSINE and diff < REL_F32_TOL, (cosine, diff)
+
+    cfg["layer_types"] = cfg["layer_types"][::-1]  # global layer first: not llama.cpp's pattern
+    (pruned / "config.json").write_text(json.dumps(cfg))
+    for args in (("export", pruned, "--out", tmp_path / "x" / "m.gguf"),
+                 ("prune", pruned, "--layers", "3", "--calib", calib_txt, "--out", tmp_path / "x")):
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "layer_types" in err, err
     assert not (tmp_path / "x").exists()

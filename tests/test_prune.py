@@ -312,22 +312,24 @@ def test_task_preset_as_calibration(tiny_models, tmp_path):
     assert models.describe(tmp_path / "p")["parameters"] == plan["parameters_after"]
 
 
-def test_norm_rescale_makes_dead_hidden_channels_free(tiny_models):
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_norm_rescale_makes_dead_hidden_channels_free(arch, tiny_models):
     """Hidden channels that carry nothing (zero embedding column, nothing writes them) still change
     RMSNorm (D' instead of D in the mean); with norm_rescale the pruned model equals the original
-    up to the norms' eps."""
-    model, tok = models.load_model(tiny_models["qwen3"])
+    up to the norms' eps. Gemma 3 as well: (1 + w) norms, the branch output norms, and the
+    sqrt(hidden) embedding scale (apply_plan's factor on the output norms)."""
+    model, tok = models.load_model(tiny_models[arch])
     dead = [3, 7, 20, 30]
     with torch.no_grad():
         model.get_input_embeddings().weight[:, dead] = 0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[dead] = 0
-            layer.mlp.down_proj.weight[dead] = 0
+        for attn_out, down, _ in P._modules(model)[1]:
+            attn_out.weight[dead] = 0
+            down.weight[dead] = 0
     ids = P.calibration_batch(tok, ["The quick brown fox jumps over the lazy dog."] * 8, 4, 8)
     scores = P.measure_importance(model, ids)
     src = P.source_shape(model.config.to_dict())
     dst = replace(src, hidden=28)
-    keep = P.select(scores, src, dst)
+    keep = P.select(scores, src, dst, archs.TABLE[arch], getattr(model.config, "layer_types", None))
     assert not set(dead) & set(keep["hidden"])
     rescale = P.norm_rescale(scores, keep, src)
     assert rescale["final"] == pytest.approx((32 / 28) ** 0.5, rel=1e-5)
