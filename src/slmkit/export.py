@@ -194,6 +194,21 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
     return out
 
 
+def check_exportable(model, quant: str = "q8_0", trust_remote_code: bool = False) -> Target:
+    """Everything `slm export MODEL --quant QUANT` checks before it reads a weight: the quant (and
+    llama.cpp's quantizer for the K-quants), the architecture (check_export) and the tokenizer.
+    `slm build` runs it for every model its export stage will write, before the first stage."""
+    if quant not in QUANTS:
+        raise UsageError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    if quant in BY_LLAMACPP:
+        _llama_cpp(quant)
+    folder = models.resolve(model, trust_remote_code=trust_remote_code)
+    cfg = models.read_config(folder)
+    target = check_export(cfg, folder)
+    tokenizer_metadata(folder, cfg["vocab_size"])
+    return target
+
+
 def modelfile_path(gguf_file: Path) -> Path:
     """`Modelfile` beside the GGUF file, unless that one belongs to another GGUF file of the
     folder (its FROM line says so): then `NAME.Modelfile`, so exports share a folder safely."""
