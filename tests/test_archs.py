@@ -83,3 +83,46 @@ def test_scale_norm_scales_the_effective_weight():
     w = torch.tensor([0.5, -0.2])
     archs.scale_norm(archs.TABLE["llama"], w, 2.0)
     assert torch.allclose(w, torch.tensor([1.0, -0.4]))
+
+
+@pytest.mark.parametrize("arch", [a for a, r in archs.TABLE.items() if r.logit_post and not r.prune])
+def test_head_outside_the_model_applies_its_logit_processing(arch, tmp_path):
+    """Gemma 2's final_logit_softcapping and Cohere's logit_scale: the head distill and scoring
+    apply to final hidden states (distill.final_hidden, scoring._head) gives the model's logits;
+    lm_head alone would not (the gap distillation trained on)."""
+    import torch
+
+    from conftest import make_tiny_model
+    from slmkit import models, scoring
+    from slmkit.distill import final_hidden
+
+    model, _ = models.load_model(make_tiny_model(arch, tmp_path / arch, layers=2))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        with final_hidden(model) as head:
+            hidden = model(ids).logits
+            assert (head(hidden) - logits).abs().max() < 1e-5
+        raw = model.get_output_embeddings()(hidden)
+        assert (raw - logits).abs().max() > 0.5
+        assert (scoring._head(model)(hidden) - logits).abs().max() < 1e-5
+
+
+def test_unknown_logit_processing_is_refused_before_weights_load(tmp_path, monkeypatch):
+    """Granite divides its logits by `logits_scaling`, a family the table does not know: distill
+    refuses the pair from config.json; scoring runs the whole model instead."""
+    import transformers as tf
+
+    from conftest import make_tokenizer
+    from slmkit import models
+    from slmkit.errors import UsageError
+
+    tok = make_tokenizer()
+    cfg = tf.GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, logits_scaling=4.0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "g")
+    tok.save_pretrained(tmp_path / "g")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(UsageError, match="logits_scaling"):
+        models.shared_vocab(tmp_path / "g", tmp_path / "g")
+    assert archs.logit_post({"model_type": "llama"}) is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +54,9 @@ PHI3_AXES = {
 GEMMA3_AXES = LLAMA_AXES | QK_NORM_AXES | {
     "pre_feedforward_layernorm": ("hidden",), "post_feedforward_layernorm": ("hidden",)}
 
-# config keys that change the logits after lm_head -> how (distill / scoring apply them)
-LOGIT_POST = ("final_logit_softcapping", "logit_scale")
+# config keys that change the logits after lm_head: a family's record names those it applies
+# (logit_post); one no record names is refused (Granite's logits_scaling among them)
+LOGIT_POST = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 NORMS = ("rms", "rms+1", "layer")
 SP_TOKENIZER = "SentencePiece (BPE with byte fallback)"
 BPE_TOKENIZER = "byte-level BPE"
@@ -294,16 +296,17 @@ def gguf_config(config, gguf_file) -> None:
 
 def logit_post(config):
     """The model's own processing of lm_head's output, as a function of logits (any shape), or
-    None when its logits are exactly lm_head(final hidden). `config` is a transformers config.
-    A config that sets a post-processing key its family's record does not name is refused: the
-    head may then not be applied outside the model."""
-    model_type = getattr(config, "model_type", None)
+    None when its logits are exactly lm_head(final hidden). `config`: a transformers config or
+    config.json's dict. A config that sets a post-processing key its family's record does not
+    name is refused (UsageError): its head may not be applied outside the model."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    model_type = get("model_type")
     arch = TABLE.get(model_type)
     named = arch.logit_post if arch else ()
     steps = []
     for key in LOGIT_POST:
-        value = getattr(config, key, None)
-        if value in (None, 0, 0.0) or (key == "logit_scale" and value == 1.0):
+        value = get(key)
+        if value in (None, 0, 0.0) or (key != "final_logit_softcapping" and value == 1.0):
             continue
         if key not in named:
             raise UsageError(f"the {model_type} model sets `{key}` ({value}), which slmkit does "
@@ -317,12 +320,54 @@ def logit_post(config):
         import torch
 
         for key, value in steps:
-            if key == "final_logit_softcapping":
+            if key == "final_logit_softcapping":  # as Gemma 2 computes it
                 logits = torch.tanh(logits / value) * value
-            else:  # logit_scale
+            else:  # logit_scale, as Cohere multiplies
                 logits = logits * value
         return logits
     return post
+
+
+NEUTRAL = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+"""each post-processing key's value that turns it off (in the config, or the model's copy of it)"""
+
+
+@contextmanager
+def head_outside(model):
+    """Within it, `model(...)` returns its final hidden states (B, T, H) as `logits`: its output
+    projection is an identity and its own logit processing is off (a model's forward would
+    otherwise soft-cap or scale the hidden states themselves). Yields output_head(): lm_head
+    then that processing, for a loss to apply a chunk of positions at a time. The weights stay
+    the model's (tied or not), so they train as before."""
+    import torch
+
+    head = output_head(model)  # refuses unknown processing first
+    lm_head = model.get_output_embeddings()
+    saved = []
+    for key, off in NEUTRAL.items():
+        for owner in (model.config, model):  # Cohere keeps its own copy of logit_scale
+            if key in vars(owner):
+                saved.append((owner, key, vars(owner)[key]))
+                setattr(owner, key, off)
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(lm_head)
+        for owner, key, value in saved:
+            setattr(owner, key, value)
+
+
+def output_head(model, head=None):
+    """The one rule for applying a model's output head outside the model (distill's chunked
+    loss, scoring at picked positions): a function of final hidden states (..., H) -> logits
+    (..., V) that is lm_head (`head`, default the model's output embeddings) then the model's own
+    post-processing (logit_post). Raises UsageError where that processing is unknown."""
+    head = head if head is not None else model.get_output_embeddings()
+    post = logit_post(model.config)
+    if post is None:
+        return head
+    return lambda hidden: post(head(hidden))
 
 
 # --------------------------------------------------------------------------- docs

@@ -392,7 +392,7 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
 def preflight(recipe: Recipe) -> None:
     """Before the first stage runs, check that every stage can take the model it will get, so a
     recipe does not fail at export after an hour of distillation: the teacher's family for prune
-    (archs.get), and for export each model it writes (the student has the teacher's family when
+    (archs.get), its logit processing for training (archs.logit_post), and for export each model it writes (the student has the teacher's family when
     pruned from it, else `student:`; the teacher too when a student is exported beside it): the
     family, GGUF architecture, rope, tokenizer and quant (export.check_exportable). Config files
     and tokenizers only, no weights (a .gguf teacher is converted once, as its stages would)."""
@@ -400,10 +400,15 @@ def preflight(recipe: Recipe) -> None:
 
     local = not recipe.teacher.startswith("openai:")
     trust = recipe.trust_remote_code
-    if "prune" in recipe.stages and local:
+    if local and {"prune", "tune_teacher", "distill"} & set(recipe.stages):
         folder = models.resolve(recipe.teacher, trust_remote_code=trust)
-        archs.get(models.read_config(folder), f"{recipe.path}: teacher {recipe.teacher} "
-                  f"({folder}/config.json)", "prune")
+        config, where = models.read_config(folder), f"{recipe.path}: teacher {recipe.teacher}"
+        if "prune" in recipe.stages:
+            archs.get(config, f"{where} ({folder}/config.json)", "prune")
+        try:  # training applies the head outside the model (archs.head_outside)
+            archs.logit_post(config)
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
     if "export" not in recipe.stages:
         return
     from slmkit.export import check_exportable
