@@ -270,9 +270,11 @@ def test_llamacpp_tokenizes_like_transformers(gguf_files, tokenizer):
 def parity(folder, ids, quant, tmp_path):
     """(llama.cpp greedy, transformers greedy, llama.cpp logits, transformers logits), the logits
     over the transformers greedy sequence."""
-    model, _ = models.load_model(folder)
+    model, tok = models.load_model(folder)
     llm = llama(export_gguf(folder, tmp_path / f"m.{quant}.gguf", quant))
     try:
+        for text in TEXTS:  # every family's file tokenises as transformers does
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids
         new = hf_greedy(model, ids, N_NEW)
         got = cpp_greedy(llm, ids, N_NEW)
         logits = cpp_logits(llm, ids + new), hf_logits(model, ids + new)
