@@ -105,8 +105,9 @@ def make_sp_tokenizer(style: str = "llama2"):
         tok.normalizer = normalizers.Sequence([normalizers.Prepend(sp), normalizers.Replace(" ", sp)])
     elif style == "metaspace":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=sp, prepend_scheme="first", split=False)
-    else:
+    else:  # as transformers' GemmaTokenizer builds it
         tok.normalizer = normalizers.Replace(" ", sp)
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     steps = [decoders.Replace(sp, " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if style != "gemma" else []))
     tok.add_special_tokens(specials)

@@ -260,15 +260,6 @@ def keep_layers(arch: Arch, scores: list[float], types: list[str], n: int) -> li
     return sorted(kept)
 
 
-def layers_possible(arch: Arch, types: list[str], n: int) -> bool:
-    """Whether `n` of the layers can be kept in the family's pattern."""
-    try:
-        keep_layers(arch, [0.0] * len(types), types, n)
-    except UsageError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- GGUF read back
 
 def gguf_config(config, gguf_file) -> None:
