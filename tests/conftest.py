@@ -3,13 +3,17 @@ config classes of every architecture slmkit supports. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from slmkit.archs import TABLE
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
+# every family slmkit prunes or exports (archs.TABLE); TINY gives each its test shape
+ARCHS = tuple(t for t, a in TABLE.items() if a.prune or a.gguf_arch)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -53,35 +57,90 @@ def make_tokenizer():
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int, layers: int = 4):
+# family -> the config keys of its tiny test model beyond the common ones
+TINY = {
+    "llama": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False),
+    # Phi-2's architecture: LayerNorm, biases, partial rotary, parallel block
+    "phi": dict(num_key_value_heads=4, partial_rotary_factor=0.5, tie_word_embeddings=False),
+    "phi3": dict(num_key_value_heads=2, tie_word_embeddings=False),  # fused qkv and gate_up
+    # Gemma 3: (1 + w) norms, sqrt(hidden) embedding scale, tied, 7 layers so one is global
+    # (5 sliding, 1 global, 1 sliding), a window shorter than the test texts
+    "gemma3_text": dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                        sliding_window=8, tie_word_embeddings=True, layers=7),
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0),
+    "cohere": dict(num_key_value_heads=2, logit_scale=0.5),
+}
+
+
+SP_STYLES = ("llama2", "metaspace", "gemma")
+SP_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                    "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def make_sp_tokenizer(style: str = "llama2"):
+    """A SentencePiece-style tokenizer as transformers holds one (Llama 2, Mistral, Phi-3, Gemma):
+    BPE over "\u2581"-for-space text with byte fallback, <unk> <s> </s> then the 256 byte tokens
+    <0x00>..<0xFF> at ids 3..258, BOS added. `style`: llama2 (normalizer Prepend + Replace),
+    metaspace (Metaspace pre-tokenizer, prefix on the first piece; Mistral v0.3, Llama 2 non-legacy)
+    or gemma (spaces replaced, no prefix)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = "\u2581"
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=sp, prepend_scheme="always")
+    trainer_tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=420, show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for t in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
+    if style == "llama2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(sp), normalizers.Replace(" ", sp)])
+    elif style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=sp, prepend_scheme="first", split=False)
+    else:  # as transformers' GemmaTokenizer builds it
+        tok.normalizer = normalizers.Replace(" ", sp)
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    steps = [decoders.Replace(sp, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if style != "gemma" else []))
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>")
+    fast.chat_template = SP_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, layers: int | None = None, **overrides):
     import transformers as tf
 
+    extra = dict(TINY[arch]) | overrides
+    layers = layers or extra.pop("layers", 4)
+    extra.pop("layers", None)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "llama":
-        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
-    if arch == "mistral":
-        return tf.MistralConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
-    if arch == "qwen2":
-        return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
-    if arch == "qwen3":
-        return tf.Qwen3Config(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **common)
-    if arch == "phi":  # Phi-2's architecture: LayerNorm, biases, partial rotary, parallel block
-        return tf.PhiConfig(num_key_value_heads=4, partial_rotary_factor=0.5,
-                            tie_word_embeddings=False, **common)
-    if arch == "phi3":  # fused qkv_proj and gate_up_proj
-        return tf.Phi3Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
-    raise ValueError(arch)
+    return getattr(tf, TABLE[arch].config_class)(**common, **extra)
 
 
-def make_tiny_model(arch: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
+def make_tiny_model(arch: str, out: Path, layers: int | None = None, seed: int = 0, tokenizer=None,
+                    **overrides) -> Path:
+    """A tiny random `arch` model with `tokenizer` (default: make_tokenizer()) saved at `out`;
+    `overrides` are config keys (rope_parameters=...)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = make_tokenizer()
+    tok = tokenizer or make_tokenizer()
     torch.manual_seed(seed)
-    cfg = tiny_config(arch, len(tok), layers=layers)
+    cfg = tiny_config(arch, len(tok), layers=layers, **overrides)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (tok.bos_token_id, tok.eos_token_id,
                                                             tok.pad_token_id)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -121,7 +180,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """arch -> folder of a tiny random model (4 layers, hidden 32, 4 heads, 2 KV heads)."""
+    """arch -> folder of a tiny random model (4 layers, hidden 32, 4 heads, 2 KV heads; Gemma 3:
+    7 layers)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_model(arch, root / arch) for arch in ARCHS}
 

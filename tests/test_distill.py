@@ -281,21 +281,41 @@ def _args(setup, out, *extra):
             "--out", root / out, "--max-steps", 2, "--batch-size", 4, "--device", "cpu", *extra]
 
 
-def test_bad_vocabulary(setup, cli, tmp_path):
+def test_vocabularies_same_tokenizer_padded_or_not(setup, cli, tmp_path, monkeypatch):
+    """The same tokenizer with a teacher whose config pads the vocabulary further (Qwen2.5-7B's
+    152,064 logits against 0.5B's 151,936) distils: the teacher's padding rows are cut. Another
+    tokenizer, or a teacher with fewer logits than the student, is refused from the tokenizers
+    and configs, before any weights load."""
     import transformers as tf
 
-    from conftest import make_tokenizer
+    from conftest import make_sp_tokenizer, make_tokenizer
+    from slmkit import models
+
+    def teacher_with(tok, vocab_size, name):
+        cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        return tmp_path / name
 
     tok = make_tokenizer()
-    other = tmp_path / "other"
-    cfg = tf.LlamaConfig(vocab_size=len(tok) + 50, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
-    tok.save_pretrained(other)
-    args = _args(setup, "bad")
-    args[args.index("--teacher") + 1] = other
+    args = _args(setup, "padded")
+    args[args.index("--teacher") + 1] = teacher_with(tok, len(tok) + 50, "padded")
     code, _, err = cli(*args)
-    assert code == 2 and "different vocabularies" in err and "slm prune" in err
+    assert code == 0, err
+    assert models.shared_vocab(setup[2], tmp_path / "padded") == len(tok)
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the vocabularies were checked")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+    sp = make_sp_tokenizer()
+    for teacher, message in ((teacher_with(sp, len(sp), "other"), "different tokenizers"),
+                             (teacher_with(tok, len(tok) - 1, "short"), "at least the student's")):
+        args = _args(setup, "bad")
+        args[args.index("--teacher") + 1] = teacher
+        code, _, err = cli(*args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
 
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from slmkit import models
+from slmkit import archs, models
 from slmkit.export import export_gguf, rotary_permute
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
+ARCHS = archs.EXPORTABLE
 TEXTS = ["Summarize the conversation between the two friends.",
          "numbers 0 1 22 333 and punctuation , . ! ? \"quoted\" (x) - #",
          "  two spaces\nnew line\n\n tabs\tend",
@@ -215,14 +215,12 @@ def test_unsupported_arch_exits_2(cli, tmp_path):
     out = tmp_path / "out" / "gpt2.gguf"
     code, _, err = cli("export", folder, "--quant", "q4_k_m", "--out", out)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "gpt2" in err and "supported: llama, mistral, qwen2, qwen3, phi, phi3" in err
+    assert "gpt2" in err and f"supported: {', '.join(archs.EXPORTABLE)}" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_every_architecture_prune_makes_exports():
-    from slmkit import export, prune
-
-    assert set(prune.ARCHS) <= set(export.ARCHS)
+    assert set(archs.PRUNABLE) <= set(archs.EXPORTABLE)
 
 
 def test_phi_and_phi3_layout(gguf_files, tiny_models):
@@ -272,9 +270,11 @@ def test_llamacpp_tokenizes_like_transformers(gguf_files, tokenizer):
 def parity(folder, ids, quant, tmp_path):
     """(llama.cpp greedy, transformers greedy, llama.cpp logits, transformers logits), the logits
     over the transformers greedy sequence."""
-    model, _ = models.load_model(folder)
+    model, tok = models.load_model(folder)
     llm = llama(export_gguf(folder, tmp_path / f"m.{quant}.gguf", quant))
     try:
+        for text in TEXTS:  # every family's file tokenises as transformers does
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids
         new = hf_greedy(model, ids, N_NEW)
         got = cpp_greedy(llm, ids, N_NEW)
         logits = cpp_logits(llm, ids + new), hf_logits(model, ids + new)
@@ -432,3 +432,236 @@ def test_a_killed_export_is_cleaned_and_exports_share_a_folder(tiny_models, tmp_
     assert "FROM ./a.gguf" in (folder / "Modelfile").read_text()  # the first export's, kept
     assert "FROM ./b.gguf" in (folder / "b.Modelfile").read_text()
     assert sorted(p.name for p in folder.iterdir()) == ["Modelfile", "a.gguf", "b.Modelfile", "b.gguf"]
+
+
+# --------------------------------------------------------------------------- width-pruned hidden
+
+HIDDEN_PRUNED = [a for a in ARCHS if archs.TABLE[a].head_dim_arch]
+
+
+@pytest.fixture(scope="module")
+def calib_txt(tmp_path_factory):
+    from conftest import CORPUS
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(CORPUS) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("arch", HIDDEN_PRUNED)
+def test_hidden_pruned_model_exports_loads_and_evaluates(arch, trained, calib_txt, tmp_path, cli,
+                                                         monkeypatch):
+    """`slm prune --hidden 24 --heads 2`: 2 heads x head_dim 8 = 16 is not the hidden size 24,
+    which real width-pruned models hit (Qwen2.5-1.5B at half: hidden 1120, 10 heads of 128).
+    The export carries head_dim (key_length) in a graph that sizes q by it (Qwen2: llama), so
+    llama.cpp loads it and computes what transformers does; `slm eval` reads the file back."""
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    from gguf import GGUFReader
+
+    folder, ids = trained(arch)
+    pruned, out = tmp_path / "pruned", tmp_path / "m.f32.gguf"
+    code, _, err = cli("prune", folder, "--hidden", "24", "--heads", "2", "--calib", calib_txt,
+                       "--out", pruned, "--num-samples", "4", "--seq-len", "16")
+    assert code == 0, err
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert cfg["hidden_size"] == 24 and cfg["num_attention_heads"] * cfg["head_dim"] == 16
+    code, _, err = cli("export", pruned, "--quant", "f32", "--out", out)
+    assert code == 0, err
+    f = {k: v.contents() for k, v in GGUFReader(str(out)).fields.items() if "length" in k}
+    name = archs.TABLE[arch].head_dim_arch
+    assert f[f"{name}.attention.key_length"] == f[f"{name}.attention.value_length"] == 8
+
+    model, tok = models.load_model(pruned)
+    llm = llama(out)
+    try:
+        text = TEXTS[1]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids
+        cpp = cpp_logits(llm, ids)
+    finally:
+        llm.close()
+    hf = hf_logits(model, ids)
+    cosine = (cpp * hf).sum(-1) / np.linalg.norm(cpp, axis=-1) / np.linalg.norm(hf, axis=-1)
+    assert cosine.min() >= MIN_COSINE, f"{arch}: cosine {cosine.min():.6f}"
+
+    back, _ = models.load_model(out)  # what `slm eval FILE.gguf` loads
+    assert np.abs(hf_logits(back, ids) - hf).max() < F32_TOL
+    code, _, err = cli("eval", out, "--ppl", calib_txt, "--out", tmp_path / "report")
+    assert code == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not archs.TABLE[a].head_dim_arch])
+def test_hidden_pruned_shape_llamacpp_cannot_load_is_refused(arch, tiny_models, calib_txt,
+                                                              tmp_path, cli):
+    """phi2 and phi3: llama.cpp sizes q by hidden. `slm prune` keeps hidden = heads x head_dim
+    for them, and `slm export` refuses a model that does not (one line, exit 2, nothing written)."""
+    code, _, err = cli("prune", tiny_models[arch], "--hidden", "24", "--heads", "2", "--calib",
+                       calib_txt, "--out", tmp_path / "p")
+    assert code == 2 and "--hidden 16" in err and not (tmp_path / "p").exists()
+    code, out, err = cli("prune", tiny_models[arch], "--target", "0.5", "--method", "width",
+                         "--calib", calib_txt, "--out", tmp_path / "w", "--num-samples", "2",
+                         "--seq-len", "16")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert cfg["num_attention_heads"] * cfg["head_dim"] == cfg["hidden_size"] < 32
+
+    from slmkit import prune as P
+    from test_prune import random_keep
+
+    model, tok = models.load_model(tiny_models[arch])
+    dst = P.Shape(layers=2, hidden=24, ffn=32, heads=2, kv_heads=2)
+    models.save_model(P.apply_plan(model, random_keep(model, dst), dst), tok, tmp_path / "odd")
+    code, _, err = cli("export", tmp_path / "odd", "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "would not load" in err and not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- SentencePiece, Llama 3 rope
+
+HARD = ("Naïve café, 東京 😀 — résumé!\n\n  numbers 0 12 345 6789 and   three spaces\t\ttabs  end "
+        "Summarize the conversation between the two friends.")
+
+
+REL_F32_TOL = 0.01
+"""max |logit diff| / max |logit|, llama.cpp f32 against transformers: measured 0.0008 (Llama 3
+rope) to 0.006 (Gemma 3, 13 -> 7 layers: there from position 0 and the same without a sliding
+window, so rounding, not attention)."""
+
+
+def f32_parity(path, model, ids):
+    """(min cosine, max |diff| / max |logit|) of llama.cpp's f32 logits against transformers'
+    on `ids`."""
+    llm = llama(path)
+    try:
+        cpp = cpp_logits(llm, ids)
+    finally:
+        llm.close()
+    hf = hf_logits(model, ids)
+    cosine = (cpp * hf).sum(-1) / np.linalg.norm(cpp, axis=-1) / np.linalg.norm(hf, axis=-1)
+    return cosine.min(), np.abs(cpp - hf).max() / np.abs(hf).max()
+
+
+@pytest.mark.parametrize("style", ["llama2", "metaspace", "gemma"])
+def test_sentencepiece_tokenizers_export_as_llamacpp_reads_them(style, tmp_path):
+    """Byte-fallback BPE (Llama 2, Mistral, Phi-3, Gemma) as llama.cpp's `llama` tokenizer:
+    scores that merge like HF's merges, byte and unknown token types, the space prefix (none for
+    Gemma). llama.cpp's tokens equal transformers' on unicode, digits and whitespace runs."""
+    from gguf import GGUFReader
+
+    from conftest import make_sp_tokenizer, make_tiny_model
+
+    tok = make_sp_tokenizer(style)
+    arch = "gemma3_text" if style == "gemma" else "llama"
+    folder = make_tiny_model(arch, tmp_path / "m", tokenizer=tok)
+    path = export_gguf(folder, tmp_path / "m.f32.gguf", "f32")
+    f = {k: v.contents() for k, v in GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+    assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.scores"]) == len(tok)
+    assert f["tokenizer.ggml.token_type"][0] == 2 and f["tokenizer.ggml.token_type"][3] == 6  # unk, <0x00>
+    assert f["tokenizer.ggml.add_space_prefix"] is (style != "gemma")
+    assert f["tokenizer.ggml.add_bos_token"] is True
+    llm = llama(path)
+    try:
+        for text in TEXTS + [HARD, HARD.upper(), "x"]:
+            if style == "metaspace" and text[0].isspace():
+                # transformers' Metaspace skips the prefix when the text starts with a space;
+                # SentencePiece and llama.cpp add it always (so do Mistral's own files)
+                continue
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text).input_ids, text
+    finally:
+        llm.close()
+    model, _ = models.load_model(folder)
+    cosine, _ = f32_parity(path, model, tok(HARD).input_ids)
+    assert cosine >= MIN_COSINE, cosine
+
+
+def test_unigram_tokenizer_is_refused_before_any_work(tiny_llama, tmp_path, cli):
+    import shutil
+
+    folder = tmp_path / "uni"
+    shutil.copytree(tiny_llama, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items()}
+    spec["model"] = {"type": "Unigram", "unk_id": 0, "byte_fallback": False,
+                     "vocab": [[t, -1.0] for t in sorted(vocab, key=vocab.get)]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    code, _, err = cli("export", folder, "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Unigram" in err
+    assert not (tmp_path / "x").exists()
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def test_llama3_rope_exports_as_rope_freqs(tmp_path, monkeypatch):
+    """Llama 3.x rope scaling: one factor per frequency in `rope_freqs.weight`. With an original
+    context of 16, three of the fixture's four frequencies are divided by 8 and one is smoothed,
+    so over 40+ positions the logits differ without the tensor (checked: the test can fail)."""
+    from gguf import GGUFReader
+
+    from slmkit import export
+    from conftest import make_tiny_model, make_tokenizer
+
+    tok = make_tokenizer()
+    folder = make_tiny_model("llama", tmp_path / "m", rope_parameters=dict(LLAMA3_ROPE))
+    model, _ = models.load_model(folder)
+    ids = tok(" ".join(TEXTS)).input_ids
+    assert len(ids) > 40
+    path = export_gguf(folder, tmp_path / "m.f32.gguf", "f32")
+    r = GGUFReader(str(path))
+    factors = {t.name: np.asarray(t.data) for t in r.tensors}["rope_freqs.weight"]
+    assert factors.shape == (4,) and factors[1:].tolist() == [8.0, 8.0, 8.0] and 1 < factors[0] < 8
+    cosine, diff = f32_parity(path, model, ids)
+    print(f"llama3 rope: cosine {cosine:.6f}, relative max diff {diff:.5f}")
+    assert cosine >= MIN_COSINE and diff < REL_F32_TOL, (cosine, diff)
+
+    monkeypatch.setattr(export, "rope_freqs", lambda cfg: np.ones(4, dtype=np.float32))
+    plain = export_gguf(folder, tmp_path / "plain.f32.gguf", "f32")
+    _, diff_plain = f32_parity(plain, model, ids)
+    assert diff_plain > 10 * REL_F32_TOL, diff_plain
+
+
+def test_unexportable_rope_is_refused(tmp_path, cli):
+    from conftest import make_tiny_model
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 32}
+    folder = make_tiny_model("qwen2", tmp_path / "m", layers=1, rope_parameters=rope)
+    code, _, err = cli("export", folder, "--quant", "f16", "--out", tmp_path / "x" / "m.gguf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "yarn" in err
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- Gemma 3
+
+def test_gemma3_depth_cut_keeps_the_pattern_llamacpp_runs(calib_txt, tmp_path, cli):
+    """13 layers (5 sliding, 1 global, 5 sliding, 1 global, 1 sliding) cut to 7 by measured
+    importance: the kept layers read as llama.cpp's fixed pattern, so llama.cpp's graph (window 8,
+    shorter than the text) computes what transformers does. A model whose layers do not follow
+    the pattern is refused by export and prune, one line each."""
+    from conftest import make_tiny_model
+
+    folder = make_tiny_model("gemma3_text", tmp_path / "g", layers=13)
+    pruned, out = tmp_path / "pruned", tmp_path / "g.f32.gguf"
+    code, _, err = cli("prune", folder, "--layers", "7", "--ffn", "48", "--calib", calib_txt,
+                       "--out", pruned, "--num-samples", "4", "--seq-len", "16")
+    assert code == 0, err
+    cfg = json.loads((pruned / "config.json").read_text())
+    assert cfg["layer_types"] == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    plan = json.loads((pruned / "prune_plan.json").read_text())
+    gemma3 = archs.TABLE["gemma3_text"]
+    assert plan["kept"]["layers"] == archs.keep_layers(  # the best-scoring pattern subsequence
+        gemma3, plan["importance"]["block_influence"], archs.layer_types(gemma3, 13), 7)
+    model, tok = models.load_model(pruned)
+    ids = tok(" ".join(TEXTS)).input_ids
+    assert len(ids) > 3 * cfg["sliding_window"]
+    cosine, diff = f32_parity(export_gguf(pruned, out, "f32"), model, ids)
+    print(f"gemma3 depth cut: cosine {cosine:.6f}, relative max diff {diff:.5f}")
+    assert cosine >= MIN_COSINE and diff < REL_F32_TOL, (cosine, diff)
+
+    cfg["layer_types"] = cfg["layer_types"][::-1]  # global layer first: not llama.cpp's pattern
+    (pruned / "config.json").write_text(json.dumps(cfg))
+    for args in (("export", pruned, "--out", tmp_path / "x" / "m.gguf"),
+                 ("prune", pruned, "--layers", "3", "--calib", calib_txt, "--out", tmp_path / "x")):
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "layer_types" in err, err
+    assert not (tmp_path / "x").exists()

@@ -16,7 +16,8 @@ def test_tiny_models_load_and_describe(tiny_model):
     model, tok = models.load_model(tiny_model)
     info = models.describe(tiny_model)
     assert info["parameters"] == models.count_parameters(model)
-    assert info["layers"] == 4 and info["hidden_size"] == 32 and info["chat_template"]
+    assert info["layers"] == model.config.num_hidden_layers in (4, 7)  # Gemma 3's fixture: 7
+    assert info["hidden_size"] == 32 and info["chat_template"]
     assert info["embedding_parameters"] + info["non_embedding_parameters"] == info["parameters"]
     ids = tok("hello there", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], len(tok))

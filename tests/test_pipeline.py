@@ -652,3 +652,36 @@ def test_recipe_unlabelled_file_adds_inputs_to_label(tmp_path, tiny_llama, task_
     with pytest.raises(UsageError, match=r"more.jsonl:3: has a `summary`; the `unlabelled:` file"):
         pipeline.build(load_recipe(label_recipe(tmp_path, tiny_llama, data, {"label": ""},
                                                 "unlabelled: more.jsonl")), runs=tmp_path / "runs3")
+
+
+def test_build_preflight_refuses_what_a_later_stage_cannot_take(tmp_path, task_data, cli):
+    """An unexportable rope, an unprunable family or a quant without llama.cpp is found before
+    the first stage runs: one line naming the recipe, exit 2, no stage started."""
+    from conftest import make_tiny_model
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 32}
+    yarn = make_tiny_model("qwen2", tmp_path / "yarn", layers=2, rope_parameters=rope)
+    gemma2 = make_tiny_model("gemma2", tmp_path / "gemma2", layers=2)
+    cases = [(yarn, "  export: {quant: f16}", "rope type `yarn`"),
+             (gemma2, "", "does not support the gemma2 architecture")]
+    for i, (teacher, extra, message) in enumerate(cases):
+        recipe = tiny_recipe(tmp_path, teacher, task_data, extra=extra)
+        runs = tmp_path / f"runs{i}"
+        code, _, err = cli("build", recipe, "--runs", runs)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+        assert str(recipe) in err
+        manifest = runs / "tiny" / "manifest.json"
+        assert not manifest.exists() or not json.loads(manifest.read_text()).get("stages")
+        assert not (runs / "tiny" / "teacher_tuned").exists()
+
+
+def test_build_preflight_needs_llamacpp_for_k_quants(tmp_path, tiny_llama, task_data, cli,
+                                                    monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    recipe = tiny_recipe(tmp_path, tiny_llama, task_data, extra="  export: {quant: q4_k_m}")
+    code, _, err = cli("build", recipe, "--runs", tmp_path / "runs")
+    assert code == 2 and "llama-cpp-python" in err and "stages.export" in err
+    assert not (tmp_path / "runs" / "tiny" / "teacher_tuned").exists()

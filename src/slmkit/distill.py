@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from slmkit import archs
 from slmkit.backends import MAX_LOGPROBS
 from slmkit.cli import (AT_LEAST_1, FRACTION, NOT_NEGATIVE, POSITIVE, Check, add_config_arguments,
                         check_options, config_from_args, option)
@@ -360,17 +361,6 @@ def vocab_hash(tokenizer) -> str:
     return hashlib.sha1(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_vocab(student, s_tok, teacher, t_tok, cfg) -> None:
-    sv, tv = student.config.vocab_size, teacher.config.vocab_size
-    if sv != tv or vocab_hash(s_tok) != vocab_hash(t_tok):
-        raise UsageError(
-            f"teacher `{cfg.teacher}` and student `{cfg.student}` have different vocabularies "
-            f"({tv} vs {sv} logits, tokenizers {'equal' if vocab_hash(s_tok) == vocab_hash(t_tok) else 'differ'}); "
-            "logit distillation compares them token by token, so both need the same tokenizer: "
-            "use a student pruned from this teacher (`slm prune`), or fine-tune on the data alone "
-            "(no --teacher, --alpha-ce 1)")
-
-
 def layer_pairs(student_folder: Path, s_config, t_config) -> tuple[list[tuple[int, int]], list[int] | None]:
     """--hidden-kd's map: (student layer j, teacher layer t) pairs, and the teacher's hidden
     channels the student kept (None: all of them). A student cut by `slm prune` names them in its
@@ -422,16 +412,11 @@ def predicted(mask, att):
 def final_hidden(model):
     """Within it, `model(...)` returns its final hidden states (B, T, H) as `logits`; yields the
     output projection (H -> V) it took out, for the loss to apply `--chunk` positions at a time.
-    The projection's weights stay the model's (tied or not), so they train as before. Valid for
-    the architectures slmkit supports, whose logits are exactly lm_head(final hidden)."""
-    import torch
-
-    head = model.get_output_embeddings()
-    model.set_output_embeddings(torch.nn.Identity())
-    try:
+    The projection's weights stay the model's (tied or not), so they train as before; the model's
+    own logit processing follows it (archs.head_outside: Gemma 2's soft-capping, Cohere's scale),
+    or it is refused."""
+    with archs.head_outside(model) as head:
         yield head
-    finally:
-        model.set_output_embeddings(head)
 
 
 class Window(NamedTuple):
@@ -767,7 +752,9 @@ def setup(cfg: DistillConfig) -> Run | None:
     set_seed(cfg.seed)
     return_freed_memory(cfg.batch_size * cfg.max_length)
 
-    # models
+    # models: the pair's vocabularies and heads first, from their tokenizers and configs
+    local_teacher = cfg.teacher and not is_served(cfg.teacher) and (cfg.alpha_ce < 1 or cfg.on_policy > 0)
+    vocab = models.shared_vocab(cfg.student, cfg.teacher, cfg.trust_remote_code) if local_teacher else None
     student, tokenizer = models.load_model(cfg.student, dtype=cfg.dtype, device=device,
                                            trust_remote_code=cfg.trust_remote_code)
     student.train()
@@ -776,9 +763,9 @@ def setup(cfg: DistillConfig) -> Run | None:
     if is_served(cfg.teacher) and cfg.alpha_ce < 1:
         served = ServedTeacher(cfg.teacher, tokenizer, cfg.top_k)
     elif cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
-        teacher, t_tok = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
-                                           device=device, trust_remote_code=cfg.trust_remote_code)
-        check_vocab(student, tokenizer, teacher, t_tok, cfg)
+        teacher, _ = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
+                                       device=device, trust_remote_code=cfg.trust_remote_code)
+        models.fit_head(teacher, vocab)
         teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
     cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
     layer_map = None
@@ -1140,7 +1127,7 @@ def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
     train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
     device = models.pick_device(cfg.device)
     teacher, tokenizer = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
-                                           device=device, trust_remote_code=cfg.trust_remote_code)
+                                       device=device, trust_remote_code=cfg.trust_remote_code)
     items = encode_all(train_ex + eval_ex, tokenizer, cfg.max_length)
     items.sort(key=lambda e: len(e.ids))  # similar lengths per batch: little padding
     tensors = {}

@@ -4,13 +4,17 @@
     slm export runs/demo/student --quant q4_k_m --out student.gguf
     llama-cli -m smollm2.q8_0.gguf -cnv            # or: ollama create smollm2 -f Modelfile
 
-Architectures (every one `slm prune` makes): the llama family (Llama, Mistral, SmolLM; GGUF arch
-`llama`), Qwen2 (`qwen2`, with its q/k/v biases), Qwen3 (`qwen3`, with its per-head q/k RMS
-norms), Phi-2 (`phi`; GGUF `phi2`: LayerNorm and linear layers with biases, partial rotary, the
-attention and the MLP in parallel off one norm, an lm_head bias) and Phi-3 (`phi3`: fused
-qkv_proj and gate_up_proj, which llama.cpp reads fused as they are). Tensor names come from the
-gguf package's map for the architecture. Only llama's q/k rows are permuted: llama.cpp runs the
-others' rope NeoX-style, which is HF's rotate-half layout.
+Architectures: every family of the architecture table (slmkit/archs.py, docs/architectures.md)
+with a GGUF architecture: llama (Llama, Mistral, SmolLM; Llama 3.x `llama3` rope as the
+`rope_freqs` tensor), qwen2, qwen3, phi2, phi3 and gemma3. Everything is checked on config.json
+and the tokenizer before any weight is read (check_export): a model llama.cpp would not load, or
+would compute differently (a rope type, activation, sliding-window layout or tokenizer it lacks),
+is refused there, never written. Tensor names come from the gguf package's map for the
+architecture. Only the `llama` graph's q/k rows are permuted: llama.cpp runs the others' rope
+NeoX-style, which is HF's rotate-half layout. A width-pruned model whose heads x head_dim is not
+its hidden size gets `<arch>.attention.key_length`/`value_length`; where llama.cpp's graph sizes
+q by hidden anyway (qwen2) the file is written as the `llama` graph, which computes the same
+function (q/k/v biases included), and where no graph can (phi2, phi3) the export is refused.
 
 Quantisation: f32, f16 and q8_0 (~8.5 bits a weight) are written here (our q8_0 bytes equal
 llama-quantize's, tested); q4_0 (~4.5 bits) and the K-quants q4_k_m (~4.9), q5_k_m (~5.7) and
@@ -18,9 +22,10 @@ q6_k (~6.6) are made by llama.cpp's own quantizer from an f32 export, so its per
 (the output projection in Q6_K when its rows are a multiple of 256 values, else Q8_0; some
 layers one type up in the _m mixes; a tensor whose rows are not whole 256-value blocks falls back
 to Q5_0/Q5_1/Q8_0) are llama.cpp's, not a copy; `slm export` reports the tensors that fell back.
-Norms and other 1-D tensors stay f32 in every mode. The tokenizer must be a byte-level BPE
-(GPT-2 style, as in SmolLM, Qwen, Phi-2 and Phi-4-mini); it is written as llama.cpp's `gpt2`
-tokenizer model. Phi-3-mini's SentencePiece tokenizer is not supported yet.
+Norms and other 1-D tensors stay f32 in every mode. Tokenizers: byte-level BPE (GPT-2 style: SmolLM,
+Qwen, Phi-2, Llama 3) as llama.cpp's `gpt2` model, and SentencePiece-style BPE with byte fallback
+(Llama 2, Mistral, Phi-3, Gemma) as its `llama` model: scores that make its merges HF's
+(merge_scores), byte and control token types, add_space_prefix from the normalizer.
 """
 
 from __future__ import annotations
@@ -33,18 +38,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmkit import models
+from slmkit import archs, models
 from slmkit.cli import add_config_arguments, config_from_args, option
 from slmkit.errors import UsageError
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 BY_LLAMACPP = ("q4_0", "q4_k_m", "q5_k_m", "q6_k")  # quantised by llama.cpp from an f32 export
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
-# HF model_type -> GGUF architecture. Mistral without sliding-window attention is a llama.
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-         "phi": "phi2", "phi3": "phi3"}
-# The MLP activation each llama.cpp graph computes (phi2: GELU, tanh approximation).
-ACTIVATIONS = {"phi2": ("gelu_new", "gelu_pytorch_tanh")}
 # The pre-tokenizer regexes of the tokenizers llama.cpp knows by name (tokenizer.ggml.pre).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -53,7 +53,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 SPLIT_NAMES = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
 
 # llama.cpp token types (tokenizer.ggml.token_type)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's visible space
 
 
 @dataclass
@@ -108,6 +109,8 @@ class Planned:
     shape: tuple[int, ...]      # numpy (row-major) shape, e.g. (out_features, in_features)
     qtype: object               # gguf.GGMLQuantizationType
     permute_heads: int = 0      # >0: apply the rotary row permutation with this many heads
+    offset: float = 0.0         # added to every value (Gemma's (1 + w) norms: llama.cpp wants 1 + w)
+    data: object = None         # a tensor made here (Llama 3's rope factors), not read from hf_name
 
 
 def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False) -> Path:
@@ -129,16 +132,16 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
         raise UsageError(f"--out {out}: give a file name ending in .gguf")
     folder = models.resolve(model, trust_remote_code=trust_remote_code)
     cfg = models.read_config(folder)
-    arch = gguf_arch(cfg, folder)
+    target = check_export(cfg, folder)
     tok = tokenizer_metadata(folder, cfg["vocab_size"])
-    window = cfg.get("sliding_window") if arch == "phi3" else None
+    window = cfg.get("sliding_window") if target.arch.sliding_window == "ignored" else None
     if window and window < cfg["max_position_embeddings"]:
-        print(f"note: {folder}/config.json sets sliding_window {window}; llama.cpp's phi3 graph "
+        print(f"note: {folder}/config.json sets sliding_window {window}; llama.cpp's {target.gguf} graph "
               f"attends the whole context, so past {window} tokens it differs from transformers",
               file=sys.stderr)
 
     tensors = models.tensor_headers(folder)
-    plan = plan_tensors(cfg, arch, {k: tuple(meta["shape"]) for k, meta in tensors.items()}, written)
+    plan = plan_tensors(cfg, target, {k: tuple(meta["shape"]) for k, meta in tensors.items()}, written)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*"):  # mkstemp's names below: a killed export's
@@ -149,9 +152,9 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
         os.close(fd)
         temps.append(tmp)
     tmp = temps[0]
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, target.gguf)
     try:
-        write_metadata(writer, cfg, arch, written, model_name(model))
+        write_metadata(writer, cfg, target, written, model_name(model))
         write_tokenizer(writer, tok)
         for t in plan:
             dtype, nbytes, shape = stored_layout(t)
@@ -162,10 +165,15 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
         handles = {}
         for t in tqdm(plan, desc=f"export {written}", unit="tensor", file=sys.stderr,
                       disable=len(plan) < 50):
+            if t.data is not None:
+                writer.write_tensor_data(encode(t.data, t.qtype))
+                continue
             shard = tensors[t.hf_name]["file"]
             if shard not in handles:
                 handles[shard] = safe_open(str(shard), framework="pt")
             w = handles[shard].get_tensor(t.hf_name).float().numpy()
+            if t.offset:
+                w = w + t.offset
             if t.permute_heads:
                 w = rotary_permute(w, t.permute_heads)
             writer.write_tensor_data(encode(w, t.qtype))
@@ -184,6 +192,21 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
     with models.atomic_write(modelfile_path(out)) as f:
         f.write(modelfile(out.name, tok["chat_template"], tok["eos_text"]))
     return out
+
+
+def check_exportable(model, quant: str = "q8_0", trust_remote_code: bool = False) -> Target:
+    """Everything `slm export MODEL --quant QUANT` checks before it reads a weight: the quant (and
+    llama.cpp's quantizer for the K-quants), the architecture (check_export) and the tokenizer.
+    `slm build` runs it for every model its export stage will write, before the first stage."""
+    if quant not in QUANTS:
+        raise UsageError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    if quant in BY_LLAMACPP:
+        _llama_cpp(quant)
+    folder = models.resolve(model, trust_remote_code=trust_remote_code)
+    cfg = models.read_config(folder)
+    target = check_export(cfg, folder)
+    tokenizer_metadata(folder, cfg["vocab_size"])
+    return target
 
 
 def modelfile_path(gguf_file: Path) -> Path:
@@ -237,37 +260,69 @@ def model_name(spec) -> str:
     return Path(str(spec)).name.removesuffix(".gguf") or "model"
 
 
-def gguf_arch(cfg: dict, folder: Path) -> str:
-    """Check that llama.cpp computes the same function as transformers for this config."""
-    model_type = cfg.get("model_type")
+# llama.cpp graphs that rotate adjacent pairs (2i, 2i+1): HF's rotate-half q/k rows are permuted
+# for them (rotary_permute); the other graphs run NeoX-style rope, HF's own layout.
+PAIRWISE_ROPE = ("llama",)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one export writes: the family's record and the GGUF architecture llama.cpp loads."""
+    arch: archs.Arch
+    gguf: str
+
+
+def check_export(cfg: dict, folder: Path) -> Target:
+    """The family record and GGUF architecture when llama.cpp computes the same function as
+    transformers for this config (and loads the file); a UsageError naming the key otherwise.
+    Runs on config.json alone, before any weight is read."""
     where = f"{folder}/config.json"
-    if model_type not in ARCHS:
-        raise UsageError(f"{where}: `slm export` does not support the {model_type} architecture "
-                         f"({(cfg.get('architectures') or ['?'])[0]}); supported: "
-                         f"{', '.join(ARCHS)} (SmolLM is llama)")
-    arch = ARCHS[model_type]
-    act, acts = cfg.get("hidden_act", "silu"), ACTIVATIONS.get(arch, ("silu",))
-    if act not in acts:
-        raise UsageError(f"{where}: hidden_act `{act}` is not supported; llama.cpp's {arch} "
-                         f"graph computes {acts[0]}")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type != "default":
-        raise UsageError(f"{where} (key `rope_parameters`): rope type `{rope_type}` is not "
-                         "supported by `slm export` yet; only plain RoPE is")
-    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
+    arch = archs.get(cfg, where, "export")
+    for key, why in arch.no_graph:
+        if cfg.get(key):
+            raise UsageError(f"{where} (key `{key}`): {why}; `slm export` supports {arch.name} "
+                             "without it")
+    name = arch.gguf_arch
+    act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+    if act not in arch.activations:
+        raise UsageError(f"{where}: hidden_act `{act}` is not supported; llama.cpp's {name} "
+                         f"graph computes {arch.activations[0]}")
+    rope = archs.rope_type(cfg)
+    if rope not in arch.rope_types:
+        raise UsageError(f"{where} (key `rope_parameters`): rope type `{rope}` has no llama.cpp "
+                         f"{name} graph; `slm export` supports {', '.join(arch.rope_types)} for "
+                         f"{arch.name}")
+    types = cfg.get("layer_types") or []
+    if arch.sliding_window == "pattern":
+        if types and types != archs.layer_types(arch, cfg["num_hidden_layers"]):
+            raise UsageError(f"{where} (key `layer_types`): llama.cpp's {name} graph makes every "
+                             f"{arch.layer_pattern}th layer global and the others sliding-window; "
+                             "these layers do not follow that pattern")
+    elif arch.sliding_window == "refuse" and (cfg.get("use_sliding_window")
+                                              or "sliding_attention" in types):
         raise UsageError(f"{where}: sliding-window attention is not supported by `slm export` "
-                         f"(llama.cpp's {arch} graph attends the whole context)")
-    if model_type == "phi" and cfg.get("qk_layernorm"):
-        raise UsageError(f"{where}: Phi with qk_layernorm has no llama.cpp graph; "
-                         "`slm export` supports Phi-2 as it ships (qk_layernorm false)")
-    if model_type == "qwen3" and cfg.get("attention_bias"):
-        raise UsageError(f"{where}: Qwen3 with attention_bias has no llama.cpp graph "
-                         "(its qwen3 graph has no q/k/v biases)")
+                         f"(llama.cpp's {name} graph attends the whole context)")
+    for key, expected, why in arch.graph_constants:
+        value = (rope_params(cfg, "sliding_attention")["rope_theta"]
+                 if key == "rope_local_base_freq" else cfg.get(key, expected))
+        if expected == "head_dim":
+            expected = head_dim(cfg)
+        if value != expected:
+            raise UsageError(f"{where} (key `{key}`): {value}, but {why} ({expected})")
+    heads, hidden, dim = cfg["num_attention_heads"], cfg["hidden_size"], head_dim(cfg)
+    if heads * dim != hidden:
+        # a width-pruned model: some llama.cpp graphs size q/o from hidden alone
+        name = arch.head_dim_arch
+        if name is None:
+            raise UsageError(
+                f"{where}: {heads} heads x head_dim {dim} = {heads * dim} is not hidden_size "
+                f"{hidden} (a width-pruned model), and llama.cpp's {arch.gguf_arch} graph needs "
+                f"them equal, so llama.cpp would not load the export; prune with --hidden "
+                f"{heads * dim} (or --heads so that heads x {dim} = hidden)")
     if rotary_dims(cfg) % 2:
         raise UsageError(f"{where}: the rotary dimensions (head_dim x partial_rotary_factor) "
                          "must be even")
-    return arch
+    return Target(arch, name)
 
 
 def head_dim(cfg: dict) -> int:
@@ -281,14 +336,49 @@ def rotary_dims(cfg: dict) -> int:
     return int(head_dim(cfg) * factor)
 
 
-def plan_tensors(cfg: dict, arch: str, shapes: dict[str, tuple[int, ...]], quant: str) -> list[Planned]:
-    """HF tensor names and shapes -> the tensors of the GGUF file, in llama.cpp's order
-    (embedding, layers 0..n-1, final norm, output)."""
-    import gguf
+def rope_params(cfg: dict, layer_type: str = "full_attention") -> dict:
+    """The rope parameters of `layer_type`'s layers (transformers 5 keeps them per layer type
+    for Gemma 3), with rope_theta filled from the older top-level keys."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if layer_type in rope or "full_attention" in rope:
+        rope = dict(rope.get(layer_type) or {})
+    if "rope_theta" not in rope:
+        top = cfg.get("rope_local_base_freq") if layer_type == "sliding_attention" else None
+        rope["rope_theta"] = top or cfg.get("rope_theta") or 10000.0
+    return rope
 
+
+def rope_freqs(cfg: dict):
+    """Llama 3.x (`rope_type: llama3`) as llama.cpp reads it: a float32 tensor of one factor per
+    rotary frequency (head_dim / 2), each frequency divided by it. Wavelengths shorter than
+    original_context / high_freq_factor keep their frequency (1), longer than
+    original_context / low_freq_factor are divided by `factor`, and those between move
+    smoothly from one to the other: the rule transformers' llama3 rope computes."""
+    import numpy as np
+
+    rope = rope_params(cfg)
+    dims, base = rotary_dims(cfg), float(rope["rope_theta"])
+    factor, low, high = (float(rope["factor"]), float(rope["low_freq_factor"]),
+                         float(rope["high_freq_factor"]))
+    old = float(rope["original_max_position_embeddings"])
+    freqs = 1.0 / base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    out = np.where(wavelen < old / high, 1.0,
+                   np.where(wavelen > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def plan_tensors(cfg: dict, target: Target, shapes: dict[str, tuple[int, ...]], quant: str) -> list[Planned]:
+    """HF tensor names and shapes -> the tensors of the GGUF file, in llama.cpp's order
+    (embedding, rope factors, layers 0..n-1, final norm, output)."""
+    import gguf
+    import numpy as np
+
+    arch, name_ = target.arch, target.gguf
     tied = bool(cfg.get("tie_word_embeddings", False))
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    arch_id = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    arch_id = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[name_]
     names = gguf.get_tensor_name_map(arch_id, cfg["num_hidden_layers"])
     plan = []
     for hf_name, shape in shapes.items():
@@ -296,25 +386,36 @@ def plan_tensors(cfg: dict, arch: str, shapes: dict[str, tuple[int, ...]], quant
             continue  # the same tensor as token_embd; llama.cpp reuses token_embd when output is absent
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UsageError(f"tensor `{hf_name}` has no place in llama.cpp's {arch} architecture; "
-                             f"the checkpoint is not a plain {cfg.get('model_type')} model")
+            raise UsageError(f"tensor `{hf_name}` has no place in llama.cpp's {name_} architecture; "
+                             f"the checkpoint is not a plain {arch.name} model")
         permute = 0
-        # llama.cpp's `llama` graph rotates adjacent pairs (2i, 2i+1); HF rotates (i, i + d/2).
-        # The other graphs run NeoX-style rope in llama.cpp, HF's layout: no permutation there.
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+        if name_ in PAIRWISE_ROPE and name.endswith(("attn_q.weight", "attn_q.bias")):
             permute = heads
-        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+        elif name_ in PAIRWISE_ROPE and name.endswith(("attn_k.weight", "attn_k.bias")):
             permute = kv_heads
-        plan.append(Planned(hf_name, name, shape, tensor_type(shape, quant), permute))
-    if tied and arch == "phi2":  # llama.cpp's phi2 graph requires its own output tensor
+        offset = arch.norm_offset if hf_name.endswith("norm.weight") else 0.0
+        plan.append(Planned(hf_name, name, shape, tensor_type(shape, quant), permute, offset))
+    if tied and arch.output_tensor:  # llama.cpp's phi2 graph requires its own output tensor
         embed = "model.embed_tokens.weight"
         plan.append(Planned(embed, "output.weight", shapes[embed], tensor_type(shapes[embed], quant)))
     elif not tied and "lm_head.weight" not in shapes:
         raise UsageError("the checkpoint has untied embeddings but no lm_head.weight; it is incomplete")
+    if name_ in PAIRWISE_ROPE and any(t.name.endswith("attn_q.bias") for t in plan) \
+            and not any(t.name.endswith("attn_output.bias") for t in plan):
+        # a Qwen2 written as llama (width-pruned): readers of llama files (transformers'
+        # attention_bias) take q/k/v/o biases all or none, so o gets zeros; llama.cpp adds them
+        for layer in range(cfg["num_hidden_layers"]):
+            zeros = np.zeros(cfg["hidden_size"], dtype=np.float32)
+            plan.append(Planned("", f"blk.{layer}.attn_output.bias", zeros.shape,
+                                tensor_type(zeros.shape, quant), data=zeros))
+    if archs.rope_type(cfg) == "llama3":
+        factors = rope_freqs(cfg)
+        plan.append(Planned("", "rope_freqs.weight", factors.shape, tensor_type(factors.shape, quant),
+                            data=factors))
 
     def order(t: Planned):
         m = re.match(r"blk\.(\d+)\.", t.name)
-        rank = {"token_embd": -1, "output_norm": 1 << 30, "output": 1 << 31}
+        rank = {"token_embd": -2, "rope_freqs": -1, "output_norm": 1 << 30, "output": 1 << 31}
         return (int(m.group(1)) if m else rank[t.name.rsplit(".", 1)[0]], t.name)
 
     plan.sort(key=order)
@@ -375,12 +476,13 @@ def rotary_permute(w, n_heads: int):
     return per_head.swapaxes(1, 2).reshape(w.shape)
 
 
-def write_metadata(writer, cfg: dict, arch: str, quant: str, name: str) -> None:
+def write_metadata(writer, cfg: dict, target: Target, quant: str, name: str) -> None:
     import gguf
 
+    arch = target.arch
     heads = cfg["num_attention_heads"]
     dim = head_dim(cfg)
-    rope = cfg.get("rope_parameters") or {}
+    rope = rope_params(cfg)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     writer.add_name(general_name(name))
@@ -390,23 +492,26 @@ def write_metadata(writer, cfg: dict, arch: str, quant: str, name: str) -> None:
     writer.add_feed_forward_length(cfg["intermediate_size"])  # phi3: half of gate_up's rows
     writer.add_head_count(heads)
     writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_rope_dimension_count(rotary_dims(cfg))
-    # an explicit head_dim (Qwen3, width-pruned students) is written whenever config.json has
-    # one, as llama.cpp's converter does; llama.cpp needs it when heads x head_dim != hidden
+    # an explicit head_dim (Qwen3, Gemma 3, width-pruned students) is written whenever
+    # config.json has one, as llama.cpp's converter does; llama.cpp needs it whenever
+    # heads x head_dim != hidden, or it takes head_dim = hidden / heads
     if cfg.get("head_dim") or dim * heads != cfg["hidden_size"]:
         writer.add_key_length(dim)
         writer.add_value_length(dim)
-    if arch == "phi2":  # LayerNorm
+    if arch.norm == "layer":
         writer.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-5)))
     else:
         writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    if arch == "phi3":
+    if arch.sliding_window == "ignored":
         # as llama.cpp's converter writes them; llama.cpp currently attends the whole context
         # even when sliding_window is set (Phi-3-mini: 2047), see export_gguf's note
         writer.add_sliding_window(cfg.get("sliding_window") or 0)
         if cfg.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+    elif arch.sliding_window == "pattern":
+        writer.add_sliding_window(cfg["sliding_window"])
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -446,8 +551,10 @@ def kquant_fallbacks(path, quant: str) -> str | None:
 
 def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
     """Everything llama.cpp needs to tokenise like the HF tokenizer in `folder`:
-    tokens in id order (padded to the model's vocab_size), token types, merges, the
-    pre-tokenizer name, special ids, add_bos/add_eos and the chat template."""
+    the tokenizer model (`gpt2`: byte-level BPE; `llama`: SentencePiece-style BPE with byte
+    fallback), tokens in id order (padded to the model's vocab_size), token types, merges (gpt2)
+    or scores (llama), the pre-tokenizer name, special ids, add_bos/add_eos, add_space_prefix and
+    the chat template."""
     from transformers import AutoTokenizer
 
     try:
@@ -458,13 +565,31 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
         raise UsageError(f"{folder}: `slm export` needs a fast tokenizer (tokenizer.json)")
     spec = json.loads(tok.backend_tokenizer.to_str())
     bpe = spec["model"]
-    byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
-    if bpe.get("type") != "BPE" or bpe.get("byte_fallback") or not byte_level:
-        raise UsageError(f"{folder}/tokenizer.json: only byte-level BPE tokenizers (GPT-2 style, as "
-                         "in SmolLM and Qwen2) can be exported so far; this one is "
-                         f"{bpe.get('type')} with decoder {(spec.get('decoder') or {}).get('type')}")
+    decoder = json.dumps(spec.get("decoder"))
+    if bpe.get("type") == "BPE" and not bpe.get("byte_fallback") and "ByteLevel" in decoder:
+        kind = "gpt2"
+    elif bpe.get("type") == "BPE" and bpe.get("byte_fallback") and "ByteFallback" in decoder:
+        kind = "llama"
+    else:
+        raise UsageError(f"{folder}/tokenizer.json: `slm export` writes byte-level BPE (GPT-2 "
+                         "style: SmolLM, Qwen, Phi-2) and SentencePiece-style BPE with byte "
+                         "fallback (Llama 2, Mistral, Phi-3, Gemma); this one is "
+                         f"{bpe.get('type')}{' with byte fallback' if bpe.get('byte_fallback') else ''}"
+                         f" with decoder {(spec.get('decoder') or {}).get('type')}")
     by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in bpe["vocab"].items()}
+    if kind == "llama":
+        for t, i in bpe["vocab"].items():
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+                by_id[i] = (t, BYTE)
+        if bpe.get("unk_token") in bpe["vocab"]:
+            by_id[bpe["vocab"][bpe["unk_token"]]] = (bpe["unk_token"], UNKNOWN)
+        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in bpe["vocab"]]
+        if missing:
+            raise UsageError(f"{folder}/tokenizer.json: byte fallback without the byte tokens "
+                             f"{', '.join(missing[:3])}...; llama.cpp needs all 256")
     for added in spec.get("added_tokens", []):
+        if by_id.get(added["id"], ("", NORMAL))[1] in (BYTE, UNKNOWN):
+            continue
         by_id[added["id"]] = (added["content"], CONTROL if added["special"] else USER_DEFINED)
     if max(by_id) >= vocab_size:
         raise UsageError(f"{folder}: the tokenizer has ids up to {max(by_id)} but the model's "
@@ -476,11 +601,10 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
     template = tok.chat_template
     if isinstance(template, dict):
         template = template.get("default")
-    return {
+    out = {
+        "model": kind,
         "tokens": [t for t, _ in tokens],
         "types": [k for _, k in tokens],
-        "merges": merges,
-        "pre": pre_tokenizer_name(spec.get("pre_tokenizer"), folder),
         "bos": tok.bos_token_id, "eos": tok.eos_token_id,
         "pad": tok.pad_token_id, "unk": tok.unk_token_id,
         "eos_text": tok.eos_token,
@@ -488,6 +612,56 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
         "add_eos": len(probe) > 1 and probe[-1] == tok.eos_token_id,
         "chat_template": template,
     }
+    if kind == "gpt2":
+        out.update(merges=merges, pre=pre_tokenizer_name(spec.get("pre_tokenizer"), folder))
+    else:
+        out.update(scores=merge_scores(out["tokens"], merges),
+                   add_space_prefix=space_prefix(spec, folder))
+    return out
+
+
+def merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores that make llama.cpp's `llama` tokenizer merge like HF's BPE: it
+    repeatedly joins the adjacent pair whose joined piece scores highest, HF the pair whose merge
+    ranks first; so a piece scores -(rank of the first merge that makes it). Pieces no merge makes
+    (characters, bytes, specials) score 0: llama.cpp never compares them."""
+    made: dict[str, int] = {}
+    for rank, m in enumerate(merges):
+        made.setdefault(m.replace(" ", "", 1), rank)
+    return [-float(made[t]) if t in made else 0.0 for t in tokens]
+
+
+def space_prefix(spec: dict, folder: Path) -> bool:
+    """Whether the tokenizer puts "▁" (a space) before the text, as SentencePiece's
+    add_dummy_prefix does (Llama 2, Mistral: yes; Gemma: no), from the normalizer's Prepend or
+    the Metaspace pre-tokenizer's prepend_scheme; and a check that spaces become "▁" (llama.cpp
+    always does that) and nothing else splits the text. One difference stays: transformers'
+    Metaspace (Mistral v0.3's tokenizer.json) adds no "▁" to a text that starts with a space,
+    where SentencePiece and llama.cpp add one always."""
+    def steps(node):
+        if not node:
+            return []
+        if node.get("type") == "Sequence":
+            return [s for n in node.get("normalizers", node.get("pretokenizers", [])) for s in steps(n)]
+        return [node]
+
+    norm, pre = steps(spec.get("normalizer")), steps(spec.get("pre_tokenizer"))
+    prepend = any(s["type"] == "Prepend" and s.get("prepend") == SPACE
+                  for s in norm)
+    escapes = any(s["type"] == "Replace" and s.get("content") == SPACE
+                  for s in norm)
+    for s in pre:
+        if s["type"] == "Metaspace" and not s.get("split", True):
+            escapes = True
+            prepend = prepend or s.get("prepend_scheme", "always") in ("first", "always")
+        elif not (s["type"] == "Split" and s.get("pattern", {}).get("String") == " "
+                  and s.get("behavior") == "MergedWithPrevious"):
+            raise UsageError(f"{folder}/tokenizer.json (key `pre_tokenizer`): {s['type']} has no "
+                             "llama.cpp SentencePiece equivalent")
+    if not escapes:
+        raise UsageError(f"{folder}/tokenizer.json (key `normalizer`): spaces are not replaced by "
+                         f"\"{SPACE}\" as SentencePiece and llama.cpp's `llama` tokenizer do")
+    return prepend
 
 
 def pre_tokenizer_name(pre: dict | None, folder: Path) -> str:
@@ -511,11 +685,16 @@ def pre_tokenizer_name(pre: dict | None, folder: Path) -> str:
 
 
 def write_tokenizer(writer, tok: dict) -> None:
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_tokenizer_model(tok["model"])  # gpt2: byte-level BPE; llama: SentencePiece
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["types"])
-    writer.add_token_merges(tok["merges"])
+    if tok["model"] == "gpt2":
+        writer.add_tokenizer_pre(tok["pre"])
+        writer.add_token_merges(tok["merges"])
+    else:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(tok["scores"])
+        writer.add_add_space_prefix(tok["add_space_prefix"])
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
         if tok[key] is not None:

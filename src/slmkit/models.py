@@ -248,12 +248,16 @@ def gguf_to_folder(gguf: Path, dtype: str = "float32", name: str | None = None) 
     print(f"slm: converting {name or gguf.name} to {dtype} safetensors once (cached in {out})",
           file=sys.stderr)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from slmkit import archs
 
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        archs.gguf_config(config, gguf)  # head_dim of width-pruned models, and what else it leaves out
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
                                                      dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, NotImplementedError) as e:  # an architecture transformers cannot read
@@ -707,3 +711,42 @@ def has_chat_template(folder: Path) -> bool:
 def count_parameters(model) -> int:
     """Parameters of a loaded model, shared (tied) tensors counted once."""
     return sum(p.numel() for p in model.parameters())  # .parameters() already de-duplicates
+
+
+def shared_vocab(student, teacher, trust_remote_code: bool = False) -> int:
+    """How many logits logit distillation compares token by token, checked on the tokenizers
+    and config.json files before any weights load: the student's vocab_size, when both tokenizers
+    hold the same tokens at the same ids (the real vocabulary, not the configs' sizes: configs pad
+    it to round numbers, Qwen2.5-7B to 152,064 logits and 0.5B to 151,936 for the same 151,665
+    tokens) and the teacher has at least that many logits (its extra, padded ones are never a
+    real token: fit_head drops them). Also refuses, for either model, logit post-processing that
+    cannot be applied outside the model (archs.logit_post). UsageError otherwise."""
+    from slmkit import archs
+
+    folders = {name: resolve(spec, trust_remote_code=trust_remote_code)
+               for name, spec in (("student", student), ("teacher", teacher))}
+    configs = {name: read_config(f) for name, f in folders.items()}
+    for cfg in configs.values():
+        archs.logit_post(cfg)
+    vocabs = {name: load_tokenizer(f, trust_remote_code).get_vocab() for name, f in folders.items()}
+    sv, tv = configs["student"]["vocab_size"], configs["teacher"]["vocab_size"]
+    if vocabs["student"] != vocabs["teacher"]:
+        differ = len(set(vocabs["student"].items()) ^ set(vocabs["teacher"].items()))
+        raise UsageError(
+            f"teacher `{teacher}` and student `{student}` have different tokenizers ({differ} "
+            "tokens differ); logit distillation compares them token by token, so both need the "
+            "same tokenizer: use a student pruned from this teacher (`slm prune`), or fine-tune "
+            "on the data alone (no --teacher, --alpha-ce 1)")
+    top = max(vocabs["student"].values(), default=-1)
+    if tv < sv or top >= sv:
+        raise UsageError(f"teacher `{teacher}` has {tv} logits and student `{student}` {sv} for "
+                         f"the same {top + 1} token ids; the teacher needs at least the student's "
+                         "logits, each of them covering every token")
+    return sv
+
+
+def fit_head(teacher, vocab: int) -> None:
+    """Cut a loaded (frozen) teacher's embeddings and output head to its first `vocab` rows
+    (shared_vocab()): the rows beyond are padding no token maps to."""
+    if teacher.config.vocab_size > vocab:
+        teacher.resize_token_embeddings(vocab)

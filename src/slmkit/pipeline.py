@@ -341,6 +341,7 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
                   eval_split=None if recipe.eval_data else "eval")
     if recipe.student:
         ctx.student = recipe.student
+    preflight(recipe)
     from slmkit.data import file_hash
 
     upstream = _sha({"teacher": model_fingerprint(recipe.teacher), "task": repr(recipe.task),
@@ -387,6 +388,40 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
                               "data": ctx.data, "report": ctx.report, "gguf": ctx.gguf}
     manifest.save()
     return manifest.data
+
+
+def preflight(recipe: Recipe) -> None:
+    """Before the first stage runs, check that every stage can take the model it will get, so a
+    recipe does not fail at export after an hour of distillation: the teacher's family for prune
+    (archs.get), its logit processing for training (archs.logit_post), and for export each model it writes (the student has the teacher's family when
+    pruned from it, else `student:`; the teacher too when a student is exported beside it): the
+    family, GGUF architecture, rope, tokenizer and quant (export.check_exportable). Config files
+    and tokenizers only, no weights (a .gguf teacher is converted once, as its stages would)."""
+    from slmkit import archs
+
+    local = not recipe.teacher.startswith("openai:")
+    trust = recipe.trust_remote_code
+    if local and {"prune", "tune_teacher", "distill"} & set(recipe.stages):
+        folder = models.resolve(recipe.teacher, trust_remote_code=trust)
+        config, where = models.read_config(folder), f"{recipe.path}: teacher {recipe.teacher}"
+        if "prune" in recipe.stages:
+            archs.get(config, f"{where} ({folder}/config.json)", "prune")
+        try:  # training applies the head outside the model (archs.head_outside)
+            archs.logit_post(config)
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+    if "export" not in recipe.stages:
+        return
+    from slmkit.export import check_exportable
+
+    quant = recipe.stages["export"].get("quant", EXPORT_QUANT)
+    student = recipe.teacher if "prune" in recipe.stages or not recipe.student else recipe.student
+    exported = [m for m in dict.fromkeys([student, recipe.teacher]) if not m.startswith("openai:")]
+    for model in exported:
+        try:
+            check_exportable(model, quant, trust_remote_code=trust)
+        except UsageError as e:
+            raise UsageError(f"{recipe.path}: stages.export: {model}: {e}") from None
 
 
 def split_unlabelled(path: str, task, folder: Path, more: str | None = None) -> tuple[str, str | None]:

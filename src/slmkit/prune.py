@@ -37,7 +37,14 @@ student scored GLEU 47.7 against 51.4 for the sliced one (README): a better star
 no better end. It serves a model used without retraining.
 head_dim never changes: config.head_dim is written explicitly, so hidden need not equal
 heads * head_dim (as in Llama-3.1-Minitron-4B-Width: hidden 3072, 32 heads of 128); hidden must
-still be a multiple of the head count, which transformers' LlamaConfig checks.
+still be a multiple of the head count, which transformers' LlamaConfig checks. Phi-2 and Phi-3
+are the exception: llama.cpp's phi2/phi3 graphs size q by hidden, so for them the width rule keeps
+hidden = heads x head_dim and explicit shapes must too (fixed_head_dim()): every pruned model
+exports. (A Qwen2 with hidden != heads x head_dim exports as llama.cpp's llama graph, see export.py.)
+Gemma 3 (docs/architectures.md): importance from the norms that feed each branch, not the post-
+norms of its output; (1 + w) norms rescaled as (1 + w) (archs.scale_norm); its sqrt(hidden)
+embedding scale kept by scaling the branch output norms (apply_plan()); depth cuts keep llama.cpp's
+fixed pattern of 5 sliding-window layers then 1 global (archs.keep_layers).
 
 Shape search (`--search N`, see search_candidates()): N shapes at the budget, from "keep every
 layer, cut the MLP" to "cut layers, keep the MLP", each with every attention head and the full
@@ -60,28 +67,14 @@ import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from slmkit import models, precision
+from slmkit import archs, models, precision
 from slmkit.cli import AT_LEAST_1, Check, add_config_arguments, check_options, config_from_args, option
 from slmkit.errors import UsageError
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3")
 METHODS = ("depth", "width", "both")
 DEPTH_CAP = 0.25
 """`both`: the most layers (as a fraction of all) removed before width pruning starts."""
 
-# module name -> what the rows (output) and columns (input) of its weight index. 1-D parameters
-# (biases, norm weights) follow the rows. q = query heads x head_dim, kv = KV groups x head_dim,
-# qkv = Phi-3's fused [q; k; v], ffn2 = Phi-3's fused [gate; up].
-AXES = {
-    "embed_tokens": (None, "hidden"), "lm_head": (None, "hidden"),
-    "q_proj": ("q", "hidden"), "k_proj": ("kv", "hidden"), "v_proj": ("kv", "hidden"),
-    "qkv_proj": ("qkv", "hidden"), "o_proj": ("hidden", "q"), "dense": ("hidden", "q"),
-    "gate_proj": ("ffn", "hidden"), "up_proj": ("ffn", "hidden"), "gate_up_proj": ("ffn2", "hidden"),
-    "down_proj": ("hidden", "ffn"), "fc1": ("ffn", "hidden"), "fc2": ("hidden", "ffn"),
-    "input_layernorm": ("hidden",), "post_attention_layernorm": ("hidden",),
-    "norm": ("hidden",), "final_layernorm": ("hidden",),
-    "q_norm": (None,), "k_norm": (None,),  # Qwen3: per head_dim, shared by all heads
-}
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 RULES = {  # how the shape was chosen, as written into prune_plan.json
     "shape": "explicit shape",
@@ -192,22 +185,16 @@ def head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
-def check_arch(cfg: dict, where: str) -> None:
-    arch = cfg.get("model_type")
-    if arch not in ARCHS:
-        raise UsageError(f"{where}: slm prune does not support architecture `{arch}`; "
-                         f"supported: {', '.join(ARCHS)}")
-    if arch == "phi" and cfg.get("qk_layernorm"):
-        raise UsageError(f"{where}: Phi with qk_layernorm is not supported by slm prune "
-                         "(its q/k norms are sized hidden/heads)")
+def check_arch(cfg: dict, where: str) -> archs.Arch:
+    return archs.get(cfg, where, "prune")
 
 
-def axes(key: str, ndim: int) -> tuple:
+def axes(arch: archs.Arch, key: str, ndim: int) -> tuple:
     module = key.split(".")[-2]
-    if module not in AXES:
-        raise UsageError(f"slm prune does not know how to prune parameter `{key}`; "
-                         f"supported architectures: {', '.join(ARCHS)}")
-    return AXES[module][:ndim]
+    if module not in arch.axes:
+        raise UsageError(f"slm prune does not know how to prune parameter `{key}` of a "
+                         f"{arch.name} model; see docs/architectures.md")
+    return arch.axes[module][:ndim]
 
 
 def layer_of(key: str) -> int | None:
@@ -224,12 +211,13 @@ def count_params(cfg: dict, shapes: dict[str, list[int]], dst: Shape) -> int:
     """Exact parameter count of the model `dst` would give, from the source's weight shapes
     (safetensors headers; no weights loaded). Tied embeddings count once."""
     sizes = axis_sizes(dst, head_dim(cfg))
+    arch = archs.TABLE[cfg["model_type"]]
     new = {}
     for key, shape in shapes.items():
         layer = layer_of(key)
         if layer is not None and layer >= dst.layers:  # layers are homogeneous: any dst.layers do
             continue
-        new[key] = [sizes[a] if a else d for a, d in zip(axes(key, len(shape)), shape)]
+        new[key] = [sizes[a] if a else d for a, d in zip(axes(arch, key, len(shape)), shape)]
     return models.describe_shapes(cfg, new)["parameters"]
 
 
@@ -237,8 +225,15 @@ def header_shapes(folder: Path) -> dict[str, list[int]]:
     return {name: meta["shape"] for name, meta in models.tensor_headers(folder).items()}
 
 
-def check_shape(src: Shape, dst: Shape) -> None:
-    """Raise a UsageError naming the flag when `dst` cannot be cut out of `src`."""
+def fixed_head_dim(cfg: dict) -> int:
+    """head_dim when the family's llama.cpp graph needs heads x head_dim == hidden (phi2, phi3:
+    archs.Arch.head_dim_arch is None), so that every pruned model exports; else 0 (free)."""
+    return head_dim(cfg) if archs.TABLE[cfg["model_type"]].head_dim_arch is None else 0
+
+
+def check_shape(src: Shape, dst: Shape, fixed_hd: int = 0) -> None:
+    """Raise a UsageError naming the flag when `dst` cannot be cut out of `src` (`fixed_hd`:
+    fixed_head_dim())."""
     for flag, new, old in (("--layers", dst.layers, src.layers), ("--hidden", dst.hidden, src.hidden),
                            ("--ffn", dst.ffn, src.ffn), ("--kv-heads", dst.kv_heads, src.kv_heads),
                            ("--heads", dst.heads, src.heads)):
@@ -248,6 +243,11 @@ def check_shape(src: Shape, dst: Shape) -> None:
     if dst.hidden % dst.heads:
         raise UsageError(f"--hidden {dst.hidden} is not divisible by --heads {dst.heads}; "
                          "transformers requires hidden_size to be a multiple of the head count")
+    if fixed_hd and dst.heads * fixed_hd != dst.hidden:
+        raise UsageError(f"--hidden {dst.hidden} with --heads {dst.heads}: this family's llama.cpp "
+                         f"graph needs hidden = heads x head_dim ({fixed_hd}), or the pruned model "
+                         f"would not export; give --hidden {dst.heads * fixed_hd} or --heads "
+                         f"{dst.hidden // fixed_hd}")
     if dst.heads % dst.kv_heads:
         raise UsageError(f"--heads {dst.heads} is not divisible by --kv-heads {dst.kv_heads}; "
                          "every KV group must keep the same number of query heads")
@@ -258,7 +258,8 @@ def check_shape(src: Shape, dst: Shape) -> None:
                          f"{per_group}; use --heads <= {dst.kv_heads * per_group}")
 
 
-def explicit_shape(src: Shape, layers=None, hidden=None, ffn=None, heads=None, kv_heads=None) -> Shape:
+def explicit_shape(src: Shape, layers=None, hidden=None, ffn=None, heads=None, kv_heads=None,
+                   fixed_hd: int = 0) -> Shape:
     """Fill unspecified dimensions from the source. For GQA, --kv-heads alone keeps the heads per
     group; --heads alone keeps the KV groups. For MHA (heads == kv heads) they move together."""
     per_group = src.heads // src.kv_heads
@@ -272,7 +273,7 @@ def explicit_shape(src: Shape, layers=None, hidden=None, ffn=None, heads=None, k
                     ("--kv-heads", kv_heads)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} {v}: must be a positive number")
-    check_shape(src, dst)
+    check_shape(src, dst, fixed_hd)
     return dst
 
 
@@ -315,14 +316,15 @@ def head_counts(src: Shape) -> list[tuple[int, int]]:
     return sorted(pairs.items(), reverse=True)
 
 
-def width_candidates(src: Shape, layers: int, count, target: int) -> list[Shape]:
-    """Every hidden size on the step grid, with every valid head count that divides it, and the
-    largest MLP (on its grid) that still fits the budget."""
+def width_candidates(src: Shape, layers: int, count, target: int, fixed_hd: int = 0) -> list[Shape]:
+    """Every hidden size on the step grid, with every valid head count that divides it (that
+    times `fixed_hd` makes it, when given: fixed_head_dim()), and the largest MLP (on its grid)
+    that still fits the budget."""
     out = []
     h_step, f_step = step_of(src.hidden), step_of(src.ffn)
     for hidden in range(src.hidden, 0, -h_step):
         for heads, kv in head_counts(src):
-            if hidden % heads:
+            if hidden % heads or (fixed_hd and heads * fixed_hd != hidden):
                 continue
             shape = largest_ffn(src, Shape(layers=layers, hidden=hidden, ffn=f_step, heads=heads,
                                            kv_heads=kv), count, target)
@@ -375,8 +377,9 @@ def search_candidates(src: Shape, count, target: int, n: int, base: Shape | None
     return [family[round(i * (len(family) - 1) / (n - 1))] for i in range(n)]
 
 
-def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
-    """The shape the budget rule (module docstring) picks; `count(shape) -> parameters`."""
+def plan_shape(src: Shape, count, target: int, method: str, fixed_hd: int = 0) -> Shape:
+    """The shape the budget rule (module docstring) picks; `count(shape) -> parameters`;
+    `fixed_hd`: fixed_head_dim()."""
     if method not in METHODS:
         raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
 
@@ -392,7 +395,7 @@ def plan_shape(src: Shape, count, target: int, method: str) -> Shape:
         # fraction; among equals, the most parameters (the candidate closest from below)
         def key(s):
             return (min(s.hidden / src.hidden, s.heads / src.heads, s.ffn / src.ffn), count(s))
-        return max(width_candidates(src, layers, count, target), key=key, default=None)
+        return max(width_candidates(src, layers, count, target, fixed_hd), key=key, default=None)
 
     if method == "depth":
         shape = by_depth(src.layers - 1)
@@ -476,16 +479,14 @@ def heldout_loss(model, ids) -> float:
 # --------------------------------------------------------------------------- importance
 
 def _modules(model):
-    """(decoder layers, [(attention output proj, MLP down proj, [norms]) per layer], final norm)."""
-    base = model.model
-    phi = model.config.model_type == "phi"
-    parts = []
-    for layer in base.layers:
-        attn_out = layer.self_attn.dense if phi else layer.self_attn.o_proj
-        down = layer.mlp.fc2 if phi else layer.mlp.down_proj
-        norms = [layer.input_layernorm] if phi else [layer.input_layernorm, layer.post_attention_layernorm]
-        parts.append((attn_out, down, norms))
-    return base.layers, parts, (base.final_layernorm if phi else base.norm)
+    """(decoder layers, [(attention output proj, MLP down proj, [norms]) per layer], final norm),
+    the modules named by the family's record (archs.TABLE). A layer's norms are its branch norms
+    (they read the residual stream), then its branch output norms (Gemma 3)."""
+    base, arch = model.model, archs.TABLE[model.config.model_type]
+    parts = [(layer.get_submodule(arch.attn_out), layer.get_submodule(arch.mlp_down),
+              [getattr(layer, n) for n in arch.branch_norms + arch.output_norms])
+             for layer in base.layers]
+    return base.layers, parts, getattr(base, arch.final_norm)
 
 
 def measure_importance(model, ids, batch_size: int = 8, device=None) -> dict:
@@ -499,11 +500,13 @@ def measure_importance(model, ids, batch_size: int = 8, device=None) -> dict:
     cfg = model.config
     device = device or next(model.parameters()).device
     layers, parts, final_norm = _modules(model)
+    branch = len(archs.TABLE[cfg.model_type].branch_norms)  # norms that read the residual stream
     L, H, hd = len(layers), cfg.num_attention_heads, model.model.layers[0].self_attn.head_dim
     sq = {"heads": torch.zeros(L, H), "ffn": torch.zeros(L, cfg.intermediate_size),
           "hidden": torch.zeros(L, cfg.hidden_size), "final_hidden": torch.zeros(cfg.hidden_size)}
     bi_sum, tokens = torch.zeros(L), [0]
-    # mean square of each norm's input per channel, for norm_rescale(); phi has one norm a layer
+    # mean square of each norm's input per channel, for norm_rescale(); phi has one norm a layer,
+    # Gemma 3 four (two feed the branches, two normalise their outputs)
     energy = {"energy": torch.zeros(L, len(parts[0][2]), cfg.hidden_size),
               "final_energy": torch.zeros(cfg.hidden_size)}
 
@@ -526,8 +529,9 @@ def measure_importance(model, ids, batch_size: int = 8, device=None) -> dict:
         for k, norm in enumerate(norms):
             hooks.append(norm.register_forward_pre_hook(
                 lambda m, a, i=i, k=k: add_energy("energy", (i, k), a[0])))
-            hooks.append(norm.register_forward_hook(
-                lambda m, a, out, i=i: add("hidden", i, out.abs().mean(1))))
+            if k < branch:  # hidden importance: what each branch reads, not what it writes
+                hooks.append(norm.register_forward_hook(
+                    lambda m, a, out, i=i: add("hidden", i, out.abs().mean(1))))
 
         def block(m, args, kwargs, out, i=i):
             x = args[0] if args else kwargs["hidden_states"]
@@ -563,11 +567,17 @@ def _top(scores, k: int) -> list[int]:
     return sorted(torch.topk(scores.float(), k).indices.tolist())
 
 
-def select(scores: dict, src: Shape, dst: Shape) -> dict:
+def select(scores: dict, src: Shape, dst: Shape, arch: archs.Arch | None = None,
+           layer_types: list[str] | None = None) -> dict:
     """What to keep, from importance scores (higher = more important):
     layers (L',), hidden (D',), and per kept layer: kv_groups (K',), heads (H',) ordered group by
-    group, ffn (F',). Pass random scores for a random baseline of the same shape."""
-    layers = _top(scores["block_influence"], dst.layers)
+    group, ffn (F',). Pass random scores for a random baseline of the same shape. A family with a
+    layer pattern (`arch.layer_pattern`) keeps the best layers whose `layer_types` follow it
+    (archs.keep_layers)."""
+    if arch is not None and arch.layer_pattern and dst.layers < src.layers:
+        layers = archs.keep_layers(arch, scores["block_influence"].tolist(), layer_types, dst.layers)
+    else:
+        layers = _top(scores["block_influence"], dst.layers)
     hidden_score = scores["hidden"][layers].sum(0) + scores["final_hidden"]
     keep = {"layers": layers, "hidden": _top(hidden_score, dst.hidden),
             "kv_groups": [], "heads": [], "ffn": []}
@@ -597,7 +607,7 @@ def _index(keep: dict, j: int, src: Shape, hd: int) -> dict:
             "ffn2": torch.cat([ffn, src.ffn + ffn])}
 
 
-def prune_state_dict(state: dict, keep: dict, src: Shape, hd: int) -> dict:
+def prune_state_dict(state: dict, keep: dict, src: Shape, hd: int, arch: archs.Arch) -> dict:
     """Slice every tensor to the kept layers / heads / channels; layers are renumbered 0..L'-1."""
     position = {layer: j for j, layer in enumerate(keep["layers"])}
     outer = _index(keep, 0, src, hd) if keep["layers"] else {}  # hidden is the same everywhere
@@ -610,7 +620,7 @@ def prune_state_dict(state: dict, keep: dict, src: Shape, hd: int) -> dict:
                 continue
             index = _index(keep, position[layer], src, hd)
             key = key.replace(f".layers.{layer}.", f".layers.{position[layer]}.", 1)
-        for dim, axis in enumerate(axes(key, t.dim())):
+        for dim, axis in enumerate(axes(arch, key, t.dim())):
             if axis:
                 t = t.index_select(dim, index[axis].to(t.device))
         new[key] = t.contiguous()
@@ -636,6 +646,8 @@ def norm_rescale(scores: dict, keep: dict, src: Shape) -> dict:
     more than their share D'/D of the energy, as important channels do). Scaling each norm's weight by
     sqrt(D/D' * S_kept/S) (S from calibration) restores their scale. Measured on SmolLM2 at half
     size (`both`): held-out perplexity 1052 -> 647 before any retraining.
+    The factors are per norm of a layer (_modules' order), branch output norms included: their
+    input is a branch's output, cut to the kept channels the same way.
     Returns {"layers": [[factor per norm] per kept layer], "final": factor}."""
     kept = keep["hidden"]
     ratio = src.hidden / len(kept)
@@ -649,23 +661,36 @@ def norm_rescale(scores: dict, keep: dict, src: Shape) -> dict:
 
 def apply_plan(model, keep: dict, dst: Shape, rescale: dict | None = None):
     """A new model of the same class holding only what `keep` names (see select()); `rescale`
-    (norm_rescale()) multiplies the norm weights when hidden channels go."""
+    (norm_rescale()) multiplies the norm weights when hidden channels go.
+    A family that scales its embeddings by sqrt(hidden) (Gemma 3) has them shrink by
+    c = sqrt(D'/D) once hidden is D' (archs.embed_factor). The norms that read the residual stream
+    do not mind its scale, but what the branches add to it must shrink by c too, so their output
+    norms (archs.Arch.output_norms) take a factor c: the whole stream is then c times the
+    original's on the kept channels, and every branch reads what it read. (The embedding matrix
+    itself cannot take the factor: tied, it is the output projection too.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
     cfg = model.config.to_dict()
+    arch = archs.TABLE[cfg["model_type"]]
     src, hd = source_shape(cfg), model.model.layers[0].self_attn.head_dim
-    state = prune_state_dict(model.state_dict(), keep, src, hd)
+    state = prune_state_dict(model.state_dict(), keep, src, hd, arch)
     new = AutoModelForCausalLM.from_config(pruned_config(model.config, keep, dst, hd),
                                            dtype=next(model.parameters()).dtype)
     new.load_state_dict(state, strict=True)
+    _, parts, final = _modules(new)
+    c = archs.embed_factor(arch, src.hidden, dst.hidden)
+    if c != 1.0:
+        with torch.no_grad():
+            for _, _, norms in parts:
+                for norm in norms[len(arch.branch_norms):]:
+                    archs.scale_norm(arch, norm.weight, c)
     if rescale:
-        _, parts, final = _modules(new)
         with torch.no_grad():
             for factors, (_, _, norms) in zip(rescale["layers"], parts):
                 for f, norm in zip(factors, norms):
-                    norm.weight.mul_(f)
-            final.weight.mul_(rescale["final"])
+                    archs.scale_norm(arch, norm.weight, f)
+            archs.scale_norm(arch, final.weight, rescale["final"])
     if model.config.tie_word_embeddings:
         new.tie_weights()
     new.generation_config = copy.deepcopy(model.generation_config)
@@ -675,10 +700,11 @@ def apply_plan(model, keep: dict, dst: Shape, rescale: dict | None = None):
 def cut(model, scores: dict, src: Shape, dst: Shape, refit_ids=None):
     """select() + norm_rescale() + apply_plan(), then refit_mlp() on `refit_ids` (N, T) when MLP
     channels go: (pruned model, keep, rescale, refit record or None)."""
-    keep = select(scores, src, dst)
+    arch = archs.TABLE[model.config.model_type]
+    keep = select(scores, src, dst, arch, getattr(model.config, "layer_types", None))
     # LayerNorm (phi) also centres its input, so the RMS factor would not be right there
     rescale = (norm_rescale(scores, keep, src)
-               if dst.hidden < src.hidden and model.config.model_type != "phi" else None)
+               if dst.hidden < src.hidden and arch.norm != "layer" else None)
     pruned = apply_plan(model, keep, dst, rescale)
     refit = refit_mlp(model, pruned, keep, refit_ids) if refit_ids is not None and dst.ffn < src.ffn else None
     return pruned, keep, rescale, refit
@@ -831,7 +857,13 @@ def read_teacher(cfg: PruneConfig):
     folder = models.resolve(cfg.model, trust_remote_code=cfg.trust_remote_code,
                             dtype=models.compute_dtype("auto", models.pick_device(cfg.device)))
     config = models.read_config(folder)
-    check_arch(config, f"{folder}/config.json")
+    arch = check_arch(config, f"{folder}/config.json")
+    types = config.get("layer_types")
+    if arch.layer_pattern and types and types != archs.layer_types(arch, len(types)):
+        raise UsageError(f"{folder}/config.json (key `layer_types`): the layers do not follow "
+                         f"llama.cpp's {arch.name} pattern ({arch.layer_pattern - 1} sliding-window "
+                         "layers, then one global), which depth cuts keep; slm prune supports "
+                         f"{arch.name} models as they ship")
     shapes = header_shapes(folder)
     src = source_shape(config)
     if count_params(config, shapes, src) != models.describe_shapes(config, shapes)["parameters"]:
@@ -841,20 +873,20 @@ def read_teacher(cfg: PruneConfig):
     return folder, config, src, functools.partial(count_params, config, shapes)
 
 
-def choose_shape(cfg: PruneConfig, src: Shape, count, total: int):
+def choose_shape(cfg: PruneConfig, src: Shape, count, total: int, fixed_hd: int = 0):
     """(method, target parameters, shape, --search candidates); the shape is None under --search,
     which picks a candidate once they are scored."""
     if cfg.target is None:
-        dst = explicit_shape(src, **cfg.shape)
+        dst = explicit_shape(src, **cfg.shape, fixed_hd=fixed_hd)
         if dst == src:
             raise UsageError("the shape equals the model's; give a smaller --layers/--hidden/"
                              "--ffn/--heads/--kv-heads or a --target")
         return "shape", None, dst, None
     target = parse_target(cfg.target, total)
     if cfg.search is None:
-        return cfg.method or "both", target, plan_shape(src, count, target, cfg.method or "both"), None
+        return cfg.method or "both", target, plan_shape(src, count, target, cfg.method or "both", fixed_hd), None
     candidates = search_candidates(src, count, target, cfg.search,
-                                   explicit_shape(src, **(cfg.shape or {})))
+                                   explicit_shape(src, **(cfg.shape or {}), fixed_hd=fixed_hd))
     if len(candidates) < cfg.search:
         print(f"only {len(candidates)} shapes of this family fit the target; --search "
               f"{cfg.search} compares all of them", file=sys.stderr)
@@ -872,7 +904,7 @@ def prune(cfg: PruneConfig) -> dict:
 
     folder, config, src, count = read_teacher(cfg)
     total = count(src)
-    method, target, dst, candidates = choose_shape(cfg, src, count, total)
+    method, target, dst, candidates = choose_shape(cfg, src, count, total, fixed_head_dim(config))
     # read (and validated) before any heavy work; a dry run needs none but checks what it is given
     texts = calibration_texts(cfg.calib, cfg.task) if (cfg.calib or cfg.task or not cfg.dry_run) else []
     texts, held_texts = search_split(texts) if candidates and texts else (texts, [])

@@ -129,17 +129,22 @@ def _device(model):
 
 
 def _head(model):
-    """The output projection when the model is a decoder followed by it alone (every
-    architecture slmkit supports), so logits can be computed at the scored positions only;
-    None for models that change logits after it (soft-capping, scaling)."""
-    cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
+    """The output head as a function of the decoder's final hidden states, so logits can be
+    computed at the scored positions only: lm_head and the model's own logit processing
+    (archs.output_head, the rule distill follows too). None when the model is not a decoder and a
+    head, or processes its logits in a way the table does not know: the whole model runs then."""
+    from slmkit import archs
+
     try:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    return head if decoder is not None and decoder is not model and head is not None else None
+    if decoder is None or decoder is model or head is None:
+        return None
+    try:
+        return archs.output_head(model, head)
+    except UsageError:
+        return None
 
 
 def _forward(model, **kw):
