@@ -134,6 +134,10 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
     cfg = models.read_config(folder)
     target = check_export(cfg, folder)
     tok = tokenizer_metadata(folder, cfg["vocab_size"])
+    if target.gguf != target.arch.gguf_arch:
+        print(f"note: {folder}/config.json: heads x head_dim is not hidden_size, which llama.cpp's "
+              f"{target.arch.gguf_arch} graph needs; written as its {target.gguf} graph, which "
+              "computes the same function", file=sys.stderr)
     if tok["ignored_strip"]:
         print(f"note: {folder}/tokenizer.json: the tokens {', '.join(tok['ignored_strip'][:5])} strip "
               "the whitespace beside them, which llama.cpp does not; text next to them "
