@@ -184,9 +184,6 @@ def get(cfg: dict, where: str, verb: str) -> Arch:
         raise UsageError(f"{where}: `slm {verb}` does not support the {model_type} architecture "
                          f"({(cfg.get('architectures') or ['?'])[0]}); supported: "
                          f"{', '.join(names)} (SmolLM is llama; see docs/architectures.md)")
-    if verb == "prune" and arch.embed_scale and not arch.output_norms:
-        raise UsageError(f"{where}: slm prune cannot keep a {arch.name} model's embedding scale "
-                         "without branch output norms")  # apply_plan's rule needs them
     for key, why in arch.no_prune if verb == "prune" else ():
         if cfg.get(key):
             raise UsageError(f"{where} (key `{key}`): {why}; `slm {verb}` supports "
