@@ -33,6 +33,8 @@ def test_every_family_has_a_tiny_model_of_its_real_config_class():
     assert set(ARCHS) == set(archs.PRUNABLE) | set(archs.EXPORTABLE)
     for a in archs.TABLE.values():
         assert getattr(transformers, a.config_class)().model_type == a.model_type
+        # prune.apply_plan keeps a scaled embedding by scaling the branch output norms
+        assert not (a.prune and a.embed_scale) or a.output_norms, a.model_type
 
 
 def test_no_model_type_branches_outside_the_table():

@@ -665,3 +665,43 @@ def test_gemma3_depth_cut_keeps_the_pattern_llamacpp_runs(calib_txt, tmp_path, c
         code, _, err = cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "layer_types" in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_phi3_sentencepiece_special_tokens_strip_as_in_transformers(tmp_path, capsys):
+    """Phi-3-mini's tokenizer: SentencePiece with special tokens that eat the whitespace after
+    them (rstrip on all but <unk>, <s>, <|endoftext|>). llama.cpp applies exactly that when
+    general.name says phi3, so the file says it, and chat text tokenises as in transformers.
+    Other stripping llama.cpp cannot express: the file loads, and a note says so."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from conftest import make_sp_tokenizer, make_tiny_model
+
+    tok = make_sp_tokenizer("llama2")
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, rstrip=t != "<|endoftext|>", special=True, normalized=False)
+        for t in ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")]})
+    folder = make_tiny_model("phi3", tmp_path / "phi3", tokenizer=tok, layers=1)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    for added in spec["added_tokens"]:
+        added["rstrip"] = added["content"] not in ("<unk>", "<s>", "<|endoftext|>")
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(folder)
+    chat = "<|user|>\nHello there<|end|>\n<|assistant|>\n  Hi</s> \n"
+    path = export_gguf(folder, tmp_path / "m.f16.gguf", "f16")
+    assert "phi3" in GGUFReader(str(path)).fields["general.name"].contents()
+    llm = llama(path)
+    try:
+        assert llm.tokenize(chat.encode(), add_bos=True, special=True) == tok(chat).input_ids
+    finally:
+        llm.close()
+
+    for added in spec["added_tokens"]:
+        added["lstrip"] = added["content"] == "<|user|>"  # no llama.cpp rule does that
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    capsys.readouterr()
+    path = export_gguf(folder, tmp_path / "n.f16.gguf", "f16")
+    assert "strip" in capsys.readouterr().err
+    assert "phi3" not in GGUFReader(str(path)).fields["general.name"].contents()
+    llama(path).close()  # loads

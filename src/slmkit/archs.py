@@ -184,9 +184,6 @@ def get(cfg: dict, where: str, verb: str) -> Arch:
         raise UsageError(f"{where}: `slm {verb}` does not support the {model_type} architecture "
                          f"({(cfg.get('architectures') or ['?'])[0]}); supported: "
                          f"{', '.join(names)} (SmolLM is llama; see docs/architectures.md)")
-    if verb == "prune" and arch.embed_scale and not arch.output_norms:
-        raise UsageError(f"{where}: slm prune cannot keep a {arch.name} model's embedding scale "
-                         "without branch output norms")  # apply_plan's rule needs them
     for key, why in arch.no_prune if verb == "prune" else ():
         if cfg.get(key):
             raise UsageError(f"{where} (key `{key}`): {why}; `slm {verb}` supports "
@@ -400,10 +397,20 @@ def matrix() -> str:
                         "global): the highest-scoring subsequence of layers whose types read as it")
         if a.norm_offset:
             bits.append(f"export adds {a.norm_offset:g} to norm weights")
+        if a.gguf_arch and a.head_dim_arch is None:
+            bits.append("hidden kept at heads x head_dim when pruned (llama.cpp's graph sizes q by "
+                        "hidden); a model that is not is refused by export")
+        elif a.gguf_arch and a.head_dim_arch != a.gguf_arch:
+            bits.append(f"width-pruned (heads x head_dim != hidden): exported as `{a.head_dim_arch}`, "
+                        "whose graph sizes q by head_dim")
         if a.sliding_window == "ignored":
             bits.append("sliding_window written; llama.cpp attends the whole context")
+        if "llama3" in a.rope_types:
+            bits.append("Llama 3.x `llama3` rope scaling exported as the `rope_freqs` tensor")
         for key, why in a.no_graph:
             bits.append(f"refused: `{key}` ({why})")
+        for key, value, why in a.graph_constants:
+            bits.append(f"refused unless `{key}` is {value} ({why})")
         rows.append(f"- **{a.name}** (`{a.model_type}`): " + "; ".join(bits) + ".")
     rows += ["", "Every export writes `<arch>.attention.key_length` / `value_length` when head_dim "
              "is not hidden / heads (width-pruned models), and refuses, before any work, a model "

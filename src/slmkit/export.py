@@ -134,6 +134,14 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
     cfg = models.read_config(folder)
     target = check_export(cfg, folder)
     tok = tokenizer_metadata(folder, cfg["vocab_size"])
+    if target.gguf != target.arch.gguf_arch:
+        print(f"note: {folder}/config.json: heads x head_dim is not hidden_size, which llama.cpp's "
+              f"{target.arch.gguf_arch} graph needs; written as its {target.gguf} graph, which "
+              "computes the same function", file=sys.stderr)
+    if tok["ignored_strip"]:
+        print(f"note: {folder}/tokenizer.json: the tokens {', '.join(tok['ignored_strip'][:5])} strip "
+              "the whitespace beside them, which llama.cpp does not; text next to them "
+              "tokenises differently there", file=sys.stderr)
     window = cfg.get("sliding_window") if target.arch.sliding_window == "ignored" else None
     if window and window < cfg["max_position_embeddings"]:
         print(f"note: {folder}/config.json sets sliding_window {window}; llama.cpp's {target.gguf} graph "
@@ -154,7 +162,7 @@ def export_gguf(model, out, quant: str = "q8_0", trust_remote_code: bool = False
     tmp = temps[0]
     writer = gguf.GGUFWriter(tmp, target.gguf)
     try:
-        write_metadata(writer, cfg, target, written, model_name(model))
+        write_metadata(writer, cfg, target, written, model_name(model), tok["phi3_strip"])
         write_tokenizer(writer, tok)
         for t in plan:
             dtype, nbytes, shape = stored_layout(t)
@@ -476,7 +484,8 @@ def rotary_permute(w, n_heads: int):
     return per_head.swapaxes(1, 2).reshape(w.shape)
 
 
-def write_metadata(writer, cfg: dict, target: Target, quant: str, name: str) -> None:
+def write_metadata(writer, cfg: dict, target: Target, quant: str, name: str,
+                   phi3_strip: bool = False) -> None:
     import gguf
 
     arch = target.arch
@@ -485,7 +494,7 @@ def write_metadata(writer, cfg: dict, target: Target, quant: str, name: str) -> 
     rope = rope_params(cfg)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
-    writer.add_name(general_name(name))
+    writer.add_name(general_name(name, phi3_strip))
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -517,16 +526,45 @@ def write_metadata(writer, cfg: dict, target: Target, quant: str, name: str) -> 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def general_name(name: str) -> str:
+def general_name(name: str, phi3_strip: bool = False) -> str:
     """general.name, spelled so that readers do not take it for something else."""
     # transformers' GGUF loader reads general.name == "mistral" (exactly) as a Mistral-arch file
     # and then fails to map its tensors; any other spelling is just a name.
     if name == "mistral":
         return "Mistral"
     # llama.cpp applies Phi-3's SentencePiece quirks (strip the whitespace after special tokens;
-    # look up </s>, <s>, <unk>) to any vocabulary whose general.name contains "phi3" or "phi-3":
-    # our byte-level BPE files would tokenise differently, or fail to load without those tokens.
+    # look up </s>, <s>, <unk>) to any vocabulary whose general.name contains "phi3" or "phi-3"
+    # and to no other: the name says it exactly when the tokenizer strips as Phi-3's does
+    # (phi3_strip, see strip_flags); a byte-level BPE file would tokenise differently, or fail
+    # to load without those tokens.
+    if phi3_strip:
+        return name if re.search(r"(?i)phi-?3", name) else f"{name} phi3"
     return re.sub(r"(?i)(phi)-?(3)", r"\1 \2", name)
+
+
+def spec_stripping(spec: dict) -> list[str]:
+    """The added tokens of tokenizer.json that strip whitespace on a side (lstrip / rstrip)."""
+    return [a["content"] for a in spec.get("added_tokens", []) if a.get("lstrip") or a.get("rstrip")]
+
+
+PHI3_UNSTRIPPED = {"<unk>", "<s>", "<|endoftext|>"}
+"""the special tokens llama.cpp's Phi-3 quirk leaves alone; it rstrips every other one"""
+
+
+def strip_flags(spec: dict, types: list[int]) -> tuple[bool, list[str]]:
+    """(phi3_strip, ignored): whether the added tokens' whitespace stripping is exactly what
+    llama.cpp does for Phi-3 (rstrip on every control token but PHI3_UNSTRIPPED, lstrip on none),
+    and otherwise the tokens whose lstrip/rstrip llama.cpp ignores (it reads no such flags)."""
+    added = spec.get("added_tokens", [])
+    stripping = spec_stripping(spec)
+    if not stripping:
+        return False, []
+    phi3 = all(bool(a.get("rstrip")) == (a["content"] not in PHI3_UNSTRIPPED) and not a.get("lstrip")
+               for a in added if types[a["id"]] == CONTROL)
+    control_only = all(types[a["id"]] == CONTROL for a in added if a["content"] in stripping)
+    # llama.cpp's quirk looks these up and fails to load the file without them
+    present = PHI3_UNSTRIPPED | {"</s>"} <= {a["content"] for a in added}
+    return (True, []) if phi3 and control_only and present else (False, stripping)
 
 
 def kquant_fallbacks(path, quant: str) -> str | None:
@@ -612,6 +650,9 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
         "add_eos": len(probe) > 1 and probe[-1] == tok.eos_token_id,
         "chat_template": template,
     }
+    phi3_strip, ignored = strip_flags(spec, out["types"])
+    out.update(phi3_strip=phi3_strip and kind == "llama",
+               ignored_strip=ignored or (spec_stripping(spec) if phi3_strip and kind != "llama" else []))
     if kind == "gpt2":
         out.update(merges=merges, pre=pre_tokenizer_name(spec.get("pre_tokenizer"), folder))
     else:
