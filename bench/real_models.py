@@ -33,7 +33,7 @@ GRAMMAR = str(ROOT / "src" / "slmkit" / "presets" / "grammar.jsonl")
 
 
 def measure(args: list[str]) -> dict:
-    """Run `slm ARGS` in a fresh process: wall seconds, its own peak RSS (GB, from wait4: not
+    """Run `slm ARGS` in a fresh process: wall seconds, its own peak RSS (GiB, from wait4: not
     the largest of all children so far) and exit code."""
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as err:
@@ -44,10 +44,10 @@ def measure(args: list[str]) -> dict:
         err.seek(0)
         last = (err.read().strip().splitlines() or ["?"])[-1]
     row = {"command": "slm " + " ".join(args), "seconds": round(time.monotonic() - start, 1),
-           "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "exit": p.returncode}
+           "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": p.returncode}
     if p.returncode != 0:
         row["error"] = last[:300]
-    print(f"{row['seconds']:>8.1f} s {row['peak_rss_gb']:>6.2f} GB  exit {row['exit']}  {row['command']}",
+    print(f"{row['seconds']:>8.1f} s {row['peak_rss_gib']:>6.2f} GiB exit {row['exit']}  {row['command']}",
           flush=True)
     return row
 
@@ -91,8 +91,8 @@ def main() -> int:
             r["gleu"] = round(100 * m["models"][0]["task"]["gleu"], 1)
             r["prompt"] = m["models"][0]["prompt"]
     big_info = rows[0]
-    summary = (f"slm info 1.5B {big_info['seconds']} s / {big_info['peak_rss_gb']} GB; "
-               + "; ".join(f"{r['command'].split()[1]} {r['seconds']:.0f} s {r['peak_rss_gb']} GB"
+    summary = (f"slm info 1.5B {big_info['seconds']} s / {big_info['peak_rss_gib']} GiB; "
+               + "; ".join(f"{r['command'].split()[1]} {r['seconds']:.0f} s {r['peak_rss_gib']} GiB"
                            for r in rows if r["command"].split()[1] in ("prune", "distill")))
     results.write("real_models", {"threads": threads, "rows": rows}, summary=summary)
     return 1 if any(r["exit"] for r in rows) else 0

@@ -382,7 +382,8 @@ def test_search_writes_the_lowest_loss_candidate(tiny_llama, calib_file, tmp_pat
     assert plan["shape_after"] == best["shape"] and plan["parameters_after"] == best["parameters"]
     assert "<- lowest loss" in stdout and "held-out loss" in stdout
 
-    model, tok = models.load_model(out)
+    # in the dtype the prune computed in (bfloat16 on bf16 hardware), as the search measured it
+    model, tok = models.load_model(out, dtype=models.compute_dtype("auto", "cpu"))
     assert models.count_parameters(model) == best["parameters"]
     assert model.config.num_hidden_layers == best["shape"]["layers"]
     _, held = P.search_split(P.calibration_texts(calib_file))
@@ -390,7 +391,7 @@ def test_search_writes_the_lowest_loss_candidate(tiny_llama, calib_file, tmp_pat
     assert (len(held), *ids.shape) == (1, 2, 16)  # one held-out text of the ten
     assert (table["held_out"]["texts"], table["held_out"]["sequences"]) == (1, 2)
     assert P.heldout_loss(model, ids) == pytest.approx(best["held_out_loss"], rel=1e-6)
-    teacher, _ = models.load_model(tiny_llama)
+    teacher, _ = models.load_model(tiny_llama, dtype=models.compute_dtype("auto", "cpu"))
     assert P.heldout_loss(teacher, ids) == pytest.approx(table["teacher_loss"], rel=1e-6)
     assert not list(tmp_path.glob(".searched*")), "temporary folder left behind"
 
