@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from slmkit import packaged, results  # noqa: E402
 
+WORK = Path(tempfile.mkdtemp(prefix="slmkit-real-"))
 BIG, MID, SMALL = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"
-GRAMMAR = str(ROOT / "src" / "slmkit" / "presets" / "grammar.jsonl")
+GRAMMAR = "src/slmkit/presets/grammar.jsonl"  # the verbs run in the repository root
 
 
 def measure(args: list[str]) -> dict:
@@ -38,12 +40,14 @@ def measure(args: list[str]) -> dict:
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen([sys.executable, "-m", "slmkit", *args], stdout=subprocess.DEVNULL,
-                             stderr=err)
+                             stderr=err, cwd=ROOT)
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         last = (err.read().strip().splitlines() or ["?"])[-1]
-    row = {"command": "slm " + " ".join(args), "seconds": round(time.monotonic() - start, 1),
+    # the record names the scratch folder $WORK: its real path is this machine's business
+    row = {"command": "slm " + " ".join(args).replace(str(WORK), "$WORK"),
+           "seconds": round(time.monotonic() - start, 1),
            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": p.returncode}
     if p.returncode != 0:
         row["error"] = last[:300]
@@ -62,7 +66,7 @@ def main() -> int:
     if missing:
         print(f"bench/real_models.py: skipped: {', '.join(missing)} not installed (`make models`)")
         return 0
-    work = Path(tempfile.mkdtemp(prefix="slmkit-real-"))
+    work = WORK
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     rows = []
     for name in (BIG, MID, SMALL):
@@ -95,6 +99,7 @@ def main() -> int:
                + "; ".join(f"{r['command'].split()[1]} {r['seconds']:.0f} s {r['peak_rss_gib']} GiB"
                            for r in rows if r["command"].split()[1] in ("prune", "distill")))
     results.write("real_models", {"threads": threads, "rows": rows}, summary=summary)
+    shutil.rmtree(WORK, ignore_errors=True)  # the students alone are GBs
     return 1 if any(r["exit"] for r in rows) else 0
 
 
