@@ -65,6 +65,7 @@ from slmkit.served_teacher import ServedTeacher, is_served
 CACHE_FORMAT = "slmkit-topk-v1"
 
 
+CROSS = ("auto", "on", "off")
 LOSSES = ("forward_kl", "reverse_kl", "jsd")  # = losses.KINDS; here so `--help` imports no torch
 FREEZE = ("none", "embeddings", "attention")  # each also freezes what the one before it does
 
@@ -75,8 +76,9 @@ class DistillConfig:
 
     student: str = option(None, "student MODEL: HF folder, .gguf or `default` (usually `slm prune` "
                           "output)", wired=True)
-    teacher: str | None = option(None, "teacher MODEL (same tokenizer), or `openai:NAME@URL` for one "
-                                 "served with vLLM's prompt_logprobs (vLLM, slm serve); none = CE-only "
+    teacher: str | None = option(None, "teacher MODEL (any tokenizer: see --cross-tokenizer), or "
+                                 "`openai:NAME@URL` for one of the student's tokenizer served with "
+                                 "vLLM's prompt_logprobs (vLLM, slm serve); none = CE-only "
                                  "fine-tuning (--alpha-ce 1)", wired=True)
     data: str = option(None, "training JSONL (pairs, chat messages, plain text or task fields); "
                        "lines with \"split\": \"eval\" are held out, else --eval-fraction", wired=True)
@@ -131,6 +133,12 @@ class DistillConfig:
                                "and what a served teacher is asked for (default 32; 20 for a served "
                                "teacher, the most vLLM and slm serve return by default)",
                                check=AT_LEAST_1)
+    cross_tokenizer: str = option("auto", "align teacher and student on the text (each reads its "
+                                  "prompt in its own chat template; the answer's tokens are grouped "
+                                  "by byte offsets and the teacher's distributions mapped onto the "
+                                  "student's vocabulary, see slmkit.align): on, off, or auto (on when "
+                                  "the tokenizers differ, and for a text-keyed --teacher-cache)",
+                                  choices=CROSS)
     on_policy: float = option(0.0, "GKD lambda: fraction of batches whose answers the student samples",
                               check=FRACTION)
     max_new_tokens: int = option(128, "longest on-policy sample", check=AT_LEAST_1)
@@ -167,6 +175,8 @@ class DistillConfig:
             from slmkit.models import torch_dtype
 
             torch_dtype(self.teacher_dtype)  # names the valid ones
+        if self.cross_tokenizer not in CROSS:
+            raise UsageError(f"--cross-tokenizer {self.cross_tokenizer}: choose auto, on or off")
         if self.loss not in LOSSES:
             raise UsageError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
         check_options(self)
@@ -214,6 +224,12 @@ class Encoded:
     """A packed row (--pack): the examples it holds, in order; None for a single example."""
     weights: list[float] | None = None
     """Per-token loss weights (--edit-weight, see edit_weights()); None: every counted token 1."""
+    spans: list | None = None
+    """Cross-tokenizer: each position's byte range of the aligned text (align.position_spans)."""
+    teacher: Encoded | None = None
+    """Cross-tokenizer, local teacher: the teacher's own encoding of the same example."""
+    align: list[int] | None = None
+    """Cross-tokenizer, local teacher: per counted prediction, the teacher's (align.prediction_pairs)."""
 
     @property
     def segments(self) -> list[Encoded]:
@@ -371,6 +387,46 @@ def check_vocab(student, s_tok, teacher, t_tok, cfg) -> None:
             "(no --teacher, --alpha-ce 1)")
 
 
+def use_text_path(cfg: DistillConfig) -> bool:
+    """Whether the teacher is aligned with the student on the text (--cross-tokenizer), decided
+    and checked before any model loads: from the tokenizers alone (auto), the cache's format, or
+    the flag. What the text path does not do is refused here, in one line."""
+    from slmkit import models, topk_cache
+
+    if cfg.alpha_ce >= 1 and cfg.on_policy == 0:
+        return False  # no teacher distributions are read
+    if cfg.teacher_cache:
+        fmt = topk_cache.format_of(cfg.teacher_cache)
+        on = fmt == topk_cache.FORMAT
+        if on and cfg.cross_tokenizer == "off":
+            raise UsageError(f"--teacher-cache `{cfg.teacher_cache}` is text-keyed "
+                             f"({topk_cache.FORMAT}): it is read through the alignment step; drop "
+                             "--cross-tokenizer off")
+        if not on and cfg.cross_tokenizer == "on":
+            topk_cache.Reader(cfg.teacher_cache)  # refuses a v1 file, saying how to rewrite it
+    elif is_served(cfg.teacher):
+        if cfg.cross_tokenizer == "on":
+            raise UsageError("--cross-tokenizer on with a served teacher: have it write the data "
+                             "with its top-k (`slm generate --teacher openai:... --topk-logprobs 20`, "
+                             "recipes/api-teacher.yaml) and distil from that cache; a served teacher "
+                             "asked for prompt log-probs must share the student's tokenizer")
+        return False
+    elif cfg.cross_tokenizer == "auto":
+        s_tok = models.load_tokenizer(models.resolve(cfg.student, cfg.trust_remote_code), cfg.trust_remote_code)
+        t_tok = models.load_tokenizer(models.resolve(cfg.teacher, cfg.trust_remote_code), cfg.trust_remote_code)
+        on = vocab_hash(s_tok) != vocab_hash(t_tok)
+    else:
+        on = cfg.cross_tokenizer == "on"
+    if on:
+        for flag, used in (("--on-policy", cfg.on_policy > 0), ("--hidden-kd", cfg.hidden_kd > 0),
+                           ("--prompt-kd", cfg.prompt_kd > 0), ("--pack", cfg.pack)):
+            if used:
+                raise UsageError(f"{flag} does not work across tokenizers yet (the teacher and the "
+                                 "student are aligned on the answer text only); drop it, or use a "
+                                 "teacher of the student's tokenizer")
+    return on
+
+
 def layer_pairs(student_folder: Path, s_config, t_config) -> tuple[list[tuple[int, int]], list[int] | None]:
     """--hidden-kd's map: (student layer j, teacher layer t) pairs, and the teacher's hidden
     channels the student kept (None: all of them). A student cut by `slm prune` names them in its
@@ -509,7 +565,8 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
-                    "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze", "hidden_kd")
+                    "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze", "hidden_kd",
+                    "cross_tokenizer")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -695,6 +752,7 @@ class Run:
     teacher: object = None   # the teacher: online (frozen model), offline (top-k file) or served
     cache: object = None
     served: ServedTeacher | None = None
+    text: object = None      # the text path (--cross-tokenizer): teacher.LocalTeacher / CacheTeacher
     layer_map: tuple | None = None  # --hidden-kd: `layer_pairs` (pairs, kept teacher channels)
     step: int = 0
     tokens: int = 0
@@ -761,6 +819,7 @@ def setup(cfg: DistillConfig) -> Run | None:
         done = models.read_json(out / "training_record.json", fix="delete OUT to train again")
         if done.get("fingerprint") == fp:
             return None  # finished already with these settings
+    text_path = use_text_path(cfg)  # before any model loads: it may refuse the flags
     state, ckpt = find_resume_point(cfg, work, fp, acc)
     set_seed(cfg.seed)
     return_freed_memory(cfg.batch_size * cfg.max_length)
@@ -770,15 +829,27 @@ def setup(cfg: DistillConfig) -> Run | None:
                                            trust_remote_code=cfg.trust_remote_code)
     student.train()
     student.config.use_cache = False
-    teacher = served = None
+    teacher = served = text = None
+    student_size = student.get_output_embeddings().weight.shape[0]
     if is_served(cfg.teacher) and cfg.alpha_ce < 1:
-        served = ServedTeacher(cfg.teacher, tokenizer, cfg.top_k)
+        served = ServedTeacher(cfg.teacher, tokenizer, cfg.top_k, vocab_size=student_size)
     elif cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
         teacher, t_tok = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
                                            device=device, trust_remote_code=cfg.trust_remote_code)
-        check_vocab(student, tokenizer, teacher, t_tok, cfg)
+        if text_path:
+            from slmkit.teacher import LocalTeacher
+
+            text = LocalTeacher(teacher, t_tok, tokenizer, student_size, device)
+        else:
+            check_vocab(student, tokenizer, teacher, t_tok, cfg)
         teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
-    cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
+    cache = None
+    if cfg.teacher_cache and text_path:
+        from slmkit.teacher import CacheTeacher
+
+        text = CacheTeacher(cfg.teacher_cache, tokenizer)
+    elif cfg.teacher_cache:
+        cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg)
     layer_map = None
     if cfg.hidden_kd > 0:
         pairs, channels = layer_pairs(models.resolve(cfg.student), student.config, teacher.config)
@@ -789,6 +860,16 @@ def setup(cfg: DistillConfig) -> Run | None:
     if cfg.pack:
         train = pack(train, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
+    if text is not None:
+        from slmkit import align
+        from slmkit.teacher import student_spans
+
+        vocab = align.token_bytes(tokenizer)
+        for part, ex in ((train, train_ex), (held, eval_ex)):
+            examples = [e for _, e in ex]
+            student_spans(part, examples, tokenizer, vocab)
+            if teacher is not None:
+                text.encode(part, examples, cfg.max_length)
     global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     if len(train) < global_batch:
         raise UsageError(f"{cfg.data}: {len(train)} training examples, fewer than one global batch "
@@ -829,7 +910,8 @@ def setup(cfg: DistillConfig) -> Run | None:
     else:
         model, optimizer = acc.prepare(student, optimizer)
     run = Run(cfg, acc, fp, out, work, model, tokenizer, optimizer, scheduler, train, held, total,
-              checkpointing, teacher=teacher, cache=cache, served=served, layer_map=layer_map)
+              checkpointing, teacher=teacher, cache=cache, served=served, text=text,
+              layer_map=layer_map)
     restore(run, state, ckpt)
     return run
 
@@ -899,6 +981,7 @@ def fit(run: Run) -> Path:
     bar = tqdm(total=run.total, initial=run.step, disable=not run.main, file=sys.stderr,
                unit="step", desc="distill", dynamic_ncols=True)
     last_eval: dict = {}
+    evaluated_at = None  # the step last_eval is of
     row: dict = {}
     if run.step == 0 and (run.main or run.collective):
         log(run, {"step": 0, "tokens": 0} | evaluate_held(run))  # the starting point
@@ -963,7 +1046,7 @@ def fit(run: Run) -> Path:
             row["on_policy"] = True
         if run.step % cfg.eval_every == 0 or run.step == run.total:
             if run.main or run.collective:
-                last_eval = evaluate_held(run)
+                last_eval, evaluated_at = evaluate_held(run), run.step
                 row |= last_eval
             acc.wait_for_everyone()
         log(run, row)
@@ -975,7 +1058,8 @@ def fit(run: Run) -> Path:
             bar.close()
             return run.work / "checkpoint"
     bar.close()
-    if not last_eval and (run.main or run.collective):
+    # --max-tokens may end the loop between evaluations: the final eval is of the final weights
+    if evaluated_at != run.step and (run.main or run.collective):
         last_eval = evaluate_held(run)
     save_student(run, row, last_eval, time.perf_counter() - t0)
     return run.out
@@ -1006,8 +1090,15 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
     with final_hidden(run.student) as lm_head, run.autocast():
         hidden, labels, wmask, s_states = logits_window(run.model if with_grad else run.student,
                                                         ids, att, window, pos, states)
-    t_hidden = topk = t_head = None
-    if run.teacher is not None and cfg.alpha_ce < 1:
+    t_hidden = topk = t_head = vocab_map = kd_mask = None
+    answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
+    if run.text is not None and cfg.alpha_ce < 1:
+        if run.teacher is not None:
+            t_hidden, t_head, kd_mask = aligned_teacher(run, items, answer, device)
+            vocab_map = run.text.table
+        else:
+            topk = run.text.rows(items, device)
+    elif run.teacher is not None and cfg.alpha_ce < 1:
         with final_hidden(run.teacher) as t_lm_head, run.autocast(), torch.no_grad():
             t_hidden, _, _, t_states = logits_window(run.teacher, ids, att, window, pos, states)
         t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
@@ -1015,14 +1106,14 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
         topk = teacher_rows(run.cache, items, device)
     elif run.served is not None:
         topk = run.served.topk(items, device)
-    answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
     kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
               head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
     weights = collate_weights(items)  # held-out items have none: eval CE stays a plain mean
     if weights is not None:  # column c predicts token c + 1, as `predicted` aligns the mask
         weights = weights[:, 1:][:, -labels.shape[1]:].to(device)
     kd, ce, n = losses.loss_sums(hidden, labels, answer, teacher_logits=t_hidden,
-                                 teacher_topk=topk, weights=weights, **kw)
+                                 teacher_topk=topk, weights=weights, vocab_map=vocab_map,
+                                 kd_mask=kd_mask, **kw)
     prompt_kd = kd.new_zeros(())
     if prompt:
         prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,
@@ -1034,6 +1125,31 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
         theirs = [t_states[t + 1] if channels is None else t_states[t + 1][..., channels] for _, t in pairs]
         hidden_kd = losses.hidden_distance(mine, theirs, att.bool())
     return Sums(kd, ce, n, prompt_kd, hidden_kd)
+
+
+def aligned_teacher(run: Run, items: list[Encoded], answer, device):
+    """The text path's local teacher on a micro-batch: it reads its own encodings of the items;
+    its final hidden states at the predictions paired with the student's counted positions
+    (align.prediction_pairs) are placed at those positions. Returns (hidden (B, K, H) aligned
+    with the student's window, its head, kd_mask (B, K) bool: the positions with a pair)."""
+    import torch
+
+    t_items = [e.teacher for e in items]
+    ids, att, mask, pos = (t.to(device) for t in collate(t_items, run.text.tokenizer.pad_token_id))
+    with final_hidden(run.teacher) as t_lm_head, run.autocast(), torch.no_grad():
+        t_hidden, _, t_mask, _ = logits_window(run.teacher, ids, att, mask, pos)
+        rows = t_hidden[t_mask]  # (M_t, H): each item's counted predictions, in order
+    index, start = [], 0
+    for e in items:
+        index += [start + a if a >= 0 else -1 for a in e.align]
+        start += e.teacher.targets
+    index = torch.tensor(index, dtype=torch.long, device=device)
+    ok = index >= 0
+    aligned = rows.new_zeros(*answer.shape, rows.shape[-1])
+    aligned[answer] = rows[index.clamp(min=0)]
+    kd_mask = torch.zeros_like(answer)
+    kd_mask[answer] = ok
+    return aligned, projector(t_lm_head, device, run.cfg.bf16, grad=False), kd_mask
 
 
 def evaluate_held(run: Run) -> dict:
@@ -1050,7 +1166,7 @@ def evaluate_held(run: Run) -> dict:
     if not n:
         return {}
     res = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_tokens": int(n)}
-    if run.teacher is not None or run.cache is not None or run.served is not None:
+    if run.teacher is not None or run.cache is not None or run.served is not None or run.text is not None:
         res["eval_kd"] = kd / n
     return res
 
@@ -1118,30 +1234,36 @@ def save_student(run: Run, last_row: dict, last_eval: dict, seconds: float) -> N
 # --------------------------------------------------------------------------- offline teacher
 
 def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
-    """Write the teacher's top-k log-probs on every answer position of cfg.data (both splits) to
-    one safetensors file (layout in the module docstring). Needs cfg.teacher."""
+    """Write the teacher's top-k log-probs on the aligned text of every example of cfg.data (both
+    splits) to one text-keyed file (slmkit.topk_cache, `slmkit-topk-v2`): students of any
+    tokenizer read it. Each example is read in the teacher's own chat template. Needs cfg.teacher."""
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from slmkit import models, precision
-    from slmkit.data import file_hash
+    from slmkit import align, models, precision, topk_cache
     from slmkit.tasks import get_task
 
     if not cfg.teacher or is_served(cfg.teacher):
-        raise UsageError("--cache-teacher needs a local --teacher MODEL (a served teacher is asked "
-                         "during training instead)")
+        raise UsageError("--cache-teacher needs a local --teacher MODEL (a served teacher writes its "
+                         "top-k with `slm generate --topk-logprobs`)")
     k = k or cfg.top_k
-    dest = Path(dest)
     task = get_task(cfg.task) if cfg.task else None
     train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
+    examples = [ex for _, ex in train_ex + eval_ex]
+    for ex in examples:
+        align.aligned_text(ex)  # refuses chat messages before the teacher loads
     device = models.pick_device(cfg.device)
     teacher, tokenizer = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
                                            device=device, trust_remote_code=cfg.trust_remote_code)
+    vocab = align.token_bytes(tokenizer)
     items = encode_all(train_ex + eval_ex, tokenizer, cfg.max_length)
+    from slmkit.teacher import student_spans  # the teacher's own spans, as a student's
+
+    student_spans(items, examples, tokenizer, vocab)
     items.sort(key=lambda e: len(e.ids))  # similar lengths per batch: little padding
-    tensors = {}
+    writer = topk_cache.Writer(k, cfg.teacher, "distill", vocab, models.stop_ids(teacher, tokenizer),
+                               autocast=precision.describe(device, cfg.bf16))
     autocast = precision.autocast(device, enabled=cfg.bf16)
     for i in tqdm(range(0, len(items), cfg.batch_size), desc="teacher top-k", file=sys.stderr):
         batch = items[i:i + cfg.batch_size]
@@ -1153,22 +1275,19 @@ def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
             hidden, head = hidden[rows, cols], projector(lm_head, device, cfg.bf16, grad=False)
             parts = [F.log_softmax(head(hidden[j:j + cfg.chunk]).float(), -1).topk(k, dim=-1)
                      for j in range(0, len(hidden), cfg.chunk)]  # chunk x vocab at a time
-            lp, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            lp, top = torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
         start = 0
         for e in batch:
-            m = e.targets
-            tensors[f"{e.key}.tokens"] = torch.tensor(e.ids, dtype=torch.int32)
-            tensors[f"{e.key}.ids"] = top[start:start + m].int().cpu().contiguous()
-            tensors[f"{e.key}.logprobs"] = lp[start:start + m].half().cpu().contiguous()
-            start += m
-    meta = {"format": CACHE_FORMAT, "k": str(k), "tokenizer": vocab_hash(tokenizer),
-            "data": file_hash(cfg.data), "task": str(cfg.task), "max_length": str(cfg.max_length),
-            "teacher": str(cfg.teacher), "autocast": precision.describe(device, cfg.bf16)}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, dest)
-    return dest
+            aligned = [j for j, s in enumerate(e.spans) if s is not None]
+            row_lp = torch.full((len(aligned), k), float("-inf"))
+            row_ids = torch.zeros((len(aligned), k), dtype=torch.long)
+            for r, j in enumerate(aligned):
+                if j >= 1:  # position j - 1 predicts token j; a plain text's first has no row
+                    row_lp[r], row_ids[r] = lp[start], top[start]
+                    start += 1
+            writer.add(e.key, [e.ids[j] for j in aligned], [e.spans[j] for j in aligned],
+                       row_ids, row_lp)
+    return writer.save(dest)
 
 
 # --------------------------------------------------------------------------- CLI

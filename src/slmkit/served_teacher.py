@@ -22,12 +22,14 @@ def is_served(spec: str | None) -> bool:
 
 
 class ServedTeacher:
-    def __init__(self, spec: str, tokenizer, k: int = 32, concurrency: int = 8):
+    def __init__(self, spec: str, tokenizer, k: int = 32, concurrency: int = 8,
+                 vocab_size: int | None = None):
         from slmkit.backends.openai import OpenAIBackend
 
         self.backend = OpenAIBackend.from_spec(spec, concurrency=concurrency)
         self.url = self.backend.base_url + "/completions"
         self.tokenizer, self.k = tokenizer, k
+        self.vocab_size = vocab_size or len(tokenizer)  # the student's logits
         self.rows: dict[tuple[int, ...], tuple] = {}  # sequence -> its (T - 1, k) log-probs, ids
         self.checked = False  # the server's tokenizer, compared once
 
@@ -86,6 +88,13 @@ class ServedTeacher:
                                  f"position, fewer than --top-k {self.k}")
             if not self.checked:
                 self._check_tokenizer(scored[t].get(str(ids[t])), ids[t])
+            beyond = [i for _, i in entries[:self.k] if not 0 <= i < self.vocab_size]
+            if beyond:
+                raise UsageError(f"teacher {self.url} returned token id {beyond[0]}, outside the "
+                                 f"student's vocabulary of {self.vocab_size}: it serves another "
+                                 "tokenizer. Have it write the data with its top-k instead "
+                                 "(`slm generate --topk-logprobs 20`, recipes/api-teacher.yaml) and "
+                                 "distil from that cache, which is aligned across tokenizers")
             lp[t - 1] = torch.tensor([v for v, _ in entries[:self.k]])
             top[t - 1] = torch.tensor([i for _, i in entries[:self.k]])
         self.checked = True
