@@ -1,0 +1,187 @@
+"""`slm distill` across tokenizers: a byte-level BPE model teaches a SentencePiece-style one and
+back, from the local model or a text-keyed cache; the same-tokenizer pair gives the direct KD."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import CORPUS, make_sp_tokenizer, make_tiny_model, make_tiny_model_with
+from slmkit import models
+from slmkit.distill import DistillConfig, cache_teacher, distill
+from slmkit.errors import UsageError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """teacher (byte-level BPE, 4 layers), student of the same tokenizer (2 layers), student and
+    teacher of the SentencePiece-style tokenizer, and 24 train + 4 eval pairs with hard text."""
+    root = tmp_path_factory.mktemp("xtok")
+    sp = make_sp_tokenizer()
+    paths = {"teacher": make_tiny_model("llama", root / "teacher", seed=0),
+             "student": make_tiny_model("llama", root / "student", layers=2, seed=1),
+             "sp_student": make_tiny_model_with(sp, "qwen2", root / "sp_student", layers=2, seed=2),
+             "sp_teacher": make_tiny_model_with(sp, "llama", root / "sp_teacher", seed=3)}
+    extra = ["Grüße 2024: 3.14 😀", "日本語 text\n\n  spaced", "x = 1,000,000!"]
+    data = root / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(28):
+            out = CORPUS[(3 * i + 1) % 10] + (" " + extra[i % 3] if i % 2 else "")
+            row = {"input": CORPUS[i % 10], "output": out}
+            f.write(json.dumps(row | ({"split": "eval"} if i >= 24 else {})) + "\n")
+    return root, paths, data
+
+
+def _cfg(pair, out, **kw) -> DistillConfig:
+    root, paths, data = pair
+    base = dict(student=str(paths["sp_student"]), teacher=str(paths["teacher"]), data=str(data),
+                out=str(root / out), max_steps=8, batch_size=4, lr=3e-3, eval_every=4,
+                save_every=100, device="cpu")
+    return DistillConfig(**(base | kw))
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _evals(folder: Path) -> list[float]:
+    return [m["eval_kd"] for m in _metrics(folder) if "eval_kd" in m]
+
+
+def test_on_equals_off_for_a_same_tokenizer_pair(pair):
+    # the text path pairs every position with itself and maps every token to itself
+    root, paths, _ = pair
+    kw = dict(student=str(paths["student"]), max_steps=2, eval_every=2)
+    off = _metrics(distill(_cfg(pair, "same-off", cross_tokenizer="off", **kw)))
+    on = _metrics(distill(_cfg(pair, "same-on", cross_tokenizer="on", **kw)))
+    assert [r["step"] for r in off] == [r["step"] for r in on] == [0, 1, 2]
+    for a, b in zip(off, on):
+        for key in ("kd", "ce", "eval_kd", "eval_ce"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    assert _weights(root / "same-off").keys() == _weights(root / "same-on").keys()
+    for k, v in _weights(root / "same-off").items():
+        torch.testing.assert_close(_weights(root / "same-on")[k], v)
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("student,teacher", [("sp_student", "teacher"), ("student", "sp_teacher")])
+def test_training_across_tokenizers_lowers_heldout_kd(pair, student, teacher):
+    root, paths, _ = pair
+    out = distill(_cfg(pair, f"x-{student}", student=str(paths[student]), teacher=str(paths[teacher])))
+    evals = _evals(out)
+    assert len(evals) == 3 and evals[-1] < evals[0] * 0.9, evals
+    before, after = _weights(paths[student]), _weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    record = json.loads((out / "training_record.json").read_text())
+    assert record["config"]["cross_tokenizer"] == "auto"
+
+
+def test_one_cache_teaches_students_of_both_tokenizers_like_the_local_teacher(pair, tmp_path):
+    # k = the teacher's whole vocabulary: the cached rows are its full distributions, so reading
+    # them equals the local teacher, whatever the student, to the cache's float16 storage: the
+    # stored probabilities sum to 1 +- ~1e-3, which the tail bucket counts (measured: 0.3 %)
+    root, paths, _ = pair
+    v = len(models.load_tokenizer(paths["teacher"]))
+    cache = cache_teacher(_cfg(pair, "unused"), tmp_path / "topk.safetensors", k=v)
+    meta_k = load_file(str(cache))  # the file is text-keyed: no student token ids in it
+    assert not any(k.startswith("L") for k in meta_k)
+    for student in ("sp_student", "student"):
+        kw = dict(student=str(paths[student]), lr=0.0, max_steps=1, eval_every=1)
+        local = _metrics(distill(_cfg(pair, f"local-{student}", **kw)))
+        cached = _metrics(distill(_cfg(pair, f"cached-{student}", teacher=None,
+                                       teacher_cache=str(cache), **kw)))
+        for a, b in zip(local, cached):
+            for key in ("kd", "eval_kd"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-2), (student, a["step"], key)
+    # and a small k trains a student of the other tokenizer
+    small = cache_teacher(_cfg(pair, "unused"), tmp_path / "k8.safetensors", k=8)
+    out = distill(_cfg(pair, "cached-k8", teacher=None, teacher_cache=str(small)))
+    evals = _evals(out)
+    assert evals[-1] < evals[0], evals
+
+
+def test_final_eval_is_of_the_final_step_when_max_tokens_ends_early(pair):
+    root, paths, _ = pair
+    kw = dict(student=str(paths["sp_student"]), max_steps=6, eval_every=2)
+    full = _metrics(distill(_cfg(pair, "mt-full", **kw)))
+    t3 = next(r["tokens"] for r in full if r["step"] == 3)
+    out = distill(_cfg(pair, "mt-3", max_tokens=t3, **kw))  # ends at step 3 of 6
+    record = json.loads((out / "training_record.json").read_text())
+    assert record["steps"] == 3
+    again = _metrics(distill(_cfg(pair, "mt-check", student=str(out), lr=0.0, max_steps=1)))
+    assert record["final_eval"]["eval_ce"] == pytest.approx(again[0]["eval_ce"], rel=1e-5)
+    step2 = next(r for r in _metrics(out) if r["step"] == 2)
+    assert record["final_eval"]["eval_ce"] != pytest.approx(step2["eval_ce"], rel=1e-6)
+
+
+def _args(pair, out, *extra):
+    root, paths, data = pair
+    return ["distill", "--student", paths["sp_student"], "--teacher", paths["teacher"], "--data",
+            data, "--out", root / out, "--max-steps", 1, "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("flags,says", [(("--on-policy", "0.5"), "--on-policy"),
+                                        (("--hidden-kd", "1"), "--hidden-kd"),
+                                        (("--prompt-kd", "1"), "--prompt-kd"),
+                                        (("--pack",), "--pack")])
+def test_what_the_text_path_does_not_do_is_refused_before_models_load(pair, cli, monkeypatch,
+                                                                      flags, says):
+    root, paths, data = pair
+
+    def no_load(*a, **kw):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    code, _, err = cli(*_args(pair, "refused", *flags))
+    assert code == 2 and says in err and "across tokenizers" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (root / "refused").exists()
+
+
+def test_cache_and_flag_mismatches_are_one_line(pair, cli, tmp_path):
+    root, paths, data = pair
+    v1 = tmp_path / "v1.safetensors"
+    save_file({"L1.ids": torch.zeros(1, 1, dtype=torch.int32)}, str(v1), metadata={"format": "slmkit-topk-v1"})
+    code, _, err = cli("distill", "--student", paths["sp_student"], "--teacher-cache", v1, "--data", data,
+                       "--out", root / "v1", "--cross-tokenizer", "on", "--device", "cpu")
+    assert code == 2 and "rewrite" in err and "--cache-teacher" in err, err
+    v2 = cache_teacher(_cfg(pair, "unused"), tmp_path / "v2.safetensors", k=4)
+    code, _, err = cli("distill", "--student", paths["sp_student"], "--teacher-cache", v2, "--data", data,
+                       "--out", root / "v2", "--cross-tokenizer", "off", "--device", "cpu")
+    assert code == 2 and "text-keyed" in err, err
+    code, _, err = cli(*_args(pair, "served-on", "--cross-tokenizer", "on"))
+    assert code == 0  # a local pair: fine
+    code, _, err = cli("distill", "--student", paths["sp_student"], "--teacher", "openai:t@http://127.0.0.1:9",
+                       "--data", data, "--out", root / "served", "--cross-tokenizer", "on", "--device", "cpu")
+    assert code == 2 and "slm generate" in err, err
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": f"yo {i}"}]}) + "\n"
+                            for i in range(6)))
+    code, _, err = cli("distill", "--student", paths["sp_student"], "--teacher", paths["teacher"],
+                       "--data", chat, "--out", root / "chat", "--batch-size", 2, "--device", "cpu")
+    assert code == 2 and "messages" in err and "chat.jsonl:1" in err, err
+
+
+def test_a_served_id_beyond_the_students_vocabulary_is_one_line(pair):
+    from slmkit.served_teacher import ServedTeacher
+
+    root, paths, _ = pair
+    tok = models.load_tokenizer(paths["student"])
+    st = ServedTeacher("openai:t@http://127.0.0.1:9", tok, k=1, vocab_size=len(tok))
+    ids = tok("hello world").input_ids
+    reply = {"choices": [{"prompt_logprobs": [None] + [
+        {str(len(tok) + 5): {"logprob": -0.1, "rank": 1, "decoded_token": "zz"}} for _ in ids[1:]]}]}
+    with pytest.raises(UsageError, match="outside the student's vocabulary"):
+        st.parse(reply, ids)
