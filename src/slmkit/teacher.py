@@ -76,9 +76,12 @@ class CacheTeacher:
             if len(predicted) != e.targets:
                 raise AssertionError(f"{e.where}: {len(predicted)} aligned predictions for {e.targets} targets")
             pick = torch.tensor([at[i] for i in predicted], dtype=torch.long)
-            ok = pick >= 0
+            if not len(t_spans):  # the teacher has nothing of this text: CE only
+                lps.append(torch.full((len(pick), self.reader.k), float("-inf")))
+                idss.append(torch.zeros((len(pick), self.reader.k), dtype=torch.long))
+                continue
             row_lp = lp[pick.clamp(min=0)]
-            row_lp[~ok] = float("-inf")
+            row_lp[pick < 0] = float("-inf")
             mapped_lp, mapped_ids = align.map_rows(row_lp, ids[pick.clamp(min=0)], self.table)
             lps.append(mapped_lp)
             idss.append(mapped_ids)

@@ -74,8 +74,10 @@ class Writer:
         fewer than k alternatives are padded with -inf."""
         import torch
 
-        ids = torch.as_tensor(ids, dtype=torch.int32).reshape(len(tokens), -1)
-        lp = torch.as_tensor(logprobs, dtype=torch.float32).reshape(len(tokens), -1)
+        if not len(tokens):  # nothing of the text is the teacher's (generate: see its docstring)
+            ids, logprobs = torch.zeros(0, self.k), torch.zeros(0, self.k)
+        ids = torch.as_tensor(ids, dtype=torch.int32).reshape(len(tokens), -1 if len(tokens) else self.k)
+        lp = torch.as_tensor(logprobs, dtype=torch.float32).reshape(len(tokens), -1 if len(tokens) else self.k)
         if ids.shape[1] < self.k:
             pad = self.k - ids.shape[1]
             ids = torch.cat([ids, ids.new_zeros(len(tokens), pad)], 1)
