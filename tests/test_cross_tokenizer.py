@@ -185,3 +185,59 @@ def test_a_served_id_beyond_the_students_vocabulary_is_one_line(pair):
         {str(len(tok) + 5): {"logprob": -0.1, "rank": 1, "decoded_token": "zz"}} for _ in ids[1:]]}]}
     with pytest.raises(UsageError, match="outside the student's vocabulary"):
         st.parse(reply, ids)
+
+
+def test_a_v1_cache_still_reads_and_equals_the_text_path(pair, tmp_path):
+    # a v1 file (rows by student token id, keyed by data line) made from the v2 rows of a
+    # same-tokenizer pair: the direct path reading it and the text path reading v2 agree
+    from slmkit import align, topk_cache
+    from slmkit.data import encode, file_hash
+    from slmkit.distill import split_rows, vocab_hash
+
+    root, paths, data = pair
+    tok = models.load_tokenizer(paths["student"])
+    v2 = cache_teacher(_cfg(pair, "unused"), tmp_path / "v2.safetensors", k=8)
+    reader = topk_cache.Reader(v2)
+    train, held = split_rows(str(data), None, 0.1, 100)
+    tensors = {}
+    for n, ex in train + held:
+        ids, _ = encode(ex, tok)
+        _, _, top, lp = reader.get(align.text_key(ex), ex.where)
+        tensors |= {f"L{n}.tokens": torch.tensor(ids, dtype=torch.int32),
+                    f"L{n}.ids": top.int().contiguous(), f"L{n}.logprobs": lp.half().contiguous()}
+    v1 = tmp_path / "v1.safetensors"
+    save_file(tensors, str(v1), metadata={"format": "slmkit-topk-v1", "k": "8",
+                                          "tokenizer": vocab_hash(tok), "data": file_hash(data),
+                                          "task": "None", "max_length": "1024"})
+    kw = dict(student=str(paths["student"]), teacher=None, lr=0.0, max_steps=1, eval_every=1)
+    a = _metrics(distill(_cfg(pair, "read-v1", teacher_cache=str(v1), **kw)))
+    b = _metrics(distill(_cfg(pair, "read-v2", teacher_cache=str(v2), **kw)))
+    for x, y in zip(a, b):
+        for key in ("kd", "eval_kd"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-6), (x["step"], key)
+
+
+def test_served_rows_are_dropped_after_their_batch_but_the_held_out_ones(pair, monkeypatch):
+    from slmkit.distill import Encoded
+    from slmkit.served_teacher import ServedTeacher
+
+    root, paths, _ = pair
+    tok = models.load_tokenizer(paths["student"])
+    st = ServedTeacher("openai:t@http://127.0.0.1:9", tok, k=2)
+    asked = []
+
+    def ask(ids):
+        asked.append(ids)
+        return torch.zeros(len(ids) - 1, 2), torch.zeros(len(ids) - 1, 2, dtype=torch.long)
+
+    monkeypatch.setattr(st, "_ask", ask)
+    train = [Encoded([1, 2, 3, 4], [0, 0, 1, 1], "a", "x"), Encoded([1, 5, 6], [0, 1, 1], "b", "y")]
+    held = [Encoded([7, 8, 9], [0, 1, 1], "c", "z")]
+    st.keep = {tuple(e.ids) for e in held}
+    for _ in range(2):
+        lp, ids = st.topk(train, "cpu")
+        assert lp.shape == (4, 2)
+        st.topk(held, "cpu")
+    assert list(st.rows) == [(7, 8, 9)]  # only the held-out rows stay
+    assert len(asked) == 5  # the training rows asked again each epoch, the held-out ones once

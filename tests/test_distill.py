@@ -345,9 +345,9 @@ def test_two_processes_match_one(setup, tmp_path, autocast_mode):
            "--lr", "3e-3", "--eval-every", "4", "--device", "cpu"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0 and "Traceback" not in proc.stderr[-3000:]:
-        pytest.skip(f"accelerate could not start 2 processes: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # any failure fails: a launcher or process crash leaves no Python traceback (a signal, gloo
+    # aborting), and it is as much a failure as one that does
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     two = root / f"two-{autocast_mode}"
     assert json.loads((two / "training_record.json").read_text())["processes"] == 2
     curve1 = [m["loss"] for m in _metrics(one) if "loss" in m]
@@ -641,9 +641,9 @@ def _launch_two(setup, out, *extra, port: int):
            "--lr", "3e-3", "--eval-every", "4", "--device", "cpu", *map(str, extra)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "SLMKIT_AUTOCAST": "off"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0 and "Traceback" not in proc.stderr[-3000:]:
-        pytest.skip(f"accelerate could not start 2 processes: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # any failure fails: a launcher or process crash leaves no Python traceback (a signal, gloo
+    # aborting), and it is as much a failure as one that does
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     return root / out
 
 

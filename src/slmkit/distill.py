@@ -7,6 +7,7 @@
         --task summarize --out student/                                            # offline teacher
     slm distill ... --resume                          # insist on continuing OUT.work/checkpoint
     slm distill --student pruned/ --teacher openai:teacher@http://HOST:8000 ...   # served teacher
+    slm distill --student gemma-3-270m --teacher qwen2.5-coder-0.5b-instruct ...  # any two families
     accelerate launch --multi_gpu --num_processes 2 -m slmkit distill ... [--fsdp]  # DDP / FSDP2
 
 Loss = (1 - alpha_ce) * KD + alpha_ce * CE, means over answer tokens (prompt and padding masked;
@@ -30,12 +31,21 @@ The code: `setup` makes a `Run` (data, models, optimizer, resume point), `fit` i
 the Run. Memory: the loss projects hidden states to logits --chunk positions at a time
 (`final_hidden`), the student may recompute its activations (`checkpointing_pays`).
 
-Teacher cache (--cache-teacher FILE, read with --teacher-cache FILE): one safetensors file.
-For the example on data line N: `L{N}.tokens` int32 (T,) the input ids, `L{N}.ids` int32 (M, k)
-and `L{N}.logprobs` float16 (M, k), the teacher's top-k next-token ids and log-probs (tau = 1) at
-the M answer positions in order (position t predicts token t + 1). Metadata: format
-`slmkit-topk-v1`, k, tokenizer (hash of the vocabulary), data (sha256 of the file), task,
-max_length, teacher, autocast (the precision path that made it). Any writer (e.g. `slm generate`) that follows this layout works.
+Teacher cache (--cache-teacher FILE, read with --teacher-cache FILE): one safetensors file of
+the teacher's top-k log-probs, keyed by each example's text (slmkit.topk_cache, `slmkit-topk-v2`),
+so one file teaches students of any tokenizer; `slm generate --topk-logprobs` writes the same
+format while the teacher writes the data. Older `slmkit-topk-v1` files (rows by student token
+id) are still read by a student of the teacher's tokenizer.
+
+Across tokenizers (--cross-tokenizer auto|on|off; auto = on when the tokenizers differ, and for a
+v2 cache): each model reads the example's prompt in its own chat template, then the same answer
+text; slmkit.align pairs the student's and the teacher's predictions made after the same text
+(groups of tokens ending at the same byte) and maps the teacher's distribution onto the
+student's vocabulary (slmkit.teacher, losses.mapped_kd / tail_buckets). A student position with
+no teacher prediction of the same context gets CE only. For a same-tokenizer pair the text path
+gives the direct path's KD exactly. --on-policy, --hidden-kd, --prompt-kd and --pack are refused
+across tokenizers (before any model loads): they need positions or layers the text path does not
+pair.
 """
 
 from __future__ import annotations
@@ -61,9 +71,6 @@ from slmkit.data import EVAL_FRACTION, EVAL_MAX
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
 from slmkit.served_teacher import ServedTeacher, is_served
-
-CACHE_FORMAT = "slmkit-topk-v1"
-
 
 CROSS = ("auto", "on", "off")
 LOSSES = ("forward_kl", "reverse_kl", "jsd")  # = losses.KINDS; here so `--help` imports no torch
@@ -516,49 +523,6 @@ def logits_window(model, ids, att, mask, pos, states: bool = False) -> Window:
     return Window(logits, ids[:, first + 1:], target[:, first:], out.hidden_states if states else None)
 
 
-def teacher_rows(cache, items, device):
-    """The cached top-k rows of `items`, concatenated in batch order: ((M, k) float32, (M, k) long).
-    Called outside autocast (slmkit.precision, rule 3): the file's float16 would meet bf16."""
-    import torch
-
-    lps, idss = [], []
-    for e in (part for item in items for part in item.segments):
-        try:
-            lp, ids = cache.get_tensor(f"{e.key}.logprobs"), cache.get_tensor(f"{e.key}.ids")
-        except Exception:  # safetensors raises its own error for a missing key
-            raise UsageError(f"{e.where}: not in the teacher cache; remake it with --cache-teacher") from None
-        if lp.shape[0] != e.targets:
-            raise UsageError(f"{e.where}: the teacher cache has {lp.shape[0]} answer positions, the "
-                             f"data {e.targets}; remake it with --cache-teacher")
-        lps.append(lp)
-        idss.append(ids)
-    return torch.cat([lp.float() for lp in lps]).to(device), torch.cat(idss).to(device).long()
-
-
-def open_cache(path, tokenizer, data_path, cfg):
-    from safetensors import safe_open
-
-    from slmkit.data import file_hash
-
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--teacher-cache `{path}` does not exist; make it with "
-                         "`slm distill --teacher MODEL --data ... --cache-teacher FILE`")
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for a bad file
-        raise UsageError(f"--teacher-cache `{path}` is not a readable safetensors file ({e})") from None
-    meta = f.metadata() or {}
-    if meta.get("format") != CACHE_FORMAT:
-        raise UsageError(f"--teacher-cache `{path}`: not a `{CACHE_FORMAT}` file")
-    for key, want in (("tokenizer", vocab_hash(tokenizer)), ("data", file_hash(data_path)),
-                      ("max_length", str(cfg.max_length)), ("task", str(cfg.task))):
-        if meta.get(key) != want:
-            raise UsageError(f"--teacher-cache `{path}` was made with another {key} "
-                             f"({meta.get(key)} vs {want}); remake it with --cache-teacher")
-    return f
-
-
 # --------------------------------------------------------------------------- run identity
 
 FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature", "alpha_ce",
@@ -849,7 +813,9 @@ def setup(cfg: DistillConfig) -> Run | None:
 
         text = CacheTeacher(cfg.teacher_cache, tokenizer)
     elif cfg.teacher_cache:
-        cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg)
+        from slmkit import topk_cache
+
+        cache = topk_cache.open_v1(cfg.teacher_cache, vocab_hash(tokenizer), cfg.data, cfg)
     layer_map = None
     if cfg.hidden_kd > 0:
         pairs, channels = layer_pairs(models.resolve(cfg.student), student.config, teacher.config)
@@ -860,6 +826,8 @@ def setup(cfg: DistillConfig) -> Run | None:
     if cfg.pack:
         train = pack(train, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
+    if served is not None:
+        served.keep = {tuple(e.ids) for e in held}
     if text is not None:
         from slmkit import align
         from slmkit.teacher import student_spans
@@ -1080,7 +1048,7 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
     over the prompt tokens, with `states` the hidden-state distance of --hidden-kd."""
     import torch
 
-    from slmkit import losses
+    from slmkit import losses, topk_cache
 
     cfg, device = run.cfg, run.device
     ids, att, mask, pos = (t.to(device) for t in collate(items, run.tokenizer.pad_token_id))
@@ -1103,7 +1071,7 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
             t_hidden, _, _, t_states = logits_window(run.teacher, ids, att, window, pos, states)
         t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
     if run.cache is not None and cfg.alpha_ce < 1:
-        topk = teacher_rows(run.cache, items, device)
+        topk = topk_cache.v1_rows(run.cache, items, device)
     elif run.served is not None:
         topk = run.served.topk(items, device)
     kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,

@@ -7,7 +7,13 @@ For every training sequence the server returns its top-k log-probs at every posi
 `prompt_logprobs` on /v1/completions, which `slm serve` answers too), and the student learns
 from the counted positions with the same tail-bucket loss as from an offline cache
 (slmkit.losses): the student's device never holds the teacher. Requests run `concurrency` at a
-time with the retries of slmkit.backends.openai; each sequence is asked for once per run.
+time with the retries of slmkit.backends.openai. Rows are streamed: a training batch's rows are
+asked for when it trains and dropped after; only the held-out sequences' rows (`keep`, at most
+--eval-max of them) stay, as every evaluation reads them again.
+
+The server must serve the student's tokenizer: the rows are by token id. A teacher of another
+family writes its data with its completion top-k instead (`slm generate --topk-logprobs`,
+recipes/api-teacher.yaml), which the text path aligns (slmkit.align).
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ class ServedTeacher:
         self.tokenizer, self.k = tokenizer, k
         self.vocab_size = vocab_size or len(tokenizer)  # the student's logits
         self.rows: dict[tuple[int, ...], tuple] = {}  # sequence -> its (T - 1, k) log-probs, ids
+        self.keep: set[tuple[int, ...]] = set()  # sequences whose rows stay (the held-out ones)
         self.checked = False  # the server's tokenizer, compared once
 
     def topk(self, items, device):
-        """Like distill.teacher_rows: the top-k rows of every counted position of `items` (and
+        """Like topk_cache.v1_rows: the top-k rows of every counted position of `items` (and
         of each example of a packed row), in batch order: ((M, k) float32, (M, k) long)."""
         import torch
 
@@ -50,6 +57,8 @@ class ServedTeacher:
             counted = torch.tensor(e.mask[1:], dtype=torch.bool)  # row t - 1 predicts token t
             lps.append(lp[counted])
             idss.append(ids[counted])
+        for key in [key for key in self.rows if key not in self.keep]:
+            del self.rows[key]
         return torch.cat(lps).to(device), torch.cat(idss).to(device)
 
     def _ask(self, ids: tuple[int, ...]):

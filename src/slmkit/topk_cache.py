@@ -153,3 +153,46 @@ class Reader:
             raise UsageError(f"{where}: not in the teacher cache `{self.path}` (its prompt or answer "
                              "text differs); remake the cache on this data with --cache-teacher") from None
         return tokens, spans, ids, lp
+
+
+# --------------------------------------------------------------------------- v1 (read only)
+
+def open_v1(path, tokenizer_hash: str, data_path, cfg):
+    """A `slmkit-topk-v1` file, for a student of the teacher's tokenizer (the direct path of
+    slmkit.distill): rows by student token id, keyed `L{line}` of one data file. Its tokenizer,
+    data, max_length and task must be this run's."""
+    from safetensors import safe_open
+
+    from slmkit.data import file_hash
+
+    fmt = format_of(path)
+    if fmt != FORMAT_V1:
+        raise UsageError(f"--teacher-cache `{path}`: not a `{FORMAT_V1}` or `{FORMAT}` file")
+    f = safe_open(str(path), framework="pt")
+    meta = f.metadata() or {}
+    for key, want in (("tokenizer", tokenizer_hash), ("data", file_hash(data_path)),
+                      ("max_length", str(cfg.max_length)), ("task", str(cfg.task))):
+        if meta.get(key) != want:
+            raise UsageError(f"--teacher-cache `{path}` was made with another {key} "
+                             f"({meta.get(key)} vs {want}); remake it with --cache-teacher")
+    return f
+
+
+def v1_rows(cache, items, device):
+    """The v1 rows of `items` (distill.Encoded, keyed `L{line}`), concatenated in batch order:
+    ((M, k) float32, (M, k) long). Called outside autocast (slmkit.precision, rule 3): the
+    file's float16 would meet bf16."""
+    import torch
+
+    lps, idss = [], []
+    for e in (part for item in items for part in item.segments):
+        try:
+            lp, ids = cache.get_tensor(f"{e.key}.logprobs"), cache.get_tensor(f"{e.key}.ids")
+        except Exception:  # safetensors raises its own error for a missing key
+            raise UsageError(f"{e.where}: not in the teacher cache; remake it with --cache-teacher") from None
+        if lp.shape[0] != e.targets:
+            raise UsageError(f"{e.where}: the teacher cache has {lp.shape[0]} answer positions, the "
+                             f"data {e.targets}; remake it with --cache-teacher")
+        lps.append(lp)
+        idss.append(ids)
+    return torch.cat([lp.float() for lp in lps]).to(device), torch.cat(idss).to(device).long()
