@@ -159,3 +159,18 @@ def test_prediction_pairs_of_a_chat_example(toks):
     assert align.prediction_pairs(s_sp, s_sp) == list(range(len(got)))
     with pytest.raises(Exception, match="messages"):
         align.aligned_text(Example(messages=[{"role": "user", "content": "x"}], where="f:1"))
+
+
+def test_text_spans_of_an_http_teachers_pieces():
+    # leading/trailing whitespace the stored answer stripped; pieces of a character as U+FFFD
+    assert align.text_spans([" Hello", " w", "orld", "\n"], "Hello world") == [
+        (0, 5), (5, 7), (7, 11), (11, 11)]
+    assert align.text_spans(["a", "\ufffd", "\ufffd", "b"], "aܮb") == [(0, 1), (1, 3), (3, 3), (3, 4)]
+    assert align.text_spans(["x", " ", "\ufffd", "\ufffd", "\ufffd"], "x 日") == [
+        (0, 1), (1, 2), (2, 5), (5, 5), (5, 5)]
+    assert align.text_spans(["a", "\ufffd", "x"], "ab") is None  # they do not spell it
+    # a zero-width piece without a prediction hands the group start to the next token
+    s = [(0, 1), (1, 4)]
+    t = [(0, 1), (1, 1), (1, 4)]
+    assert align.pairs(s, t) == [0, 1]
+    assert align.pairs(s, t, [True, False, True]) == [0, 2]

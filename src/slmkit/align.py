@@ -166,13 +166,19 @@ def groups(s_spans: list[tuple[int, int]], t_spans: list[tuple[int, int]]) -> li
     return out
 
 
-def pairs(s_spans, t_spans) -> list[int]:
+def pairs(s_spans, t_spans, t_usable=None) -> list[int]:
     """For each student token, the teacher token that starts the same group at the same byte
-    (both predicted from the same text), else NONE."""
+    (both predicted from the same text), else NONE. t_usable: which teacher tokens have a
+    prediction (None: all); a zero-width one without (an HTTP teacher's piece of a character,
+    see generate.write_topk_cache) hands the group start to the next one at that byte."""
     out = [NONE] * len(s_spans)
     for s, t in groups(s_spans, t_spans):
-        if len(s) and len(t) and s_spans[s[0]][0] == t_spans[t[0]][0]:
-            out[s[0]] = t[0]
+        if not len(s):
+            continue
+        start = s_spans[s[0]][0]
+        u = next((u for u in t if t_spans[u][0] == start and (t_usable is None or t_usable[u])), None)
+        if u is not None:
+            out[s[0]] = u
     return out
 
 
@@ -310,4 +316,40 @@ def prediction_pairs(s_spans, t_spans) -> list[int]:
     for i in predicted(s_spans):
         u = at[i]
         out.append(t_row.get(t_tok[u], NONE) if u != NONE else NONE)
+    return out
+
+
+def text_spans(pieces: list[str], text: str) -> list[tuple[int, int]] | None:
+    """Byte spans in `text` of tokens known only by their text (an HTTP teacher's completion),
+    or None where they do not spell it. `text` may lack the completion's leading and trailing
+    whitespace (a stored answer is stripped). A server sends a token that holds part of a
+    character as U+FFFD: a run of such tokens covers whatever the text has between its clean
+    neighbours; its first token gets that span, the others an empty span at its end."""
+    import re
+
+    dirty = ["\ufffd" in p for p in pieces]
+    solid = [i for i, p in enumerate(pieces) if p.strip() or dirty[i]]
+    if not solid:
+        return None
+    first, last = solid[0], solid[-1]
+    parts = []
+    for i, p in enumerate(pieces):
+        if dirty[i]:
+            parts.append("()" if i > 0 and dirty[i - 1] else "(.+?)")
+        elif i < first or i > last:
+            parts.append(r"(\s*)")  # whitespace the stored answer stripped
+        else:
+            body = re.escape(p.lstrip() if i == first else p)
+            body = body if i != last else re.escape((p.lstrip() if i == first else p).rstrip())
+            parts.append(f"({body})")
+    m = re.fullmatch("".join(parts), text, flags=re.DOTALL)
+    if m is None:
+        return None
+    to_byte = [0]
+    for ch in text:
+        to_byte.append(to_byte[-1] + len(ch.encode()))
+    out = []
+    for g in range(1, len(pieces) + 1):
+        a, b = m.span(g)
+        out.append((to_byte[a], to_byte[b]))
     return out

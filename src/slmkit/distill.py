@@ -54,7 +54,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -67,10 +66,12 @@ from typing import NamedTuple
 from slmkit.backends import MAX_LOGPROBS
 from slmkit.cli import (AT_LEAST_1, FRACTION, NOT_NEGATIVE, POSITIVE, Check, add_config_arguments,
                         check_options, config_from_args, option)
+from slmkit.batching import (Encoded, collate, collate_weights, edit_weights, encode_all,  # noqa: F401
+                             epoch_batches, left_pad, pack, predicted, split_rows)
 from slmkit.data import EVAL_FRACTION, EVAL_MAX
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
-from slmkit.served_teacher import ServedTeacher, is_served
+from slmkit.served_teacher import is_served
 
 CROSS = ("auto", "on", "off")
 LOSSES = ("forward_kl", "reverse_kl", "jsd")  # = losses.KINDS; here so `--help` imports no torch
@@ -217,166 +218,6 @@ class DistillConfig:
                              "or use an online --teacher")
 
 
-# --------------------------------------------------------------------------- data
-
-@dataclass
-class Encoded:
-    ids: list[int]
-    mask: list[int]
-    """1 on tokens that count (answer tokens; all tokens of plain text)."""
-    key: str
-    """`L{line}`: the example's key in a teacher cache."""
-    where: str
-    parts: list[Encoded] | None = None
-    """A packed row (--pack): the examples it holds, in order; None for a single example."""
-    weights: list[float] | None = None
-    """Per-token loss weights (--edit-weight, see edit_weights()); None: every counted token 1."""
-    spans: list | None = None
-    """Cross-tokenizer: each position's byte range of the aligned text (align.position_spans)."""
-    teacher: Encoded | None = None
-    """Cross-tokenizer, local teacher: the teacher's own encoding of the same example."""
-    align: list[int] | None = None
-    """Cross-tokenizer, local teacher: per counted prediction, the teacher's (align.prediction_pairs)."""
-
-    @property
-    def segments(self) -> list[Encoded]:
-        return self.parts or [self]
-
-    @property
-    def targets(self) -> int:
-        """Positions that count: predictions of counted tokens. The first token has no
-        prediction, so it never counts (`predicted` is the same rule on a padded batch)."""
-        return sum(self.mask[1:])
-
-
-def split_rows(path, task, eval_fraction: float, eval_max: int):
-    """(train examples, eval examples), held out by data.held_out's rule."""
-    from slmkit.data import held_out, read_jsonl, to_example
-
-    rows = read_jsonl(path)
-    examples = [(n, to_example(row, f"{path}:{n}", task, need_answer=True)) for n, row in rows]
-    held_mask = held_out([row for _, row in rows], eval_fraction, eval_max)
-    train = [e for e, h in zip(examples, held_mask) if not h]
-    held = [e for e, h in zip(examples, held_mask) if h]
-    if not train:
-        raise UsageError(f"`{path}` has no training examples (every line is \"split\": \"eval\")")
-    return train, held[:eval_max]
-
-
-def edit_weights(ids: list[int], mask: list[int], weight: float) -> list[float]:
-    """Per-token loss weights for --edit-weight, aligned with `ids`: prompt tokens (mask 0) 0; an
-    answer token 1 where it copies the prompt and `weight` where it does not, then all scaled so
-    the counted answer tokens (every one but an example's first token) average 1, so the loss
-    scale and the learning rate mean what they did without. Copied tokens are those in difflib's
-    matching blocks between the prompt's and the answer's token ids (in order, no junk
-    heuristic). A grammar correction copies most of its input; its few edited tokens are where
-    a student goes wrong, and a plain mean lets the copied ones drown them."""
-    from difflib import SequenceMatcher
-
-    prompt = [t for t, m in zip(ids, mask) if not m]
-    where = [i for i, m in enumerate(mask) if m]
-    copied = [False] * len(where)
-    matcher = SequenceMatcher(None, prompt, [ids[i] for i in where], autojunk=False)
-    for block in matcher.get_matching_blocks():
-        copied[block.b:block.b + block.size] = [True] * block.size
-    out = [0.0] * len(ids)
-    for i, c in zip(where, copied):
-        out[i] = 1.0 if c else weight
-    counted = [out[i] for i in where if i > 0]
-    scale = len(counted) / sum(counted) if counted and sum(counted) > 0 else 1.0
-    return [w * scale for w in out]
-
-
-def encode_all(examples, tokenizer, max_length: int, edit_weight: float = 1.0) -> list[Encoded]:
-    from slmkit.data import encode
-
-    out = []
-    for line, ex in examples:
-        ids, mask = encode(ex, tokenizer, max_length=max_length)
-        weights = edit_weights(ids, mask, edit_weight) if edit_weight != 1 else None
-        out.append(Encoded(ids, mask, f"L{line}", ex.where, weights=weights))
-        if out[-1].targets == 0:
-            raise UsageError(f"{ex.where}: no answer tokens left after masking (empty answer, or "
-                             f"the example is cut to --max-length {max_length}); fix or remove the line")
-    return out
-
-
-def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length bucketing: shuffle, sort windows of 16 global batches by length, cut into global
-    batches, shuffle those. Deterministic in (seed, epoch), so the data position is one number."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = global_batch * 16
-    batches = []
-    for w in range(0, len(order), window):
-        part = sorted(order[w:w + window], key=lambda i: lengths[i])
-        batches += [part[i:i + global_batch] for i in range(0, len(part) - global_batch + 1, global_batch)]
-    rng.shuffle(batches)
-    return batches
-
-
-def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
-    """Sequence packing (--pack): examples placed first-fit, longest first, into rows of at most
-    `max_length` tokens. Within a row each example keeps its own positions (0, 1, ...) and sees
-    only itself, and its first token does not count: it has no prediction of its own."""
-    rows: list[list[Encoded]] = []
-    room: list[int] = []
-    for e in sorted(examples, key=lambda e: -len(e.ids)):
-        i = next((i for i, r in enumerate(room) if r >= len(e.ids)), None)
-        if i is None:
-            rows.append([e])
-            room.append(max_length - len(e.ids))
-        else:
-            rows[i].append(e)
-            room[i] -= len(e.ids)
-    weighted = any(e.weights for e in examples)
-    return [Encoded([t for e in parts for t in e.ids],
-                    [m if j else 0 for e in parts for j, m in enumerate(e.mask)],
-                    parts[0].key, parts[0].where, parts=parts,
-                    weights=[w for e in parts for w in (e.weights or e.mask)] if weighted else None)
-            for parts in rows]
-
-
-def left_pad(rows: list[list], fill=0, dtype=None):
-    """(B, W) tensor of `rows`, each right-aligned (left-padded with `fill`), W the longest."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), fill, dtype=dtype or torch.long)
-    for i, r in enumerate(rows):
-        out[i, width - len(r):] = torch.tensor(r, dtype=out.dtype)
-    return out
-
-
-def collate_weights(items: list[Encoded]):
-    """The per-token weights of a batch, (B, W) float aligned with collate()'s ids; None when no
-    item has weights (an item without: its mask)."""
-    import torch
-
-    if not any(e.weights for e in items):
-        return None
-    return left_pad([e.weights or e.mask for e in items], dtype=torch.float)
-
-
-def collate(items: list[Encoded], pad_id: int):
-    """Left-padded batch: (ids, attention, mask, positions), each (B, W) long. Left padding puts
-    every answer at the right edge, so the logits of the last K columns cover all of them.
-    Positions count from 0 in each example; with packed rows in the batch they also count from 0
-    over the padding, which makes it a segment of its own (see `logits_window`)."""
-    import torch
-
-    ids = left_pad([e.ids for e in items], pad_id)
-    att = left_pad([[1] * len(e.ids) for e in items])
-    mask = left_pad([e.mask for e in items])
-    pos = left_pad([[j for part in e.segments for j in range(len(part.ids))] for e in items])
-    if any(e.parts for e in items):
-        for i, e in enumerate(items):
-            pad = ids.shape[1] - len(e.ids)
-            pos[i, :pad] = torch.arange(pad)
-    return ids, att, mask, pos
-
-
 # --------------------------------------------------------------------------- models
 
 def vocab_hash(tokenizer) -> str:
@@ -471,14 +312,6 @@ def layer_pairs(student_folder: Path, s_config, t_config) -> tuple[list[tuple[in
     else:
         layers, channels = [round((j + 1) * n_t / n_s) - 1 for j in range(n_s)], None
     return [(j, layers[j]) for j in range(n_s - 1)], channels
-
-
-def predicted(mask, att):
-    """The positions that count in a left-padded batch: (B, W) mask and attention -> (B, W - 1)
-    bool, True where column c's logits predict a counted token c + 1 *and* column c is a real
-    token. Without the second condition the pad column left of a row whose first token counts
-    (plain text, an answer that fills --max-length) would be trained to predict that token."""
-    return mask[:, 1:].bool() & att[:, :-1].bool()
 
 
 @contextmanager
@@ -713,10 +546,7 @@ class Run:
     held: list[Encoded]
     total: int               # optimizer steps
     checkpointing: bool      # activation checkpointing on the student
-    teacher: object = None   # the teacher: online (frozen model), offline (top-k file) or served
-    cache: object = None
-    served: ServedTeacher | None = None
-    text: object = None      # the text path (--cross-tokenizer): teacher.LocalTeacher / CacheTeacher
+    teacher: object = None   # slmkit.teacher's interface: a model, a top-k file or a server
     layer_map: tuple | None = None  # --hidden-kd: `layer_pairs` (pairs, kept teacher channels)
     step: int = 0
     tokens: int = 0
@@ -769,6 +599,7 @@ def setup(cfg: DistillConfig) -> Run | None:
     from accelerate.utils import set_seed
 
     from slmkit import models, sharding
+    from slmkit import teacher as teachers
     from slmkit.tasks import get_task
 
     out = Path(cfg.out)
@@ -793,32 +624,11 @@ def setup(cfg: DistillConfig) -> Run | None:
                                            trust_remote_code=cfg.trust_remote_code)
     student.train()
     student.config.use_cache = False
-    teacher = served = text = None
-    student_size = student.get_output_embeddings().weight.shape[0]
-    if is_served(cfg.teacher) and cfg.alpha_ce < 1:
-        served = ServedTeacher(cfg.teacher, tokenizer, cfg.top_k, vocab_size=student_size)
-    elif cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
-        teacher, t_tok = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
-                                           device=device, trust_remote_code=cfg.trust_remote_code)
-        if text_path:
-            from slmkit.teacher import LocalTeacher
-
-            text = LocalTeacher(teacher, t_tok, tokenizer, student_size, device)
-        else:
-            check_vocab(student, tokenizer, teacher, t_tok, cfg)
-        teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
-    cache = None
-    if cfg.teacher_cache and text_path:
-        from slmkit.teacher import CacheTeacher
-
-        text = CacheTeacher(cfg.teacher_cache, tokenizer)
-    elif cfg.teacher_cache:
-        from slmkit import topk_cache
-
-        cache = topk_cache.open_v1(cfg.teacher_cache, vocab_hash(tokenizer), cfg.data, cfg)
+    teacher = teachers.load(cfg, text_path, student, tokenizer, device)
     layer_map = None
-    if cfg.hidden_kd > 0:
-        pairs, channels = layer_pairs(models.resolve(cfg.student), student.config, teacher.config)
+    if cfg.hidden_kd > 0:  # only a ModelTeacher gets here (use_text_path, DistillConfig)
+        pairs, channels = layer_pairs(models.resolve(cfg.student), student.config,
+                                      teacher.model.config)
         layer_map = pairs, None if channels is None else torch.tensor(channels, device=device)
 
     # data
@@ -826,18 +636,9 @@ def setup(cfg: DistillConfig) -> Run | None:
     if cfg.pack:
         train = pack(train, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
-    if served is not None:
-        served.keep = {tuple(e.ids) for e in held}
-    if text is not None:
-        from slmkit import align
-        from slmkit.teacher import student_spans
-
-        vocab = align.token_bytes(tokenizer)
-        for part, ex in ((train, train_ex), (held, eval_ex)):
-            examples = [e for _, e in ex]
-            student_spans(part, examples, tokenizer, vocab)
-            if teacher is not None:
-                text.encode(part, examples, cfg.max_length)
+    if teacher is not None:
+        for part, ex, is_held in ((train, train_ex, False), (held, eval_ex, True)):
+            teacher.prepare(part, [e for _, e in ex], tokenizer, is_held)
     global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     if len(train) < global_batch:
         raise UsageError(f"{cfg.data}: {len(train)} training examples, fewer than one global batch "
@@ -878,8 +679,7 @@ def setup(cfg: DistillConfig) -> Run | None:
     else:
         model, optimizer = acc.prepare(student, optimizer)
     run = Run(cfg, acc, fp, out, work, model, tokenizer, optimizer, scheduler, train, held, total,
-              checkpointing, teacher=teacher, cache=cache, served=served, text=text,
-              layer_map=layer_map)
+              checkpointing, teacher=teacher, layer_map=layer_map)
     restore(run, state, ckpt)
     return run
 
@@ -1046,9 +846,8 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
                  states: bool = False) -> Sums:
     """The summed losses of one micro-batch: KD and CE over the answer tokens, with `prompt` KD
     over the prompt tokens, with `states` the hidden-state distance of --hidden-kd."""
-    import torch
-
-    from slmkit import losses, topk_cache
+    from slmkit import losses
+    from slmkit import teacher as teachers
 
     cfg, device = run.cfg, run.device
     ids, att, mask, pos = (t.to(device) for t in collate(items, run.tokenizer.pad_token_id))
@@ -1058,66 +857,26 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
     with final_hidden(run.student) as lm_head, run.autocast():
         hidden, labels, wmask, s_states = logits_window(run.model if with_grad else run.student,
                                                         ids, att, window, pos, states)
-    t_hidden = topk = t_head = vocab_map = kd_mask = None
     answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
-    if run.text is not None and cfg.alpha_ce < 1:
-        if run.teacher is not None:
-            t_hidden, t_head, kd_mask = aligned_teacher(run, items, answer, device)
-            vocab_map = run.text.table
-        else:
-            topk = run.text.rows(items, device)
-    elif run.teacher is not None and cfg.alpha_ce < 1:
-        with final_hidden(run.teacher) as t_lm_head, run.autocast(), torch.no_grad():
-            t_hidden, _, _, t_states = logits_window(run.teacher, ids, att, window, pos, states)
-        t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
-    if run.cache is not None and cfg.alpha_ce < 1:
-        topk = topk_cache.v1_rows(run.cache, items, device)
-    elif run.served is not None:
-        topk = run.served.topk(items, device)
+    teacher = teachers.KDInputs({}) if run.teacher is None else run.teacher.inputs(
+        run, items, teachers.Batch(ids, att, window, pos, answer, states))
     kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
-              head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
+              head=projector(lm_head, device, cfg.bf16), **teacher.loss)
     weights = collate_weights(items)  # held-out items have none: eval CE stays a plain mean
     if weights is not None:  # column c predicts token c + 1, as `predicted` aligns the mask
         weights = weights[:, 1:][:, -labels.shape[1]:].to(device)
-    kd, ce, n = losses.loss_sums(hidden, labels, answer, teacher_logits=t_hidden,
-                                 teacher_topk=topk, weights=weights, vocab_map=vocab_map,
-                                 kd_mask=kd_mask, **kw)
+    kd, ce, n = losses.loss_sums(hidden, labels, answer, weights=weights, **kw)
     prompt_kd = kd.new_zeros(())
-    if prompt:
-        prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,
-                                           teacher_logits=t_hidden, **kw)
+    if prompt:  # a ModelTeacher's logits cover the whole window
+        prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer, **kw)
     hidden_kd = kd.new_zeros(())
     if states:  # states[0] is the embeddings: layer j's output is states[j + 1]
         pairs, channels = run.layer_map
         mine = [s_states[j + 1] for j, _ in pairs]
+        t_states = teacher.states
         theirs = [t_states[t + 1] if channels is None else t_states[t + 1][..., channels] for _, t in pairs]
         hidden_kd = losses.hidden_distance(mine, theirs, att.bool())
     return Sums(kd, ce, n, prompt_kd, hidden_kd)
-
-
-def aligned_teacher(run: Run, items: list[Encoded], answer, device):
-    """The text path's local teacher on a micro-batch: it reads its own encodings of the items;
-    its final hidden states at the predictions paired with the student's counted positions
-    (align.prediction_pairs) are placed at those positions. Returns (hidden (B, K, H) aligned
-    with the student's window, its head, kd_mask (B, K) bool: the positions with a pair)."""
-    import torch
-
-    t_items = [e.teacher for e in items]
-    ids, att, mask, pos = (t.to(device) for t in collate(t_items, run.text.tokenizer.pad_token_id))
-    with final_hidden(run.teacher) as t_lm_head, run.autocast(), torch.no_grad():
-        t_hidden, _, t_mask, _ = logits_window(run.teacher, ids, att, mask, pos)
-        rows = t_hidden[t_mask]  # (M_t, H): each item's counted predictions, in order
-    index, start = [], 0
-    for e in items:
-        index += [start + a if a >= 0 else -1 for a in e.align]
-        start += e.teacher.targets
-    index = torch.tensor(index, dtype=torch.long, device=device)
-    ok = index >= 0
-    aligned = rows.new_zeros(*answer.shape, rows.shape[-1])
-    aligned[answer] = rows[index.clamp(min=0)]
-    kd_mask = torch.zeros_like(answer)
-    kd_mask[answer] = ok
-    return aligned, projector(t_lm_head, device, run.cfg.bf16, grad=False), kd_mask
 
 
 def evaluate_held(run: Run) -> dict:
@@ -1134,7 +893,7 @@ def evaluate_held(run: Run) -> dict:
     if not n:
         return {}
     res = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_tokens": int(n)}
-    if run.teacher is not None or run.cache is not None or run.served is not None or run.text is not None:
+    if run.teacher is not None:
         res["eval_kd"] = kd / n
     return res
 

@@ -817,44 +817,57 @@ def write_topk_cache(out: Path, task_arg, tokenizer, teacher: str) -> dict:
         if writer is None:
             writer = topk_cache.Writer(k, teacher, "generate", vocab,
                                        [tokenizer.eos_token_id] if tokenizer is not None else ())
+            hidden = set(tokenizer.all_special_ids) if tokenizer is not None else set()
         by_id = vocab is not None and rec.get("token_ids") is not None
-        if by_id:
-            tokens, alts = rec["token_ids"], rec["ids"]
-            hidden = set(tokenizer.all_special_ids)  # a decoded answer leaves them out
-            pieces = [b"" if i in hidden else vocab[i] or b"" for i in tokens]
-        else:
-            pieces = [t.encode() for t in rec["tokens"]]
-            tokens = [writer.intern(p) for p in pieces]
-            alts = [[writer.intern(t.encode()) for t in ts] for ts in rec["texts"]]
         example = to_example(row, f"{out}:{n}", task, need_answer=True)
-        answer = align.aligned_text(example).encode()
-        # token boundaries in the completion's text as decoded (bytes that are no valid UTF-8,
-        # e.g. a character cut at max_new_tokens, read as U+FFFD like the answer's text)
-        ends, raw = [], b""
-        for piece in pieces:
-            raw += piece
-            ends.append(len(raw.decode(errors="replace").encode()))
-        text = raw.decode(errors="replace").encode()
-        shift = text.find(answer) if answer else -1
+        answer = align.aligned_text(example)
         total += 1
-        keep, spans, pos = [], [], 0
-        for u, end in enumerate(ends):
-            a, b = max(pos - shift, 0), min(end - shift, len(answer))
-            pos = max(pos, end)
-            if shift >= 0 and a < b:
-                keep.append(u)
-                spans.append((a, b))
+        if by_id:
+            tokens, alts, lps = rec["token_ids"], rec["ids"], rec["logprobs"]
+            spans = byte_spans([b"" if i in hidden else vocab[i] or b"" for i in tokens], answer)
+        else:  # an HTTP teacher: tokens by their text; a piece of a character reads U+FFFD
+            tokens = [writer.intern(t.encode()) for t in rec["tokens"]]
+            alts = [[writer.intern(t.encode()) for t in ts] for ts in rec["texts"]]
+            lps = [[v if "\ufffd" not in t else float("-inf") for t, v in zip(ts, vs)]
+                   for ts, vs in zip(rec["texts"], rec["logprobs"])]
+            spans = align.text_spans(rec["tokens"], answer)
+            if spans is not None:  # only a run's first piece is predicted from known text
+                for u in range(1, len(spans)):
+                    if "\ufffd" in rec["tokens"][u] and "\ufffd" in rec["tokens"][u - 1]:
+                        lps[u] = [float("-inf")] * len(lps[u])
+        # the tokens inside the answer (an HTTP run's empty pieces too: they hold its place)
+        size = len(answer.encode())
+        keep = [u for u, (a, b) in enumerate(spans or []) if a < b or (not by_id and 0 < a < size)]
         aligned += bool(keep)
         rows_ids = [[max(j, 0) for j in alts[u]] for u in keep]
-        rows_lp = [[v if j >= 0 else float("-inf") for j, v in zip(alts[u], rec["logprobs"][u])]
-                   for u in keep]
-        writer.add(align.text_key(example), [tokens[u] for u in keep], spans,
+        rows_lp = [[v if j >= 0 else float("-inf") for j, v in zip(alts[u], lps[u])] for u in keep]
+        writer.add(align.text_key(example), [tokens[u] for u in keep], [spans[u] for u in keep],
                    rows_ids or [[]], rows_lp or [[]])
     if writer is None or not len(writer):
         return {"topk_cache": None, "topk_aligned": 0, "topk_lines": 0}
     dest = side_path(out, "topk").with_suffix(".safetensors")
     writer.save(dest)
     return {"topk_cache": str(dest), "topk_aligned": aligned, "topk_lines": total}
+
+
+def byte_spans(pieces: list[bytes], answer: str) -> list[tuple[int, int]] | None:
+    """Byte spans in `answer` of generated tokens of these bytes (a special token: b"", as the
+    decoded answer leaves it out), or None where they do not spell it. The answer is the
+    completion's text, stripped; bytes that are no valid UTF-8 (a character cut at
+    max_new_tokens, a random model's) read as U+FFFD there, as they do in the answer."""
+    ends, raw = [], b""
+    for piece in pieces:
+        raw += piece
+        ends.append(len(raw.decode(errors="replace").encode()))
+    target = answer.encode()
+    shift = raw.decode(errors="replace").encode().find(target) if target else -1
+    if shift < 0:
+        return None
+    out, pos = [], 0
+    for end in ends:
+        out.append((min(max(pos - shift, 0), len(target)), min(max(end - shift, 0), len(target))))
+        pos = max(pos, end)
+    return out
 
 
 # --------------------------------------------------------------------------- CLI

@@ -40,6 +40,16 @@ class ServedTeacher:
         self.keep: set[tuple[int, ...]] = set()  # sequences whose rows stay (the held-out ones)
         self.checked = False  # the server's tokenizer, compared once
 
+    def prepare(self, items, examples, tokenizer, held: bool) -> None:
+        if held:
+            self.keep |= {tuple(e.ids) for e in items}
+
+    def inputs(self, run, items, batch):
+        """slmkit.teacher's interface: the rows of `items` as losses.loss_sums takes them."""
+        from slmkit.teacher import KDInputs
+
+        return KDInputs({"teacher_topk": self.topk(items, run.device)})
+
     def topk(self, items, device):
         """Like topk_cache.v1_rows: the top-k rows of every counted position of `items` (and
         of each example of a packed row), in batch order: ((M, k) float32, (M, k) long)."""
