@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CORPUS, make_sp_tokenizer, make_tiny_model, make_tiny_model_with
+from conftest import CORPUS, make_sp_tokenizer, make_tiny_model, make_tiny_model_with, path_tol
 from slmkit import models
 from slmkit.distill import DistillConfig, cache_teacher, distill
 from slmkit.errors import UsageError
@@ -183,7 +183,7 @@ def test_a_served_id_beyond_the_students_vocabulary_is_one_line(pair):
     ids = tok("hello world").input_ids
     reply = {"choices": [{"prompt_logprobs": [None] + [
         {str(len(tok) + 5): {"logprob": -0.1, "rank": 1, "decoded_token": "zz"}} for _ in ids[1:]]}]}
-    with pytest.raises(UsageError, match="outside the student's vocabulary"):
+    with pytest.raises(UsageError, match="outside the vocabulary of .*--teacher-tokenizer"):
         st.parse(reply, ids)
 
 
@@ -241,3 +241,39 @@ def test_served_rows_are_dropped_after_their_batch_but_the_held_out_ones(pair, m
         st.topk(held, "cpu")
     assert list(st.rows) == [(7, 8, 9)]  # only the held-out rows stay
     assert len(asked) == 5  # the training rows asked again each epoch, the held-out ones once
+
+
+def test_a_served_teacher_of_another_tokenizer_equals_the_local_one(pair, tmp_path):
+    # `slm serve` of the byte-level teacher, the student of the SentencePiece-style tokenizer:
+    # encoded here with --teacher-tokenizer, scored by the server (prompt_logprobs by id), the
+    # top-k rows mapped. Against a local cache of the same top-k: the same KD (float16 storage)
+    from slmkit.serve import start_server
+
+    root, paths, _ = pair
+    cache = cache_teacher(_cfg(pair, "unused"), tmp_path / "k8.safetensors", k=8)
+    kw = dict(lr=0.0, max_steps=2, eval_every=2)
+    offline = _metrics(distill(_cfg(pair, "srv-offline", teacher=None, teacher_cache=str(cache), **kw)))
+    with start_server([str(paths["teacher"])], names=["teacher"]) as server:
+        served = _metrics(distill(_cfg(pair, "srv-served", teacher=f"openai:teacher@{server.url}",
+                                       teacher_tokenizer=str(paths["teacher"]), top_k=8, **kw)))
+        trained = distill(_cfg(pair, "srv-trained", teacher=f"openai:teacher@{server.url}",
+                               teacher_tokenizer=str(paths["teacher"])))
+    assert [r["step"] for r in offline] == [r["step"] for r in served] == [0, 1, 2]
+    for x, y in zip(offline, served):
+        for key in ("kd", "eval_kd"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=path_tol(5e-3)), (x["step"], key)
+    evals = _evals(trained)
+    assert evals[-1] < evals[0], evals
+
+
+def test_a_served_teacher_of_another_tokenizer_without_its_tokenizer_is_one_line(pair, cli):
+    from slmkit.serve import start_server
+
+    root, paths, data = pair
+    with start_server([str(paths["teacher"])], names=["teacher"]) as server:
+        code, _, err = cli("distill", "--student", paths["sp_student"], "--teacher",
+                           f"openai:teacher@{server.url}", "--data", data, "--out", root / "srv-bad",
+                           "--max-steps", 1, "--device", "cpu")
+    assert code == 2 and "--teacher-tokenizer" in err and server.url in err, err
+    assert "Traceback" not in err and not (root / "srv-bad").exists()

@@ -8,6 +8,8 @@
     slm distill ... --resume                          # insist on continuing OUT.work/checkpoint
     slm distill --student pruned/ --teacher openai:teacher@http://HOST:8000 ...   # served teacher
     slm distill --student gemma-3-270m --teacher qwen2.5-coder-0.5b-instruct ...  # any two families
+    slm distill --student default --teacher openai:qwen@http://HOST:8000 \
+        --teacher-tokenizer qwen2.5-coder-0.5b-instruct ...     # served, another tokenizer
     accelerate launch --multi_gpu --num_processes 2 -m slmkit distill ... [--fsdp]  # DDP / FSDP2
 
 Loss = (1 - alpha_ce) * KD + alpha_ce * CE, means over answer tokens (prompt and padding masked;
@@ -141,6 +143,11 @@ class DistillConfig:
                                "and what a served teacher is asked for (default 32; 20 for a served "
                                "teacher, the most vLLM and slm serve return by default)",
                                check=AT_LEAST_1)
+    teacher_tokenizer: str | None = option(None, "MODEL with the tokenizer (and chat template) of a "
+                                           "served teacher (openai:...) of another tokenizer than "
+                                           "the student: the examples are encoded with it, scored "
+                                           "by the server and aligned (--cross-tokenizer)",
+                                           wired=True)
     cross_tokenizer: str = option("auto", "align teacher and student on the text (each reads its "
                                   "prompt in its own chat template; the answer's tokens are grouped "
                                   "by byte offsets and the teacher's distributions mapped onto the "
@@ -213,6 +220,9 @@ class DistillConfig:
         if is_served(self.teacher) and (self.prompt_kd > 0 or self.on_policy > 0 or self.temperature != 1):
             raise UsageError("a served teacher (openai:...) gives top-k log-probs at temperature 1 "
                              "on the data's answers: drop --prompt-kd, --on-policy and --temperature")
+        if self.teacher_tokenizer and not is_served(self.teacher):
+            raise UsageError("--teacher-tokenizer names a served teacher's tokenizer: it needs "
+                             "--teacher openai:NAME@URL (a local teacher brings its own)")
         if self.teacher_cache and self.temperature != 1:
             raise UsageError("--teacher-cache holds log-probs at temperature 1; drop --temperature "
                              "or use an online --teacher")
@@ -241,6 +251,11 @@ def use_text_path(cfg: DistillConfig) -> bool:
     the flag. What the text path does not do is refused here, in one line."""
     from slmkit import models, topk_cache
 
+    def differ(teacher: str) -> bool:  # the tokenizers alone load: seconds, not minutes
+        s_tok, t_tok = (models.load_tokenizer(models.resolve(m, cfg.trust_remote_code),
+                                              cfg.trust_remote_code) for m in (cfg.student, teacher))
+        return vocab_hash(s_tok) != vocab_hash(t_tok)
+
     if cfg.alpha_ce >= 1 and cfg.on_policy == 0:
         return False  # no teacher distributions are read
     if cfg.teacher_cache:
@@ -253,18 +268,16 @@ def use_text_path(cfg: DistillConfig) -> bool:
         if not on and cfg.cross_tokenizer == "on":
             topk_cache.Reader(cfg.teacher_cache)  # refuses a v1 file, saying how to rewrite it
     elif is_served(cfg.teacher):
-        if cfg.cross_tokenizer == "on":
-            raise UsageError("--cross-tokenizer on with a served teacher: have it write the data "
-                             "with its top-k (`slm generate --teacher openai:... --topk-logprobs 20`, "
-                             "recipes/api-teacher.yaml) and distil from that cache; a served teacher "
-                             "asked for prompt log-probs must share the student's tokenizer")
-        return False
-    elif cfg.cross_tokenizer == "auto":
-        s_tok = models.load_tokenizer(models.resolve(cfg.student, cfg.trust_remote_code), cfg.trust_remote_code)
-        t_tok = models.load_tokenizer(models.resolve(cfg.teacher, cfg.trust_remote_code), cfg.trust_remote_code)
-        on = vocab_hash(s_tok) != vocab_hash(t_tok)
+        if not cfg.teacher_tokenizer:
+            if cfg.cross_tokenizer == "on":
+                raise UsageError("--cross-tokenizer on with a served teacher needs --teacher-tokenizer "
+                                 "MODEL (a local model with the served model's tokenizer), or have "
+                                 "the teacher write the data with its top-k (`slm generate "
+                                 "--topk-logprobs 20`, recipes/api-teacher.yaml)")
+            return False
+        on = differ(cfg.teacher_tokenizer) if cfg.cross_tokenizer == "auto" else cfg.cross_tokenizer == "on"
     else:
-        on = cfg.cross_tokenizer == "on"
+        on = differ(cfg.teacher) if cfg.cross_tokenizer == "auto" else cfg.cross_tokenizer == "on"
     if on:
         for flag, used in (("--on-policy", cfg.on_policy > 0), ("--hidden-kd", cfg.hidden_kd > 0),
                            ("--prompt-kd", cfg.prompt_kd > 0), ("--pack", cfg.pack)):
@@ -363,7 +376,7 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
                     "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze", "hidden_kd",
-                    "cross_tokenizer")
+                    "cross_tokenizer", "teacher_tokenizer")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:

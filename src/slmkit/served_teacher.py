@@ -50,25 +50,30 @@ class ServedTeacher:
 
         return KDInputs({"teacher_topk": self.topk(items, run.device)})
 
+    def fetch(self, sequences) -> list[tuple]:
+        """The rows of each sequence of token ids ((T - 1, k) log-probs, (T - 1, k) ids; row
+        t - 1 predicts token t), asked for `concurrency` at a time; only the `keep` ones stay."""
+        todo = list({tuple(s) for s in sequences} - set(self.rows))
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(self.backend.concurrency, len(todo))) as pool:
+                for ids, rows in zip(todo, pool.map(self._ask, todo)):
+                    self.rows[ids] = rows
+        out = [self.rows[tuple(s)] for s in sequences]
+        for key in [key for key in self.rows if key not in self.keep]:
+            del self.rows[key]
+        return out
+
     def topk(self, items, device):
         """Like topk_cache.v1_rows: the top-k rows of every counted position of `items` (and
         of each example of a packed row), in batch order: ((M, k) float32, (M, k) long)."""
         import torch
 
         examples = [part for item in items for part in item.segments]
-        todo = list({tuple(e.ids) for e in examples} - set(self.rows))
-        if todo:
-            with ThreadPoolExecutor(max_workers=min(self.backend.concurrency, len(todo))) as pool:
-                for ids, rows in zip(todo, pool.map(self._ask, todo)):
-                    self.rows[ids] = rows
         lps, idss = [], []
-        for e in examples:
-            lp, ids = self.rows[tuple(e.ids)]
+        for e, (lp, ids) in zip(examples, self.fetch([e.ids for e in examples])):
             counted = torch.tensor(e.mask[1:], dtype=torch.bool)  # row t - 1 predicts token t
             lps.append(lp[counted])
             idss.append(ids[counted])
-        for key in [key for key in self.rows if key not in self.keep]:
-            del self.rows[key]
         return torch.cat(lps).to(device), torch.cat(idss).to(device)
 
     def _ask(self, ids: tuple[int, ...]):
@@ -80,7 +85,9 @@ class ServedTeacher:
             reply = self.backend._post("/completions", body, None)
         except _BadRequest as e:
             raise UsageError(f"teacher {self.url} refused to score a sequence ({e}); it must "
-                             "support vLLM's prompt_logprobs (vLLM, slm serve)") from None
+                             "support vLLM's prompt_logprobs (vLLM, slm serve) and read the "
+                             "token ids of the local tokenizer (a teacher of another tokenizer: "
+                             "name it with --teacher-tokenizer MODEL)") from None
         return self.parse(reply, ids)
 
     def parse(self, reply: dict, ids) -> tuple:
@@ -110,10 +117,10 @@ class ServedTeacher:
             beyond = [i for _, i in entries[:self.k] if not 0 <= i < self.vocab_size]
             if beyond:
                 raise UsageError(f"teacher {self.url} returned token id {beyond[0]}, outside the "
-                                 f"student's vocabulary of {self.vocab_size}: it serves another "
-                                 "tokenizer. Have it write the data with its top-k instead "
-                                 "(`slm generate --topk-logprobs 20`, recipes/api-teacher.yaml) and "
-                                 "distil from that cache, which is aligned across tokenizers")
+                                 f"vocabulary of {self.vocab_size}: it serves another tokenizer. "
+                                 "Name it with --teacher-tokenizer MODEL (the text path aligns "
+                                 "the two), or have it write the data with its top-k (`slm generate "
+                                 "--topk-logprobs 20`, recipes/api-teacher.yaml)")
             lp[t - 1] = torch.tensor([v for v, _ in entries[:self.k]])
             top[t - 1] = torch.tensor([i for _, i in entries[:self.k]])
         self.checked = True
@@ -123,6 +130,7 @@ class ServedTeacher:
         """The server reports each prompt token with its text: it must be ours for that id."""
         text = (own or {}).get("decoded_token")
         if text is not None and text != self.tokenizer.decode([token]):
-            raise UsageError(f"teacher {self.url} reads token {token} as {text!r}, the student's "
+            raise UsageError(f"teacher {self.url} reads token {token} as {text!r}, the local "
                              f"tokenizer as {self.tokenizer.decode([token])!r}: it serves another "
-                             "tokenizer, and logit distillation needs the same one")
+                             "tokenizer; name it with --teacher-tokenizer MODEL (a local model with "
+                             "the served model's tokenizer)")

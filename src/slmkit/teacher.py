@@ -7,8 +7,10 @@ teacher's side of one micro-batch (`inputs`), and `prepare` readies the examples
                                                         at the paired positions, mapped
     a file       V1CacheTeacher: rows by student id     CacheTeacher: text-keyed top-k rows
                  (`slmkit-topk-v1`, read only)          (`slmkit-topk-v2`), mapped
-    a server     served_teacher.ServedTeacher: vLLM's prompt_logprobs by token id (a teacher of
-                 another family writes its top-k while it writes the data: `slm generate`)
+    a server     served_teacher.ServedTeacher:      ServedTextTeacher: the same requests, the
+                 vLLM's prompt_logprobs by token id     examples encoded here with the teacher's
+                                                        tokenizer (--teacher-tokenizer), mapped
+    (a teacher of another family can also write its top-k while it writes the data: `slm generate`)
 
 The text path (slmkit.align): both models read the same answer text after their own prompts;
 each student prediction made after the same text as a teacher prediction is paired with it, and
@@ -48,6 +50,10 @@ def load(cfg, text_path: bool, student, tokenizer, device):
             V1CacheTeacher(cfg.teacher_cache, tokenizer, cfg)
     if not cfg.teacher or cfg.alpha_ce >= 1:
         return None
+    if is_served(cfg.teacher) and text_path:
+        t_tok = models.load_tokenizer(models.resolve(cfg.teacher_tokenizer, cfg.trust_remote_code),
+                                      cfg.trust_remote_code)
+        return ServedTextTeacher(cfg.teacher, t_tok, tokenizer, cfg.top_k, cfg.max_length)
     if is_served(cfg.teacher):
         return ServedTeacher(cfg.teacher, tokenizer, cfg.top_k, vocab_size=size)
     from slmkit.distill import check_vocab, teacher_dtype
@@ -59,6 +65,21 @@ def load(cfg, text_path: bool, student, tokenizer, device):
         return TextModelTeacher(model, t_tok, tokenizer, size, device, cfg.max_length)
     check_vocab(student, tokenizer, model, t_tok, cfg)
     return ModelTeacher(model)
+
+
+def pair_up(items, examples, tokenizer, t_tok, t_vocab, max_length: int) -> None:
+    """Each student item gets its spans, `.teacher` (the teacher's encoding of the same example,
+    its prompt in the teacher's template) and `.align` (align.prediction_pairs)."""
+    from slmkit.batching import Encoded
+    from slmkit.data import encode
+
+    student_spans(items, examples, tokenizer, align.token_bytes(tokenizer))
+    for e, ex in zip(items, examples):
+        ids, mask = encode(ex, t_tok, max_length=max_length)
+        t = Encoded(ids, mask, e.key, e.where)
+        t.spans = align.position_spans(ex, t_tok, ids, mask, t_vocab)
+        e.teacher = t
+        e.align = align.prediction_pairs(e.spans, t.spans)
 
 
 def student_spans(items, examples, tokenizer, vocab) -> None:
@@ -122,18 +143,7 @@ class TextModelTeacher:
         self.table = losses.VocabTable(table[:size], student_size, device)
 
     def prepare(self, items, examples, tokenizer, held: bool) -> None:
-        """Each student item gets its spans, `.teacher` (the teacher's encoding of the same
-        example, its prompt in the teacher's template) and `.align` (align.prediction_pairs)."""
-        from slmkit.batching import Encoded
-        from slmkit.data import encode
-
-        student_spans(items, examples, tokenizer, align.token_bytes(tokenizer))
-        for e, ex in zip(items, examples):
-            ids, mask = encode(ex, self.tokenizer, max_length=self.max_length)
-            t = Encoded(ids, mask, e.key, e.where)
-            t.spans = align.position_spans(ex, self.tokenizer, ids, mask, self.vocab)
-            e.teacher = t
-            e.align = align.prediction_pairs(e.spans, t.spans)
+        pair_up(items, examples, tokenizer, self.tokenizer, self.vocab, self.max_length)
 
     def inputs(self, run, items, b: Batch) -> KDInputs:
         """The teacher reads its own encodings of the items; its final hidden states at the
@@ -206,3 +216,41 @@ class CacheTeacher:
             lps.append(mapped_lp)
             idss.append(mapped_ids)
         return torch.cat(lps).to(device), torch.cat(idss).to(device)
+
+
+class ServedTextTeacher:
+    """A served teacher of another tokenizer, named locally by --teacher-tokenizer: each example
+    is encoded here in the teacher's own template, scored by the server (prompt_logprobs by
+    token id, as served_teacher.ServedTeacher asks: vLLM, slm serve), and its top-k rows at the
+    paired positions are mapped like a cache's. Rows are streamed, the held-out ones kept."""
+
+    def __init__(self, spec: str, tokenizer, student_tokenizer, k: int, max_length: int):
+        import torch
+
+        from slmkit.served_teacher import ServedTeacher
+
+        self.server = ServedTeacher(spec, tokenizer, k, vocab_size=len(tokenizer))
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.vocab = align.token_bytes(tokenizer)
+        table = align.VocabMap(student_tokenizer).table(self.vocab, [tokenizer.eos_token_id])
+        self.table = torch.tensor(table, dtype=torch.long)
+
+    def prepare(self, items, examples, tokenizer, held: bool) -> None:
+        pair_up(items, examples, tokenizer, self.tokenizer, self.vocab, self.max_length)
+        if held:
+            self.server.keep |= {tuple(e.teacher.ids) for e in items}
+
+    def inputs(self, run, items, b: Batch) -> KDInputs:
+        import torch
+
+        lps, idss = [], []
+        for e, (lp, ids) in zip(items, self.server.fetch([e.teacher.ids for e in items])):
+            t = e.teacher
+            rows = [i - 1 for i in range(1, len(t.spans)) if t.spans[i] is not None]
+            pick = torch.tensor([rows[a] if a >= 0 else -1 for a in e.align], dtype=torch.long)
+            row_lp = lp[pick.clamp(min=0)].clone()
+            row_lp[pick < 0] = float("-inf")
+            mapped = align.map_rows(row_lp, ids[pick.clamp(min=0)], self.table)
+            lps.append(mapped[0])
+            idss.append(mapped[1])
+        return KDInputs({"teacher_topk": (torch.cat(lps).to(run.device), torch.cat(idss).to(run.device))})
