@@ -121,6 +121,8 @@ def mapped_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_
     every other token, both floored at TAIL_FLOOR. Where one teacher token alone maps to a student
     token its log-prob is used as is, so an identity map gives dense_kd exactly."""
     t, m = temperature, vocab_map
+    if m.identity:  # a same-tokenizer pair on the text path: nothing to move
+        return dense_kd(student_logits, teacher_logits, kind, beta, temperature)
     logq = F.log_softmax(student_logits.float() / t, dim=-1)
     logp_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     mass = logp_t.new_zeros(logp_t.shape[0], m.student_size).index_add_(
@@ -147,6 +149,7 @@ class VocabTable:
         table = torch.as_tensor(table, dtype=torch.long)
         ok = table >= 0
         self.student_size = student_size
+        self.identity = len(table) == student_size and bool((table == torch.arange(len(table))).all())
         self.mapped = ok.nonzero().squeeze(1)
         self.target = table[self.mapped]
         self.unmapped = (~ok).nonzero().squeeze(1)
