@@ -277,3 +277,33 @@ def test_a_served_teacher_of_another_tokenizer_without_its_tokenizer_is_one_line
                            "--max-steps", 1, "--device", "cpu")
     assert code == 2 and "--teacher-tokenizer" in err and server.url in err, err
     assert "Traceback" not in err and not (root / "srv-bad").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_across_tokenizers_match_one(pair, monkeypatch):
+    """DDP over gloo with the text path: the same global batch (1 x 4 vs 2 x 2) gives the same
+    loss curve; a crash of the launch fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate launcher not installed")
+    monkeypatch.setenv("SLMKIT_AUTOCAST", "off")
+    root, paths, data = pair
+    one = distill(_cfg(pair, "xt-one", max_steps=4, eval_every=4))
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           "-m", "slmkit", "distill", "--student", str(paths["sp_student"]), "--teacher",
+           str(paths["teacher"]), "--data", str(data), "--out", str(root / "xt-two"),
+           "--max-steps", "4", "--batch-size", "2", "--lr", "3e-3", "--eval-every", "4",
+           "--device", "cpu"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SLMKIT_AUTOCAST": "off",
+                        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    curve1 = [m["loss"] for m in _metrics(one) if "loss" in m]
+    curve2 = [m["loss"] for m in _metrics(root / "xt-two") if "loss" in m]
+    assert len(curve1) == len(curve2) == 4
+    assert curve2 == pytest.approx(curve1, rel=1e-5)
