@@ -146,8 +146,7 @@ class DistillConfig:
     teacher_tokenizer: str | None = option(None, "MODEL with the tokenizer (and chat template) of a "
                                            "served teacher (openai:...) of another tokenizer than "
                                            "the student: the examples are encoded with it, scored "
-                                           "by the server and aligned (--cross-tokenizer)",
-                                           wired=True)
+                                           "by the server and aligned (--cross-tokenizer)")
     cross_tokenizer: str = option("auto", "align teacher and student on the text (each reads its "
                                   "prompt in its own chat template; the answer's tokens are grouped "
                                   "by byte offsets and the teacher's distributions mapped onto the "

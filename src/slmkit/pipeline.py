@@ -255,6 +255,7 @@ def stage_distill(ctx: Context, opts: dict) -> dict:
     teacher, wired = ctx.best_teacher, {}
     if is_served(teacher) and ctx.teacher_cache and Path(ctx.teacher_cache).is_file():
         teacher, wired = None, {"teacher_cache": ctx.teacher_cache}
+        opts = {k: v for k, v in opts.items() if k != "teacher_tokenizer"}  # the file aligns itself
     out = _train(ctx, opts, student=init, teacher=teacher, out=ctx.run_dir / "student", **wired)
     return {"student": out}
 
