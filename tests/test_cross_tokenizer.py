@@ -307,3 +307,20 @@ def test_two_processes_across_tokenizers_match_one(pair, monkeypatch):
     curve2 = [m["loss"] for m in _metrics(root / "xt-two") if "loss" in m]
     assert len(curve1) == len(curve2) == 4
     assert curve2 == pytest.approx(curve1, rel=1e-5)
+
+
+def test_plain_text_across_tokenizers_and_a_cache_of_other_text(pair, tmp_path, cli):
+    # {"text"} rows: the whole text is aligned (every token counts but the first); a cache made
+    # of other text names the first line it lacks before training starts
+    root, paths, _ = pair
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": CORPUS[i % 10] + " 2024 😀 " + CORPUS[(i + 3) % 10]})
+                             + "\n" for i in range(12)))
+    out = distill(_cfg(pair, "x-plain", data=str(plain), max_steps=4, eval_every=2))
+    evals = _evals(out)
+    assert evals[-1] < evals[0], evals
+    cache = cache_teacher(_cfg(pair, "unused"), tmp_path / "pairs.safetensors", k=4)
+    code, _, err = cli("distill", "--student", paths["sp_student"], "--teacher-cache", cache,
+                       "--data", plain, "--out", root / "x-other", "--device", "cpu")
+    assert code == 2 and "plain.jsonl:" in err and "not in the teacher cache" in err, err
+    assert not (root / "x-other").exists() and not (root / "x-other.work").exists()

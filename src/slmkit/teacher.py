@@ -187,7 +187,17 @@ class CacheTeacher:
         self.table = torch.tensor(table or [align.NONE], dtype=torch.long)
 
     def prepare(self, items, examples, tokenizer, held: bool) -> None:
+        """Spans and text keys; every example must be in the file (found now, not mid-run)."""
+        from slmkit.errors import UsageError
+
         student_spans(items, examples, tokenizer, align.token_bytes(tokenizer))
+        keys = set(self.reader.file.keys())
+        missing = [e for e in items if f"{e.key}.tokens" not in keys]
+        if missing:
+            raise UsageError(f"{missing[0].where}: not in the teacher cache `{self.reader.path}` "
+                             f"(nor {len(missing) - 1} more lines): its prompt or answer text differs "
+                             "from what the cache was made of; remake the cache on this data with "
+                             "--cache-teacher (or slm generate --topk-logprobs)")
 
     def inputs(self, run, items, b: Batch) -> KDInputs:
         return KDInputs({"teacher_topk": self.rows(items, run.device)})
