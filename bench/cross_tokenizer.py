@@ -4,6 +4,8 @@ the same steps, batch, learning rate and data:
 
     ce     slm distill --alpha-ce 1                       (the labels alone)
     ours   slm distill --alpha-ce A, cross-tokenizer KD   (slmkit.align, losses.mapped_kd)
+    cache  the same from a text-keyed top-32 file the teacher wrote once (--cache-teacher; its
+           time is reported apart, `cache_s`: it is paid once per data, for any student)
     gold   GOLDTrainer, ULD hybrid loss, lmbda 0 (off-policy: the same data), CE weight A
 
     python bench/cross_tokenizer.py --teacher QWEN_FOLDER --student default \\
@@ -53,7 +55,8 @@ def run_arm(args) -> dict:
     data.write_text("".join(json.dumps({"input": r["input"], "references": r["references"][:1]}) + "\n"
                             for r in train))
     out = work / args.arm
-    if args.arm in ("ce", "ours"):
+    extra = {}
+    if args.arm in ("ce", "ours", "cache"):
         from slmkit.distill import DistillConfig, distill
 
         cfg = DistillConfig(student=args.student, teacher=None if args.arm == "ce" else args.teacher,
@@ -61,6 +64,16 @@ def run_arm(args) -> dict:
                             batch_size=args.batch, lr=args.lr, eval_every=10**6, eval_max=1,
                             alpha_ce=1.0 if args.arm == "ce" else args.alpha_ce, device="cpu",
                             restart=True, seed=0)
+        if args.arm == "cache":  # the teacher once (its own process: RSS apart), then the student
+            t0 = time.perf_counter()
+            cache = work / "topk.safetensors"
+            subprocess.run([sys.executable, "-m", "slmkit", "distill", "--teacher", args.teacher,
+                            "--data", str(data), "--task", "grammar", "--top-k", "32", "--device",
+                            "cpu", "--cache-teacher", str(cache)], check=True, capture_output=True,
+                           env=os.environ | {"PYTHONPATH": str(ROOT / "src")})
+            extra["cache_s"] = round(time.perf_counter() - t0, 1)
+            cfg = DistillConfig(**{**vars(cfg), "teacher": None, "teacher_cache": str(cache),
+                                   "top_k": None})
         distill(cfg)
         seconds = json.loads((out / "training_record.json").read_text())["time_s"]  # the loop
         student, tok = models.load_model(str(out))
@@ -112,7 +125,7 @@ def run_arm(args) -> dict:
     se = (sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)) ** 0.5
     return {"arm": args.arm, "gleu": round(100 * score, 2), "gleu_se": round(100 * se, 2),
             "train_s": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-            "peak_rss_mib": round(peak)}
+            "peak_rss_mib": round(peak)} | extra
 
 
 def main() -> int:
