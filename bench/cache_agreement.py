@@ -58,13 +58,12 @@ def main() -> int:
     model, _ = models.load_model(args.teacher, device=models.pick_device(None))
     device = next(model.parameters()).device
     worst, total, agree = 1.0, 0, 0
-    for key in sorted((k[:-len(".tokens")] for k in cache if k.endswith(".tokens")),
-                      key=lambda k: int(k[1:])):
+    for key in sorted(k[:-len(".tokens")] for k in cache if k.endswith(".tokens")):
         ids = cache[f"{key}.tokens"].long()[None].to(device)
         with torch.no_grad(), precision.autocast(device):
             logits = model(ids).logits
         ref = logits[0, :-1].float().argmax(-1).cpu()
-        top1 = cache[f"{key}.ids"][:, 0].long()
+        top1 = cache[f"{key}.ids"][1:, 0].long()  # a row per token of the text: the first predicts none
         if top1.shape != ref.shape:
             print(f"{key}: {top1.shape[0]} cached positions, {ref.shape[0]} in the row")
             return 1

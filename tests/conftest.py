@@ -237,3 +237,61 @@ def path_tol(float32_tol: float) -> float:
     from slmkit import precision
 
     return REL_TOL["bf16"] if precision.autocast_dtype("cpu") is not None else float32_tol
+
+
+# --------------------------------------------------------------------------- another tokenizer
+
+def make_sp_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace `▁` for spaces, byte fallback `<0xNN>`, as
+    Llama 2 and Gemma spell their vocabularies), trained here on the same corpus to a smaller
+    vocabulary than `make_tokenizer`'s byte-level BPE: the two split most words differently."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trained = Tokenizer(models.BPE(unk_token=None))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trained.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=330, special_tokens=specials))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token=None))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model_with(tokenizer, arch: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
+    """make_tiny_model with another tokenizer (e.g. make_sp_tokenizer())."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, len(tokenizer), layers=layers)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (tokenizer.bos_token_id,
+                                                            tokenizer.eos_token_id,
+                                                            tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+            elif "norm" in name and "weight" in name:
+                p.uniform_(0.5, 1.5)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -233,12 +233,14 @@ def test_cache_rows_equal_the_teachers_unbatched_predictions(setup, plain_text, 
         with torch.no_grad(), precision.autocast("cpu"):
             logits = model(ids).logits
         ref = logits[0, :-1].float().log_softmax(-1)  # every position but the last predicts
-        top = cache[f"{key}.ids"].long()
+        # a row per token of the text (the cache is keyed by text): the first has no prediction
+        assert torch.isinf(cache[f"{key}.logprobs"][0]).all()
+        top = cache[f"{key}.ids"].long()[1:]
         assert top.shape == (ids.shape[1] - 1, 4)
         agree = (top[:, 0] == ref.argmax(-1)).float().mean().item()
         if autocast_mode == "off":
             assert agree == 1.0, key
-            torch.testing.assert_close(cache[f"{key}.logprobs"].float(), ref.gather(-1, top),
+            torch.testing.assert_close(cache[f"{key}.logprobs"][1:].float(), ref.gather(-1, top),
                                        rtol=2e-3, atol=2e-3)  # float16 storage
         else:
             assert agree >= 0.9, (key, agree)
@@ -363,9 +365,9 @@ def test_two_processes_match_one(setup, tmp_path, autocast_mode):
            "--lr", "3e-3", "--eval-every", "4", "--device", "cpu"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0 and "Traceback" not in proc.stderr[-3000:]:
-        pytest.skip(f"accelerate could not start 2 processes: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # any failure fails: a launcher or process crash leaves no Python traceback (a signal, gloo
+    # aborting), and it is as much a failure as one that does
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     two = root / f"two-{autocast_mode}"
     assert json.loads((two / "training_record.json").read_text())["processes"] == 2
     curve1 = [m["loss"] for m in _metrics(one) if "loss" in m]
@@ -659,9 +661,9 @@ def _launch_two(setup, out, *extra, port: int):
            "--lr", "3e-3", "--eval-every", "4", "--device", "cpu", *map(str, extra)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "SLMKIT_AUTOCAST": "off"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0 and "Traceback" not in proc.stderr[-3000:]:
-        pytest.skip(f"accelerate could not start 2 processes: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # any failure fails: a launcher or process crash leaves no Python traceback (a signal, gloo
+    # aborting), and it is as much a failure as one that does
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     return root / out
 
 

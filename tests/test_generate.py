@@ -79,33 +79,33 @@ def test_hf_end_to_end_with_provenance_and_topk_cache(cli, long_llama, inputs, t
         assert set(meta["scores"]) == {"reference", "judge"} and meta["scores"]["reference"] is None
     assert stats["judge"] == "P(Yes)"
 
-    # the cache is distill's offline format: it opens and lines up with distill's own encoding
-    from slmkit import models
-    from slmkit.data import encode, to_example
-    from slmkit.distill import DistillConfig, open_cache
+    # the cache is distill's offline format: keyed by each line's text, the teacher's generated
+    # tokens spelling its answer, a row of top-k per token
+    from slmkit import align, topk_cache
+    from slmkit.data import to_example
 
-    tok = models.load_tokenizer(tiny_llama)
-    cfg = DistillConfig(student=str(tiny_llama), teacher_cache=stats["topk_cache"], data=str(out),
-                        task="summarize", out=str(tmp_path / "student"))
-    cache = open_cache(stats["topk_cache"], tok, out, cfg)
-    for n, r in enumerate(rows, 1):
-        ids, mask = encode(to_example(r, "x", get_task("summarize"), need_answer=True), tok, cfg.max_length)
-        assert cache.get_tensor(f"L{n}.tokens").tolist() == ids
-        lp = cache.get_tensor(f"L{n}.logprobs")
-        assert lp.shape == (sum(mask[1:]), 4) and float(lp.float().exp().sum(-1).max()) <= 1.01
+    cache = topk_cache.Reader(stats["topk_cache"])
+    assert stats["topk_aligned"] == stats["topk_lines"] == len(rows)
+    for r in rows:
+        ex = to_example(r, "x", get_task("summarize"), need_answer=True)
+        tokens, spans, ids, lp = cache.get(align.text_key(ex), "x")
+        text = ex.answer.encode()
+        assert b"".join(text[a:b] for a, b in spans) == text
+        assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))  # they tile it
+        assert lp.shape == (len(tokens), 4) and float(lp.exp().sum(-1).max()) <= 1.01
 
 
-def test_topk_rows_follow_the_teacher_when_tokens_align(tiny_llama, tmp_path):
-    """A line whose generated tokens re-tokenise to the answer keeps the teacher's own rows."""
+def test_topk_rows_follow_the_teachers_tokens(tiny_llama, tmp_path):
+    """A line's rows are the teacher's own, one per generated token of the answer; a completion's
+    leading space (stripped from the answer) is cut from its first token's span."""
     import torch
-    from safetensors import safe_open
 
-    from slmkit import models
-    from slmkit.data import _ids
+    from slmkit import align, models, topk_cache
+    from slmkit.data import _ids, to_example
 
     tok = models.load_tokenizer(tiny_llama)
     answer = "the cat sleeps in the sun"
-    gen_ids = _ids(tok, answer)
+    gen_ids = _ids(tok, " " + answer)
     lps = [[-0.1 - 0.01 * j, -2.5, -3.0] for j in range(len(gen_ids))]
     alts = [[t, (t + 1) % len(tok), (t + 2) % len(tok)] for t in gen_ids]
     row = {"id": "x", "dialogue": DIALOGUES[2], "summary": answer,
@@ -114,12 +114,22 @@ def test_topk_rows_follow_the_teacher_when_tokens_align(tiny_llama, tmp_path):
     out = write_jsonl(tmp_path / "o.jsonl", [row])
     stats = gen.write_topk_cache(out, "summarize", tok, "t")
     assert stats["topk_aligned"] == 1
-    f = safe_open(stats["topk_cache"], framework="pt")
-    ids, lp = f.get_tensor("L1.ids"), f.get_tensor("L1.logprobs").float()
-    assert ids.shape == (len(gen_ids) + 1, 3)  # answer tokens + EOS
-    assert ids[:-1].tolist() == alts and torch.allclose(lp[:-1], torch.tensor(lps), atol=1e-2)
-    assert ids[-1, 0] == tok.eos_token_id and lp[-1, 0] == 0  # EOS: one-hot on the data's token
-    assert len(set(ids[-1].tolist())) == 3
+    cache = topk_cache.Reader(stats["topk_cache"])
+    key = align.text_key(to_example(row, "x", get_task("summarize"), need_answer=True))
+    tokens, spans, ids, lp = cache.get(key, "x")
+    assert tokens.tolist() == gen_ids and ids.tolist() == alts
+    assert torch.allclose(lp, torch.tensor(lps), atol=1e-2)
+    assert spans[0][0] == 0 and spans[-1][1] == len(answer)
+    # an HTTP teacher (no ids): the same rows, its tokens known by their text
+    http = dict(row, teacher_topk={"token_ids": None, "ids": None, "logprobs": lps,
+                                   "tokens": [tok.decode([t]) for t in gen_ids],
+                                   "texts": [[tok.decode([t]) for t in a] for a in alts]})
+    out2 = write_jsonl(tmp_path / "h.jsonl", [http])
+    stats = gen.write_topk_cache(out2, "summarize", None, "openai:t@http://x")
+    cache = topk_cache.Reader(stats["topk_cache"])
+    tokens, spans2, ids2, _ = cache.get(key, "x")
+    assert spans2 == spans and [cache.vocab[i] for i in tokens.tolist()] == [
+        tok.decode([t]).encode() for t in gen_ids]
 
 
 def test_resume_after_limit_has_no_duplicate_and_no_lost_line(cli, tiny_llama, inputs, tmp_path):

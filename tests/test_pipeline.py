@@ -503,19 +503,19 @@ def test_tuned_teacher_labels_the_unlabelled_lines_for_distill(tmp_path, tiny_ll
                              max_tokens=6, temperature=0.0)
     assert [r["summary"] for r in taught] == [c.text.strip() for c in comps]
 
-    # the top-k cache: one entry per teacher line, whose top-1 is the answer's own token
-    tok = backend.tokenizer
-    cache_path = folder / "teacher.topk.safetensors"
-    with safe_open(str(cache_path), framework="pt") as f:
-        meta = f.metadata()
-        assert meta["format"] == "slmkit-topk-v1" and meta["teacher"] == tuned
-        assert meta["data"] == file_hash(folder / "teacher.jsonl") and meta["k"] == "20"
-        assert sorted(k for k in f.keys() if k.endswith(".ids")) == sorted(f"L{n}.ids" for n in range(1, 7))
-        for n, row in enumerate(read_rows(folder / "teacher.jsonl"), 1):
-            answer = tok(row["summary"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids, lp = f.get_tensor(f"L{n}.ids"), f.get_tensor(f"L{n}.logprobs")
-            assert ids.shape == lp.shape == (len(answer), 20)
-            assert ids[:, 0].tolist() == answer and (lp[:, 0] <= 0).all()
+    # the top-k cache: one entry per teacher line, keyed by its text; greedy, the teacher's
+    # top-1 at each of its answer tokens is that token
+    from slmkit import align, topk_cache
+    from slmkit.data import to_example
+
+    cache = topk_cache.Reader(folder / "teacher.topk.safetensors")
+    assert cache.teacher == tuned and cache.k == 20
+    for row in read_rows(folder / "teacher.jsonl"):
+        example = to_example(row, "x", task, need_answer=True)
+        tokens, spans, ids, lp = cache.get(align.text_key(example), "x")
+        assert ids.shape == lp.shape == (len(tokens), 20) and len(tokens) > 0
+        assert ids[:, 0].tolist() == tokens.tolist() and (lp[:, 0] <= 0).all()
+        assert spans[-1][1] == len(row["summary"].encode())
 
     # a rerun skips every stage; new unlabelled lines relabel and retrain, tune_teacher stays
     ran = []

@@ -7,6 +7,9 @@
         --task summarize --out student/                                            # offline teacher
     slm distill ... --resume                          # insist on continuing OUT.work/checkpoint
     slm distill --student pruned/ --teacher openai:teacher@http://HOST:8000 ...   # served teacher
+    slm distill --student gemma-3-270m --teacher qwen2.5-coder-0.5b-instruct ...  # any two families
+    slm distill --student default --teacher openai:qwen@http://HOST:8000 \
+        --teacher-tokenizer qwen2.5-coder-0.5b-instruct ...     # served, another tokenizer
     accelerate launch --multi_gpu --num_processes 2 -m slmkit distill ... [--fsdp]  # DDP / FSDP2
 
 Loss = (1 - alpha_ce) * KD + alpha_ce * CE, means over answer tokens (prompt and padding masked;
@@ -30,12 +33,21 @@ The code: `setup` makes a `Run` (data, models, optimizer, resume point), `fit` i
 the Run. Memory: the loss projects hidden states to logits --chunk positions at a time
 (`final_hidden`), the student may recompute its activations (`checkpointing_pays`).
 
-Teacher cache (--cache-teacher FILE, read with --teacher-cache FILE): one safetensors file.
-For the example on data line N: `L{N}.tokens` int32 (T,) the input ids, `L{N}.ids` int32 (M, k)
-and `L{N}.logprobs` float16 (M, k), the teacher's top-k next-token ids and log-probs (tau = 1) at
-the M answer positions in order (position t predicts token t + 1). Metadata: format
-`slmkit-topk-v1`, k, tokenizer (hash of the vocabulary), data (sha256 of the file), task,
-max_length, teacher, autocast (the precision path that made it). Any writer (e.g. `slm generate`) that follows this layout works.
+Teacher cache (--cache-teacher FILE, read with --teacher-cache FILE): one safetensors file of
+the teacher's top-k log-probs, keyed by each example's text (slmkit.topk_cache, `slmkit-topk-v2`),
+so one file teaches students of any tokenizer; `slm generate --topk-logprobs` writes the same
+format while the teacher writes the data. Older `slmkit-topk-v1` files (rows by student token
+id) are still read by a student of the teacher's tokenizer.
+
+Across tokenizers (--cross-tokenizer auto|on|off; auto = on when the tokenizers differ, and for a
+v2 cache): each model reads the example's prompt in its own chat template, then the same answer
+text; slmkit.align pairs the student's and the teacher's predictions made after the same text
+(groups of tokens ending at the same byte) and maps the teacher's distribution onto the
+student's vocabulary (slmkit.teacher, losses.mapped_kd / tail_buckets). A student position with
+no teacher prediction of the same context gets CE only. For a same-tokenizer pair the text path
+gives the direct path's KD exactly. --on-policy, --hidden-kd, --prompt-kd and --pack are refused
+across tokenizers (before any model loads): they need positions or layers the text path does not
+pair.
 """
 
 from __future__ import annotations
@@ -44,7 +56,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -58,14 +69,14 @@ from slmkit import archs
 from slmkit.backends import MAX_LOGPROBS
 from slmkit.cli import (AT_LEAST_1, FRACTION, NOT_NEGATIVE, POSITIVE, Check, add_config_arguments,
                         check_options, config_from_args, option)
+from slmkit.batching import (Encoded, collate, collate_weights, edit_weights, encode_all,  # noqa: F401
+                             epoch_batches, left_pad, pack, predicted, split_rows)
 from slmkit.data import EVAL_FRACTION, EVAL_MAX
 from slmkit.errors import UsageError
 from slmkit.models import DTYPES
-from slmkit.served_teacher import ServedTeacher, is_served
+from slmkit.served_teacher import is_served
 
-CACHE_FORMAT = "slmkit-topk-v1"
-
-
+CROSS = ("auto", "on", "off")
 LOSSES = ("forward_kl", "reverse_kl", "jsd")  # = losses.KINDS; here so `--help` imports no torch
 FREEZE = ("none", "embeddings", "attention")  # each also freezes what the one before it does
 
@@ -76,8 +87,9 @@ class DistillConfig:
 
     student: str = option(None, "student MODEL: HF folder, .gguf or `default` (usually `slm prune` "
                           "output)", wired=True)
-    teacher: str | None = option(None, "teacher MODEL (same tokenizer), or `openai:NAME@URL` for one "
-                                 "served with vLLM's prompt_logprobs (vLLM, slm serve); none = CE-only "
+    teacher: str | None = option(None, "teacher MODEL (any tokenizer: see --cross-tokenizer), or "
+                                 "`openai:NAME@URL` for one of the student's tokenizer served with "
+                                 "vLLM's prompt_logprobs (vLLM, slm serve); none = CE-only "
                                  "fine-tuning (--alpha-ce 1)", wired=True)
     data: str = option(None, "training JSONL (pairs, chat messages, plain text or task fields); "
                        "lines with \"split\": \"eval\" are held out, else --eval-fraction", wired=True)
@@ -132,6 +144,16 @@ class DistillConfig:
                                "and what a served teacher is asked for (default 32; 20 for a served "
                                "teacher, the most vLLM and slm serve return by default)",
                                check=AT_LEAST_1)
+    teacher_tokenizer: str | None = option(None, "MODEL with the tokenizer (and chat template) of a "
+                                           "served teacher (openai:...) of another tokenizer than "
+                                           "the student: the examples are encoded with it, scored "
+                                           "by the server and aligned (--cross-tokenizer)")
+    cross_tokenizer: str = option("auto", "align teacher and student on the text (each reads its "
+                                  "prompt in its own chat template; the answer's tokens are grouped "
+                                  "by byte offsets and the teacher's distributions mapped onto the "
+                                  "student's vocabulary, see slmkit.align): on, off, or auto (on when "
+                                  "the tokenizers differ, and for a text-keyed --teacher-cache)",
+                                  choices=CROSS)
     on_policy: float = option(0.0, "GKD lambda: fraction of batches whose answers the student samples",
                               check=FRACTION)
     max_new_tokens: int = option(128, "longest on-policy sample", check=AT_LEAST_1)
@@ -168,6 +190,8 @@ class DistillConfig:
             from slmkit.models import torch_dtype
 
             torch_dtype(self.teacher_dtype)  # names the valid ones
+        if self.cross_tokenizer not in CROSS:
+            raise UsageError(f"--cross-tokenizer {self.cross_tokenizer}: choose auto, on or off")
         if self.loss not in LOSSES:
             raise UsageError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
         check_options(self)
@@ -196,169 +220,61 @@ class DistillConfig:
         if is_served(self.teacher) and (self.prompt_kd > 0 or self.on_policy > 0 or self.temperature != 1):
             raise UsageError("a served teacher (openai:...) gives top-k log-probs at temperature 1 "
                              "on the data's answers: drop --prompt-kd, --on-policy and --temperature")
+        if self.teacher_tokenizer and not is_served(self.teacher):
+            raise UsageError("--teacher-tokenizer names a served teacher's tokenizer: it needs "
+                             "--teacher openai:NAME@URL (a local teacher brings its own)")
         if self.teacher_cache and self.temperature != 1:
             raise UsageError("--teacher-cache holds log-probs at temperature 1; drop --temperature "
                              "or use an online --teacher")
-
-
-# --------------------------------------------------------------------------- data
-
-@dataclass
-class Encoded:
-    ids: list[int]
-    mask: list[int]
-    """1 on tokens that count (answer tokens; all tokens of plain text)."""
-    key: str
-    """`L{line}`: the example's key in a teacher cache."""
-    where: str
-    parts: list[Encoded] | None = None
-    """A packed row (--pack): the examples it holds, in order; None for a single example."""
-    weights: list[float] | None = None
-    """Per-token loss weights (--edit-weight, see edit_weights()); None: every counted token 1."""
-
-    @property
-    def segments(self) -> list[Encoded]:
-        return self.parts or [self]
-
-    @property
-    def targets(self) -> int:
-        """Positions that count: predictions of counted tokens. The first token has no
-        prediction, so it never counts (`predicted` is the same rule on a padded batch)."""
-        return sum(self.mask[1:])
-
-
-def split_rows(path, task, eval_fraction: float, eval_max: int):
-    """(train examples, eval examples), held out by data.held_out's rule."""
-    from slmkit.data import held_out, read_jsonl, to_example
-
-    rows = read_jsonl(path)
-    examples = [(n, to_example(row, f"{path}:{n}", task, need_answer=True)) for n, row in rows]
-    held_mask = held_out([row for _, row in rows], eval_fraction, eval_max)
-    train = [e for e, h in zip(examples, held_mask) if not h]
-    held = [e for e, h in zip(examples, held_mask) if h]
-    if not train:
-        raise UsageError(f"`{path}` has no training examples (every line is \"split\": \"eval\")")
-    return train, held[:eval_max]
-
-
-def edit_weights(ids: list[int], mask: list[int], weight: float) -> list[float]:
-    """Per-token loss weights for --edit-weight, aligned with `ids`: prompt tokens (mask 0) 0; an
-    answer token 1 where it copies the prompt and `weight` where it does not, then all scaled so
-    the counted answer tokens (every one but an example's first token) average 1, so the loss
-    scale and the learning rate mean what they did without. Copied tokens are those in difflib's
-    matching blocks between the prompt's and the answer's token ids (in order, no junk
-    heuristic). A grammar correction copies most of its input; its few edited tokens are where
-    a student goes wrong, and a plain mean lets the copied ones drown them."""
-    from difflib import SequenceMatcher
-
-    prompt = [t for t, m in zip(ids, mask) if not m]
-    where = [i for i, m in enumerate(mask) if m]
-    copied = [False] * len(where)
-    matcher = SequenceMatcher(None, prompt, [ids[i] for i in where], autojunk=False)
-    for block in matcher.get_matching_blocks():
-        copied[block.b:block.b + block.size] = [True] * block.size
-    out = [0.0] * len(ids)
-    for i, c in zip(where, copied):
-        out[i] = 1.0 if c else weight
-    counted = [out[i] for i in where if i > 0]
-    scale = len(counted) / sum(counted) if counted and sum(counted) > 0 else 1.0
-    return [w * scale for w in out]
-
-
-def encode_all(examples, tokenizer, max_length: int, edit_weight: float = 1.0) -> list[Encoded]:
-    from slmkit.data import encode
-
-    out = []
-    for line, ex in examples:
-        ids, mask = encode(ex, tokenizer, max_length=max_length)
-        weights = edit_weights(ids, mask, edit_weight) if edit_weight != 1 else None
-        out.append(Encoded(ids, mask, f"L{line}", ex.where, weights=weights))
-        if out[-1].targets == 0:
-            raise UsageError(f"{ex.where}: no answer tokens left after masking (empty answer, or "
-                             f"the example is cut to --max-length {max_length}); fix or remove the line")
-    return out
-
-
-def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length bucketing: shuffle, sort windows of 16 global batches by length, cut into global
-    batches, shuffle those. Deterministic in (seed, epoch), so the data position is one number."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = global_batch * 16
-    batches = []
-    for w in range(0, len(order), window):
-        part = sorted(order[w:w + window], key=lambda i: lengths[i])
-        batches += [part[i:i + global_batch] for i in range(0, len(part) - global_batch + 1, global_batch)]
-    rng.shuffle(batches)
-    return batches
-
-
-def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
-    """Sequence packing (--pack): examples placed first-fit, longest first, into rows of at most
-    `max_length` tokens. Within a row each example keeps its own positions (0, 1, ...) and sees
-    only itself, and its first token does not count: it has no prediction of its own."""
-    rows: list[list[Encoded]] = []
-    room: list[int] = []
-    for e in sorted(examples, key=lambda e: -len(e.ids)):
-        i = next((i for i, r in enumerate(room) if r >= len(e.ids)), None)
-        if i is None:
-            rows.append([e])
-            room.append(max_length - len(e.ids))
-        else:
-            rows[i].append(e)
-            room[i] -= len(e.ids)
-    weighted = any(e.weights for e in examples)
-    return [Encoded([t for e in parts for t in e.ids],
-                    [m if j else 0 for e in parts for j, m in enumerate(e.mask)],
-                    parts[0].key, parts[0].where, parts=parts,
-                    weights=[w for e in parts for w in (e.weights or e.mask)] if weighted else None)
-            for parts in rows]
-
-
-def left_pad(rows: list[list], fill=0, dtype=None):
-    """(B, W) tensor of `rows`, each right-aligned (left-padded with `fill`), W the longest."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), fill, dtype=dtype or torch.long)
-    for i, r in enumerate(rows):
-        out[i, width - len(r):] = torch.tensor(r, dtype=out.dtype)
-    return out
-
-
-def collate_weights(items: list[Encoded]):
-    """The per-token weights of a batch, (B, W) float aligned with collate()'s ids; None when no
-    item has weights (an item without: its mask)."""
-    import torch
-
-    if not any(e.weights for e in items):
-        return None
-    return left_pad([e.weights or e.mask for e in items], dtype=torch.float)
-
-
-def collate(items: list[Encoded], pad_id: int):
-    """Left-padded batch: (ids, attention, mask, positions), each (B, W) long. Left padding puts
-    every answer at the right edge, so the logits of the last K columns cover all of them.
-    Positions count from 0 in each example; with packed rows in the batch they also count from 0
-    over the padding, which makes it a segment of its own (see `logits_window`)."""
-    import torch
-
-    ids = left_pad([e.ids for e in items], pad_id)
-    att = left_pad([[1] * len(e.ids) for e in items])
-    mask = left_pad([e.mask for e in items])
-    pos = left_pad([[j for part in e.segments for j in range(len(part.ids))] for e in items])
-    if any(e.parts for e in items):
-        for i, e in enumerate(items):
-            pad = ids.shape[1] - len(e.ids)
-            pos[i, :pad] = torch.arange(pad)
-    return ids, att, mask, pos
 
 
 # --------------------------------------------------------------------------- models
 
 def vocab_hash(tokenizer) -> str:
     return hashlib.sha1(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def use_text_path(cfg: DistillConfig) -> bool:
+    """Whether the teacher is aligned with the student on the text (--cross-tokenizer), decided
+    and checked before any model loads: from the tokenizers alone (auto), the cache's format, or
+    the flag. What the text path does not do is refused here, in one line."""
+    from slmkit import models, topk_cache
+
+    def differ(teacher: str) -> bool:  # the tokenizers alone load: seconds, not minutes
+        s_tok, t_tok = (models.load_tokenizer(models.resolve(m, cfg.trust_remote_code),
+                                              cfg.trust_remote_code) for m in (cfg.student, teacher))
+        return vocab_hash(s_tok) != vocab_hash(t_tok)
+
+    if cfg.alpha_ce >= 1 and cfg.on_policy == 0:
+        return False  # no teacher distributions are read
+    if cfg.teacher_cache:
+        fmt = topk_cache.format_of(cfg.teacher_cache)
+        on = fmt == topk_cache.FORMAT
+        if on and cfg.cross_tokenizer == "off":
+            raise UsageError(f"--teacher-cache `{cfg.teacher_cache}` is text-keyed "
+                             f"({topk_cache.FORMAT}): it is read through the alignment step; drop "
+                             "--cross-tokenizer off")
+        if not on and cfg.cross_tokenizer == "on":
+            topk_cache.Reader(cfg.teacher_cache)  # refuses a v1 file, saying how to rewrite it
+    elif is_served(cfg.teacher):
+        if not cfg.teacher_tokenizer:
+            if cfg.cross_tokenizer == "on":
+                raise UsageError("--cross-tokenizer on with a served teacher needs --teacher-tokenizer "
+                                 "MODEL (a local model with the served model's tokenizer), or have "
+                                 "the teacher write the data with its top-k (`slm generate "
+                                 "--topk-logprobs 20`, recipes/api-teacher.yaml)")
+            return False
+        on = differ(cfg.teacher_tokenizer) if cfg.cross_tokenizer == "auto" else cfg.cross_tokenizer == "on"
+    else:
+        on = differ(cfg.teacher) if cfg.cross_tokenizer == "auto" else cfg.cross_tokenizer == "on"
+    if on:
+        for flag, used in (("--on-policy", cfg.on_policy > 0), ("--hidden-kd", cfg.hidden_kd > 0),
+                           ("--prompt-kd", cfg.prompt_kd > 0), ("--pack", cfg.pack)):
+            if used:
+                raise UsageError(f"{flag} does not work across tokenizers yet (the teacher and the "
+                                 "student are aligned on the answer text only); drop it, or use a "
+                                 "teacher of the student's tokenizer")
+    return on
 
 
 def layer_pairs(student_folder: Path, s_config, t_config) -> tuple[list[tuple[int, int]], list[int] | None]:
@@ -400,14 +316,6 @@ def layer_pairs(student_folder: Path, s_config, t_config) -> tuple[list[tuple[in
     return [(j, layers[j]) for j in range(n_s - 1)], channels
 
 
-def predicted(mask, att):
-    """The positions that count in a left-padded batch: (B, W) mask and attention -> (B, W - 1)
-    bool, True where column c's logits predict a counted token c + 1 *and* column c is a real
-    token. Without the second condition the pad column left of a row whose first token counts
-    (plain text, an answer that fills --max-length) would be trained to predict that token."""
-    return mask[:, 1:].bool() & att[:, :-1].bool()
-
-
 @contextmanager
 def final_hidden(model):
     """Within it, `model(...)` returns its final hidden states (B, T, H) as `logits`; yields the
@@ -445,56 +353,14 @@ def logits_window(model, ids, att, mask, pos, states: bool = False) -> Window:
     return Window(logits, ids[:, first + 1:], target[:, first:], out.hidden_states if states else None)
 
 
-def teacher_rows(cache, items, device):
-    """The cached top-k rows of `items`, concatenated in batch order: ((M, k) float32, (M, k) long).
-    Called outside autocast (slmkit.precision, rule 3): the file's float16 would meet bf16."""
-    import torch
-
-    lps, idss = [], []
-    for e in (part for item in items for part in item.segments):
-        try:
-            lp, ids = cache.get_tensor(f"{e.key}.logprobs"), cache.get_tensor(f"{e.key}.ids")
-        except Exception:  # safetensors raises its own error for a missing key
-            raise UsageError(f"{e.where}: not in the teacher cache; remake it with --cache-teacher") from None
-        if lp.shape[0] != e.targets:
-            raise UsageError(f"{e.where}: the teacher cache has {lp.shape[0]} answer positions, the "
-                             f"data {e.targets}; remake it with --cache-teacher")
-        lps.append(lp)
-        idss.append(ids)
-    return torch.cat([lp.float() for lp in lps]).to(device), torch.cat(idss).to(device).long()
-
-
-def open_cache(path, tokenizer, data_path, cfg):
-    from safetensors import safe_open
-
-    from slmkit.data import file_hash
-
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--teacher-cache `{path}` does not exist; make it with "
-                         "`slm distill --teacher MODEL --data ... --cache-teacher FILE`")
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for a bad file
-        raise UsageError(f"--teacher-cache `{path}` is not a readable safetensors file ({e})") from None
-    meta = f.metadata() or {}
-    if meta.get("format") != CACHE_FORMAT:
-        raise UsageError(f"--teacher-cache `{path}`: not a `{CACHE_FORMAT}` file")
-    for key, want in (("tokenizer", vocab_hash(tokenizer)), ("data", file_hash(data_path)),
-                      ("max_length", str(cfg.max_length)), ("task", str(cfg.task))):
-        if meta.get(key) != want:
-            raise UsageError(f"--teacher-cache `{path}` was made with another {key} "
-                             f"({meta.get(key)} vs {want}); remake it with --cache-teacher")
-    return f
-
-
 # --------------------------------------------------------------------------- run identity
 
 FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature", "alpha_ce",
                     "max_steps", "max_tokens", "batch_size", "grad_accum", "lr", "weight_decay",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
-                    "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze", "hidden_kd")
+                    "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze", "hidden_kd",
+                    "cross_tokenizer", "teacher_tokenizer")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -679,9 +545,7 @@ class Run:
     held: list[Encoded]
     total: int               # optimizer steps
     checkpointing: bool      # activation checkpointing on the student
-    teacher: object = None   # the teacher: online (frozen model), offline (top-k file) or served
-    cache: object = None
-    served: ServedTeacher | None = None
+    teacher: object = None   # slmkit.teacher's interface: a model, a top-k file or a server
     layer_map: tuple | None = None  # --hidden-kd: `layer_pairs` (pairs, kept teacher channels)
     step: int = 0
     tokens: int = 0
@@ -734,6 +598,7 @@ def setup(cfg: DistillConfig) -> Run | None:
     from accelerate.utils import set_seed
 
     from slmkit import models, sharding
+    from slmkit import teacher as teachers
     from slmkit.tasks import get_task
 
     out = Path(cfg.out)
@@ -748,29 +613,26 @@ def setup(cfg: DistillConfig) -> Run | None:
         done = models.read_json(out / "training_record.json", fix="delete OUT to train again")
         if done.get("fingerprint") == fp:
             return None  # finished already with these settings
+    text_path = use_text_path(cfg)  # before any model loads: it may refuse the flags
     state, ckpt = find_resume_point(cfg, work, fp, acc)
     set_seed(cfg.seed)
     return_freed_memory(cfg.batch_size * cfg.max_length)
 
     # models: the pair's vocabularies and heads first, from their tokenizers and configs
     local_teacher = cfg.teacher and not is_served(cfg.teacher) and (cfg.alpha_ce < 1 or cfg.on_policy > 0)
-    vocab = models.shared_vocab(cfg.student, cfg.teacher, cfg.trust_remote_code) if local_teacher else None
+    # same tokenizer: their shared real vocabulary (padding aside); across tokenizers the text
+    # path maps the teacher's tokens onto the student's instead
+    vocab = (models.shared_vocab(cfg.student, cfg.teacher, cfg.trust_remote_code)
+             if local_teacher and not text_path else None)
     student, tokenizer = models.load_model(cfg.student, dtype=cfg.dtype, device=device,
                                            trust_remote_code=cfg.trust_remote_code)
     student.train()
     student.config.use_cache = False
-    teacher = served = None
-    if is_served(cfg.teacher) and cfg.alpha_ce < 1:
-        served = ServedTeacher(cfg.teacher, tokenizer, cfg.top_k)
-    elif cfg.teacher and (cfg.alpha_ce < 1 or cfg.on_policy > 0):
-        teacher, _ = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
-                                       device=device, trust_remote_code=cfg.trust_remote_code)
-        models.fit_head(teacher, vocab)
-        teacher.requires_grad_(False)  # frozen, eval mode: no dropout, no grads, no optimizer state
-    cache = open_cache(cfg.teacher_cache, tokenizer, cfg.data, cfg) if cfg.teacher_cache else None
+    teacher = teachers.load(cfg, text_path, student, tokenizer, device, vocab)
     layer_map = None
-    if cfg.hidden_kd > 0:
-        pairs, channels = layer_pairs(models.resolve(cfg.student), student.config, teacher.config)
+    if cfg.hidden_kd > 0:  # only a ModelTeacher gets here (use_text_path, DistillConfig)
+        pairs, channels = layer_pairs(models.resolve(cfg.student), student.config,
+                                      teacher.model.config)
         layer_map = pairs, None if channels is None else torch.tensor(channels, device=device)
 
     # data
@@ -778,6 +640,9 @@ def setup(cfg: DistillConfig) -> Run | None:
     if cfg.pack:
         train = pack(train, cfg.max_length)
     held = encode_all(eval_ex, tokenizer, cfg.max_length)
+    if teacher is not None:
+        for part, ex, is_held in ((train, train_ex, False), (held, eval_ex, True)):
+            teacher.prepare(part, [e for _, e in ex], tokenizer, is_held)
     global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     if len(train) < global_batch:
         raise UsageError(f"{cfg.data}: {len(train)} training examples, fewer than one global batch "
@@ -818,7 +683,7 @@ def setup(cfg: DistillConfig) -> Run | None:
     else:
         model, optimizer = acc.prepare(student, optimizer)
     run = Run(cfg, acc, fp, out, work, model, tokenizer, optimizer, scheduler, train, held, total,
-              checkpointing, teacher=teacher, cache=cache, served=served, layer_map=layer_map)
+              checkpointing, teacher=teacher, layer_map=layer_map)
     restore(run, state, ckpt)
     return run
 
@@ -888,6 +753,7 @@ def fit(run: Run) -> Path:
     bar = tqdm(total=run.total, initial=run.step, disable=not run.main, file=sys.stderr,
                unit="step", desc="distill", dynamic_ncols=True)
     last_eval: dict = {}
+    evaluated_at = None  # the step last_eval is of
     row: dict = {}
     if run.step == 0 and (run.main or run.collective):
         log(run, {"step": 0, "tokens": 0} | evaluate_held(run))  # the starting point
@@ -952,7 +818,7 @@ def fit(run: Run) -> Path:
             row["on_policy"] = True
         if run.step % cfg.eval_every == 0 or run.step == run.total:
             if run.main or run.collective:
-                last_eval = evaluate_held(run)
+                last_eval, evaluated_at = evaluate_held(run), run.step
                 row |= last_eval
             acc.wait_for_everyone()
         log(run, row)
@@ -964,7 +830,8 @@ def fit(run: Run) -> Path:
             bar.close()
             return run.work / "checkpoint"
     bar.close()
-    if not last_eval and (run.main or run.collective):
+    # --max-tokens may end the loop between evaluations: the final eval is of the final weights
+    if evaluated_at != run.step and (run.main or run.collective):
         last_eval = evaluate_held(run)
     save_student(run, row, last_eval, time.perf_counter() - t0)
     return run.out
@@ -983,9 +850,8 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
                  states: bool = False) -> Sums:
     """The summed losses of one micro-batch: KD and CE over the answer tokens, with `prompt` KD
     over the prompt tokens, with `states` the hidden-state distance of --hidden-kd."""
-    import torch
-
     from slmkit import losses
+    from slmkit import teacher as teachers
 
     cfg, device = run.cfg, run.device
     ids, att, mask, pos = (t.to(device) for t in collate(items, run.tokenizer.pad_token_id))
@@ -995,31 +861,23 @@ def batch_losses(run: Run, items: list[Encoded], with_grad: bool = True, prompt:
     with final_hidden(run.student) as lm_head, run.autocast():
         hidden, labels, wmask, s_states = logits_window(run.model if with_grad else run.student,
                                                         ids, att, window, pos, states)
-    t_hidden = topk = t_head = None
-    if run.teacher is not None and cfg.alpha_ce < 1:
-        with final_hidden(run.teacher) as t_lm_head, run.autocast(), torch.no_grad():
-            t_hidden, _, _, t_states = logits_window(run.teacher, ids, att, window, pos, states)
-        t_head = projector(t_lm_head, device, cfg.bf16, grad=False)
-    if run.cache is not None and cfg.alpha_ce < 1:
-        topk = teacher_rows(run.cache, items, device)
-    elif run.served is not None:
-        topk = run.served.topk(items, device)
     answer = predicted(mask, att)[:, -labels.shape[1]:]  # the window's columns
+    teacher = teachers.KDInputs({}) if run.teacher is None else run.teacher.inputs(
+        run, items, teachers.Batch(ids, att, window, pos, answer, states))
     kw = dict(kind=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, chunk=cfg.chunk,
-              head=projector(lm_head, device, cfg.bf16), teacher_head=t_head)
+              head=projector(lm_head, device, cfg.bf16), **teacher.loss)
     weights = collate_weights(items)  # held-out items have none: eval CE stays a plain mean
     if weights is not None:  # column c predicts token c + 1, as `predicted` aligns the mask
         weights = weights[:, 1:][:, -labels.shape[1]:].to(device)
-    kd, ce, n = losses.loss_sums(hidden, labels, answer, teacher_logits=t_hidden,
-                                 teacher_topk=topk, weights=weights, **kw)
+    kd, ce, n = losses.loss_sums(hidden, labels, answer, weights=weights, **kw)
     prompt_kd = kd.new_zeros(())
-    if prompt:
-        prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer,
-                                           teacher_logits=t_hidden, **kw)
+    if prompt:  # a ModelTeacher's logits cover the whole window
+        prompt_kd, _, _ = losses.loss_sums(hidden, labels, wmask & ~answer, **kw)
     hidden_kd = kd.new_zeros(())
     if states:  # states[0] is the embeddings: layer j's output is states[j + 1]
         pairs, channels = run.layer_map
         mine = [s_states[j + 1] for j, _ in pairs]
+        t_states = teacher.states
         theirs = [t_states[t + 1] if channels is None else t_states[t + 1][..., channels] for _, t in pairs]
         hidden_kd = losses.hidden_distance(mine, theirs, att.bool())
     return Sums(kd, ce, n, prompt_kd, hidden_kd)
@@ -1039,7 +897,7 @@ def evaluate_held(run: Run) -> dict:
     if not n:
         return {}
     res = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50)), "eval_tokens": int(n)}
-    if run.teacher is not None or run.cache is not None or run.served is not None:
+    if run.teacher is not None:
         res["eval_kd"] = kd / n
     return res
 
@@ -1107,30 +965,36 @@ def save_student(run: Run, last_row: dict, last_eval: dict, seconds: float) -> N
 # --------------------------------------------------------------------------- offline teacher
 
 def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
-    """Write the teacher's top-k log-probs on every answer position of cfg.data (both splits) to
-    one safetensors file (layout in the module docstring). Needs cfg.teacher."""
+    """Write the teacher's top-k log-probs on the aligned text of every example of cfg.data (both
+    splits) to one text-keyed file (slmkit.topk_cache, `slmkit-topk-v2`): students of any
+    tokenizer read it. Each example is read in the teacher's own chat template. Needs cfg.teacher."""
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from slmkit import models, precision
-    from slmkit.data import file_hash
+    from slmkit import align, models, precision, topk_cache
     from slmkit.tasks import get_task
 
     if not cfg.teacher or is_served(cfg.teacher):
-        raise UsageError("--cache-teacher needs a local --teacher MODEL (a served teacher is asked "
-                         "during training instead)")
+        raise UsageError("--cache-teacher needs a local --teacher MODEL (a served teacher writes its "
+                         "top-k with `slm generate --topk-logprobs`)")
     k = k or cfg.top_k
-    dest = Path(dest)
     task = get_task(cfg.task) if cfg.task else None
     train_ex, eval_ex = split_rows(cfg.data, task, cfg.eval_fraction, cfg.eval_max)
+    examples = [ex for _, ex in train_ex + eval_ex]
+    for ex in examples:
+        align.aligned_text(ex)  # refuses chat messages before the teacher loads
     device = models.pick_device(cfg.device)
     teacher, tokenizer = models.load_model(cfg.teacher, dtype=teacher_dtype(cfg, device),
-                                       device=device, trust_remote_code=cfg.trust_remote_code)
+                                           device=device, trust_remote_code=cfg.trust_remote_code)
+    vocab = align.token_bytes(tokenizer)
     items = encode_all(train_ex + eval_ex, tokenizer, cfg.max_length)
+    from slmkit.teacher import student_spans  # the teacher's own spans, as a student's
+
+    student_spans(items, examples, tokenizer, vocab)
     items.sort(key=lambda e: len(e.ids))  # similar lengths per batch: little padding
-    tensors = {}
+    writer = topk_cache.Writer(k, cfg.teacher, "distill", vocab, models.stop_ids(teacher, tokenizer),
+                               autocast=precision.describe(device, cfg.bf16))
     autocast = precision.autocast(device, enabled=cfg.bf16)
     for i in tqdm(range(0, len(items), cfg.batch_size), desc="teacher top-k", file=sys.stderr):
         batch = items[i:i + cfg.batch_size]
@@ -1142,22 +1006,19 @@ def cache_teacher(cfg: DistillConfig, dest, k: int | None = None) -> Path:
             hidden, head = hidden[rows, cols], projector(lm_head, device, cfg.bf16, grad=False)
             parts = [F.log_softmax(head(hidden[j:j + cfg.chunk]).float(), -1).topk(k, dim=-1)
                      for j in range(0, len(hidden), cfg.chunk)]  # chunk x vocab at a time
-            lp, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            lp, top = torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
         start = 0
         for e in batch:
-            m = e.targets
-            tensors[f"{e.key}.tokens"] = torch.tensor(e.ids, dtype=torch.int32)
-            tensors[f"{e.key}.ids"] = top[start:start + m].int().cpu().contiguous()
-            tensors[f"{e.key}.logprobs"] = lp[start:start + m].half().cpu().contiguous()
-            start += m
-    meta = {"format": CACHE_FORMAT, "k": str(k), "tokenizer": vocab_hash(tokenizer),
-            "data": file_hash(cfg.data), "task": str(cfg.task), "max_length": str(cfg.max_length),
-            "teacher": str(cfg.teacher), "autocast": precision.describe(device, cfg.bf16)}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, dest)
-    return dest
+            aligned = [j for j, s in enumerate(e.spans) if s is not None]
+            row_lp = torch.full((len(aligned), k), float("-inf"))
+            row_ids = torch.zeros((len(aligned), k), dtype=torch.long)
+            for r, j in enumerate(aligned):
+                if j >= 1:  # position j - 1 predicts token j; a plain text's first has no row
+                    row_lp[r], row_ids[r] = lp[start], top[start]
+                    start += 1
+            writer.add(e.key, [e.ids[j] for j in aligned], [e.spans[j] for j in aligned],
+                       row_ids, row_lp)
+    return writer.save(dest)
 
 
 # --------------------------------------------------------------------------- CLI

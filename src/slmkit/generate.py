@@ -122,8 +122,8 @@ class GenerateConfig:
     concurrency: int = option(8, "openai teacher: requests in flight at once", check=AT_LEAST_1)
     retries: int = option(5, "openai teacher: tries after the first on 429 / 5xx / timeouts / "
                           "refused connections, with exponential backoff", check=NOT_NEGATIVE)
-    tokenizer: str | None = option(None, "MODEL whose tokenizer an openai teacher uses; needed to "
-                                   "write its top-k log-probs as ids")
+    tokenizer: str | None = option(None, "MODEL whose tokenizer an openai teacher uses (optional: "
+                                   "without it the top-k cache keeps its tokens by their text)")
     threads: int | None = option(None, "CPU threads for a llama.cpp teacher (a .gguf or packaged "
                                  "name; default: the usable cores) or a PyTorch one", check=AT_LEAST_1)
     trust_remote_code: bool = option(False, "allow a model folder that ships its own code (auto_map)",
@@ -139,9 +139,6 @@ class GenerateConfig:
             raise UsageError(f"--on-missing-logprobs must be one of {', '.join(MISSING_LOGPROBS)}")
         if self.inputs and self.topics:
             raise UsageError("give --inputs or --topics, not both")
-        if self.topk_logprobs and self.teacher.startswith("openai:") and not self.tokenizer:
-            raise UsageError("--topk-logprobs with an openai teacher needs --tokenizer MODEL (a local "
-                             "model with the teacher's tokenizer) to turn its tokens into ids")
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -764,8 +761,10 @@ def run_stats(cfg: GenerateConfig, out: Path, inputs: int, done_before: int, tal
     if cfg.topk_logprobs:
         from slmkit import models
 
-        folder = models.resolve(cfg.tokenizer or cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-        tok = models.load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
+        tok = None  # an HTTP teacher's tokens are known by their text
+        if not cfg.teacher.startswith("openai:") or cfg.tokenizer:
+            folder = models.resolve(cfg.tokenizer or cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+            tok = models.load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
         topk = write_topk_cache(out, cfg.task, tok, cfg.teacher)
     seconds = tally.gen_seconds
     return topk | {
@@ -795,84 +794,82 @@ def topk_record(c) -> dict:
     return rec
 
 
-def write_topk_cache(out: Path, task_arg, tokenizer, teacher: str, max_length: int | None = None) -> dict:
-    """Write distill's offline teacher cache (`slmkit-topk-v1`, see slmkit.distill) for every
-    line of `out` that carries `teacher_topk`, to OUT.topk.safetensors.
+def write_topk_cache(out: Path, task_arg, tokenizer, teacher: str) -> dict:
+    """Write the teacher's top-k of every line of `out` that carries `teacher_topk` to
+    OUT.topk.safetensors, distill's offline teacher (slmkit.topk_cache, `slmkit-topk-v2`): keyed
+    by the line's text, so a student of any tokenizer reads it (slm distill --teacher-cache).
 
-    distill reads, for data line N, `L{N}.tokens` (T,) = data.encode(example), and `L{N}.ids` /
-    `L{N}.logprobs` (M, k) at the M answer positions (answer tokens + EOS). The teacher's own
-    top-k rows are used when its generated tokens re-tokenise to exactly the answer's tokens
-    (`aligned`); otherwise, and for the final EOS position (which a generation never reports),
-    a one-hot row puts all mass on the token in the data (log-prob 0, the rest -30)."""
-    import torch
-    from safetensors.torch import save_file
+    The teacher's generated tokens are its tokens of the answer; their bytes (from `tokenizer`,
+    the teacher's, when the backend gave ids; from the token text for an HTTP teacher, None here)
+    spell the raw completion, of which the stored answer is the stripped part: each token's byte
+    range follows. A completion reports no row for the end-of-sequence token after the answer:
+    the student's EOS position then has no teacher prediction (CE only). A line whose tokens do
+    not spell its answer is filed with no tokens (the student gets CE only on it)."""
+    from slmkit import align, topk_cache
+    from slmkit.data import read_jsonl, to_example
 
-    from slmkit.data import encode, file_hash, read_jsonl, to_example
-    from slmkit.distill import CACHE_FORMAT, DistillConfig, vocab_hash
-
-    max_length = max_length or DistillConfig.__dataclass_fields__["max_length"].default
     task = task_arg if isinstance(task_arg, Task) else get_task(task_arg)
-    by_text = None  # decoded text -> id, for teachers that report only text
-    tensors, k, aligned, total = {}, None, 0, 0
+    vocab = align.token_bytes(tokenizer) if tokenizer is not None else None
+    writer, aligned, total = None, 0, 0
     for n, row in read_jsonl(out):
         rec = row.get("teacher_topk")
         if not rec:
             continue
-        ids, mask = encode(to_example(row, f"{out}:{n}", task, need_answer=True), tokenizer, max_length)
-        answer = [ids[t + 1] for t in range(len(ids) - 1) if mask[t + 1]]  # tokens to predict
-        k = k or max(len(r) for r in rec["logprobs"])
-        gen_ids, alt_ids = rec["token_ids"], rec["ids"]
-        if gen_ids is None:
-            if by_text is None:
-                by_text = {}
-                for i in range(len(tokenizer)):
-                    by_text.setdefault(tokenizer.decode([i]), i)
-            gen_ids = [by_text.get(t, -1) for t in rec["tokens"]]
-            alt_ids = [[by_text.get(t, -1) for t in ts] for ts in rec["texts"]]
-        # the answer was stripped: leave out whitespace-only tokens at either end
-        keep = [i for i, t in enumerate(rec["tokens"]) if t.strip()]
-        lo, hi = (keep[0], keep[-1] + 1) if keep else (0, 0)
+        k = max((len(r) for r in rec["logprobs"]), default=1)
+        if writer is None:
+            writer = topk_cache.Writer(k, teacher, "generate", vocab,
+                                       [tokenizer.eos_token_id] if tokenizer is not None else ())
+            hidden = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+        by_id = vocab is not None and rec.get("token_ids") is not None
+        example = to_example(row, f"{out}:{n}", task, need_answer=True)
+        answer = align.aligned_text(example)
         total += 1
-        rows_ids = torch.zeros((len(answer), k), dtype=torch.int32)
-        rows_lp = torch.full((len(answer), k), -30.0)
-        if gen_ids[lo:hi] == answer[:hi - lo] and hi - lo == len(answer) - 1:
-            aligned += 1
-            for r, i in enumerate(range(lo, hi)):
-                pairs = [(j, v) for j, v in zip(alt_ids[i], rec["logprobs"][i]) if j >= 0][:k]
-                for c, (j, v) in enumerate(pairs):
-                    rows_ids[r, c], rows_lp[r, c] = j, v
-                fill_ids(rows_ids[r], len(pairs))
-            start = hi - lo
-        else:
-            start = 0
-        for r in range(start, len(answer)):  # one-hot on the data's own token
-            rows_ids[r, 0], rows_lp[r, 0] = answer[r], 0.0
-            fill_ids(rows_ids[r], 1)
-        tensors[f"L{n}.tokens"] = torch.tensor(ids, dtype=torch.int32)
-        tensors[f"L{n}.ids"] = rows_ids.contiguous()
-        tensors[f"L{n}.logprobs"] = rows_lp.half().contiguous()
-    if not tensors:
+        if by_id:
+            tokens, alts, lps = rec["token_ids"], rec["ids"], rec["logprobs"]
+            spans = byte_spans([b"" if i in hidden else vocab[i] or b"" for i in tokens], answer)
+        else:  # an HTTP teacher: tokens by their text; a piece of a character reads U+FFFD
+            tokens = [writer.intern(t.encode()) for t in rec["tokens"]]
+            alts = [[writer.intern(t.encode()) for t in ts] for ts in rec["texts"]]
+            lps = [[v if "\ufffd" not in t else float("-inf") for t, v in zip(ts, vs)]
+                   for ts, vs in zip(rec["texts"], rec["logprobs"])]
+            spans = align.text_spans(rec["tokens"], answer)
+            if spans is not None:  # only a run's first piece is predicted from known text
+                for u in range(1, len(spans)):
+                    if "\ufffd" in rec["tokens"][u] and "\ufffd" in rec["tokens"][u - 1]:
+                        lps[u] = [float("-inf")] * len(lps[u])
+        # the tokens inside the answer (an HTTP run's empty pieces too: they hold its place)
+        size = len(answer.encode())
+        keep = [u for u, (a, b) in enumerate(spans or []) if a < b or (not by_id and 0 < a < size)]
+        aligned += bool(keep)
+        rows_ids = [[max(j, 0) for j in alts[u]] for u in keep]
+        rows_lp = [[v if j >= 0 else float("-inf") for j, v in zip(alts[u], lps[u])] for u in keep]
+        writer.add(align.text_key(example), [tokens[u] for u in keep], [spans[u] for u in keep],
+                   rows_ids or [[]], rows_lp or [[]])
+    if writer is None or not len(writer):
         return {"topk_cache": None, "topk_aligned": 0, "topk_lines": 0}
     dest = side_path(out, "topk").with_suffix(".safetensors")
-    meta = {"format": CACHE_FORMAT, "k": str(k), "tokenizer": vocab_hash(tokenizer),
-            "data": file_hash(out), "task": str(task_arg), "max_length": str(max_length),
-            "teacher": teacher}
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, dest)
+    writer.save(dest)
     return {"topk_cache": str(dest), "topk_aligned": aligned, "topk_lines": total}
 
 
-def fill_ids(row, used: int) -> None:
-    """Give a row's unused slots (log-prob -30, i.e. no mass) distinct ids not already in it, so
-    the student's probabilities of the top-k ids are not counted twice."""
-    taken = set(row[:used].tolist())
-    nxt = 0
-    for c in range(used, len(row)):
-        while nxt in taken:
-            nxt += 1
-        row[c] = nxt
-        taken.add(nxt)
+def byte_spans(pieces: list[bytes], answer: str) -> list[tuple[int, int]] | None:
+    """Byte spans in `answer` of generated tokens of these bytes (a special token: b"", as the
+    decoded answer leaves it out), or None where they do not spell it. The answer is the
+    completion's text, stripped; bytes that are no valid UTF-8 (a character cut at
+    max_new_tokens, a random model's) read as U+FFFD there, as they do in the answer."""
+    ends, raw = [], b""
+    for piece in pieces:
+        raw += piece
+        ends.append(len(raw.decode(errors="replace").encode()))
+    target = answer.encode()
+    shift = raw.decode(errors="replace").encode().find(target) if target else -1
+    if shift < 0:
+        return None
+    out, pos = [], 0
+    for end in ends:
+        out.append((min(max(pos - shift, 0), len(target)), min(max(end - shift, 0), len(target))))
+        pos = max(pos, end)
+    return out
 
 
 # --------------------------------------------------------------------------- CLI

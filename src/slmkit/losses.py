@@ -82,15 +82,23 @@ def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: s
 
 def tail_buckets(logprobs: torch.Tensor, ids: torch.Tensor, full_logq: torch.Tensor):
     """Coarsen to k + 1 outcomes (the tail bucket method above).
-    logprobs: teacher top-k log-probs (N, k); ids: their token ids (N, k) long, distinct per row;
-    full_logq: student log-probs (N, V). Returns (logp, logq), each (N, k + 1), last column the tail."""
+    logprobs: teacher top-k log-probs (N, k), -inf for a column that is no outcome (then its id
+    is ignored; a row of -inf alone gives divergence 0: one bucket on both sides); ids: their
+    token ids (N, k) long, distinct per row among the finite columns; full_logq: student
+    log-probs (N, V). Returns (logp, logq), each (N, k + 1), last column the tail."""
     logp = logprobs.float()
     logq = full_logq.gather(-1, ids)
     # teacher: all we know is 1 - sum(top-k), floored at TAIL_FLOOR (float16 storage can push the
     # sum past 1, and an empty bucket would make reverse KL / JSD infinite)
     p_tail = (1 - logp.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR).log()
-    # student: the exact log-mass of the other V - k tokens, floored like the teacher's
-    q_tail = full_logq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    valid = torch.isfinite(logp)
+    if bool(valid.all()):
+        # student: the exact log-mass of the other V - k tokens, floored like the teacher's
+        q_tail = full_logq.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    else:  # -inf columns (slmkit.align.map_rows) are no outcome: their ids stay in the tail
+        logq = torch.where(valid, logq, torch.full_like(logq, float("-inf")))
+        taken = torch.zeros_like(full_logq).scatter_add(-1, ids, valid.to(full_logq.dtype)) > 0
+        q_tail = full_logq.masked_fill(taken, float("-inf")).logsumexp(-1, keepdim=True)
     q_tail = q_tail.clamp(min=math.log(TAIL_FLOOR))
     return torch.cat([logp, p_tail], -1), torch.cat([logq, q_tail], -1)
 
@@ -104,16 +112,72 @@ def sparse_kd(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_id
     return divergence(logp, logq_b, kind, beta)
 
 
+def mapped_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_map: "VocabTable",
+              kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token KD across vocabularies (slmkit.align): student (N, V_s), teacher (N, V_t) logits
+    -> (N,), scaled by tau**2. The teacher's probabilities move onto the student tokens
+    `vocab_map` sends them to (added where several land on one); the divergence is over those
+    student tokens plus one tail bucket: the teacher's unmapped mass against the student's mass on
+    every other token, both floored at TAIL_FLOOR. Where one teacher token alone maps to a student
+    token its log-prob is used as is, so an identity map gives dense_kd exactly."""
+    t, m = temperature, vocab_map
+    if m.identity:  # a same-tokenizer pair on the text path: nothing to move
+        return dense_kd(student_logits, teacher_logits, kind, beta, temperature)
+    logq = F.log_softmax(student_logits.float() / t, dim=-1)
+    logp_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    mass = logp_t.new_zeros(logp_t.shape[0], m.student_size).index_add_(
+        1, m.target, logp_t[:, m.mapped].exp())
+    logp = mass[:, m.image].clamp_min(1e-45).log()
+    logp[:, m.single_pos] = logp_t[:, m.single_src]
+    p_tail = (logp_t[:, m.unmapped].logsumexp(-1, keepdim=True) if m.unmapped.numel()
+              else logp_t.new_full((logp_t.shape[0], 1), float("-inf")))
+    q_tail = (logq[:, m.outside].logsumexp(-1, keepdim=True) if m.outside.numel()
+              else logq.new_full((logq.shape[0], 1), float("-inf")))
+    floor = math.log(TAIL_FLOOR)
+    logp = torch.cat([logp, p_tail.clamp(min=floor)], -1)
+    logq = torch.cat([logq[:, m.image], q_tail.clamp(min=floor)], -1)
+    return divergence(logp, logq, kind, beta) * t * t
+
+
+class VocabTable:
+    """A teacher -> student vocabulary map (slmkit.align.VocabMap.table) as index tensors for
+    mapped_kd: `mapped` teacher ids and their `target` student ids, `unmapped` teacher ids, the
+    student tokens that receive mass (`image`, sorted) and those that do not (`outside`), and
+    where exactly one teacher token lands (`single_pos` into image, `single_src` teacher id)."""
+
+    def __init__(self, table, student_size: int, device=None):
+        table = torch.as_tensor(table, dtype=torch.long)
+        ok = table >= 0
+        self.student_size = student_size
+        self.identity = len(table) == student_size and bool((table == torch.arange(len(table))).all())
+        self.mapped = ok.nonzero().squeeze(1)
+        self.target = table[self.mapped]
+        self.unmapped = (~ok).nonzero().squeeze(1)
+        count = torch.bincount(self.target, minlength=student_size)
+        self.image = (count > 0).nonzero().squeeze(1)
+        self.outside = (count == 0).nonzero().squeeze(1)
+        where = torch.full((student_size,), -1, dtype=torch.long)
+        where[self.image] = torch.arange(self.image.numel())
+        one = count[self.target] == 1
+        self.single_src = self.mapped[one]
+        self.single_pos = where[self.target[one]]
+        if device is not None:
+            for k, v in vars(self).items():
+                if isinstance(v, torch.Tensor):
+                    setattr(self, k, v.to(device))
+
+
 def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy: logits (N, V), labels (N,) long -> (N,) in nats."""
     return F.cross_entropy(student_logits.float(), labels, reduction="none")
 
 
 def _chunk_sums(s, labels, teacher, topk_lp, topk_ids, kind, beta, temperature, need_kd,
-                head=None, teacher_head=None, w=None):
+                head=None, teacher_head=None, w=None, vocab_map=None, kd_w=None):
     """Sum of KD and CE over one chunk of positions; s (n, V) logits, or (n, H) hidden states
     that `head` maps to logits (likewise `teacher` and `teacher_head`); w (n,) weights each
-    position's terms (None: 1). Returns a (2,) tensor."""
+    position's terms (None: 1); `vocab_map` (VocabTable) a teacher of another vocabulary; kd_w
+    (n,) 0/1 the positions with a teacher prediction (None: all). Returns a (2,) tensor."""
     if head is not None:
         s = head(s)
     if teacher is not None and teacher_head is not None:
@@ -125,10 +189,13 @@ def _chunk_sums(s, labels, teacher, topk_lp, topk_ids, kind, beta, temperature, 
     ce = total(token_ce(s, labels))
     if not need_kd:
         return torch.stack([torch.zeros_like(ce), ce])
-    if teacher is not None:
-        kd = total(dense_kd(s, teacher, kind, beta, temperature))
+    if teacher is not None and vocab_map is not None:
+        per = mapped_kd(s, teacher, vocab_map, kind, beta, temperature)
+    elif teacher is not None:
+        per = dense_kd(s, teacher, kind, beta, temperature)
     else:
-        kd = total(sparse_kd(s, topk_lp, topk_ids, kind, beta))
+        per = sparse_kd(s, topk_lp, topk_ids, kind, beta)
+    kd = total(per if kd_w is None else per * kd_w)
     return torch.stack([kd, ce])
 
 
@@ -137,7 +204,8 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
               teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
               kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
               chunk: int = 512, head=None, teacher_head=None,
-              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+              weights: torch.Tensor | None = None, vocab_map: VocabTable | None = None,
+              kd_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Summed KD and CE over the masked positions, visited `chunk` positions at a time.
 
     student_logits: (B, T, V), already aligned so position t predicts labels[:, t]; or, with
@@ -148,6 +216,10 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     teacher_topk: (logprobs (M, k), ids (M, k)) for the M = mask.sum() masked positions in
                   row-major order (the order `mask.nonzero()` gives)
     weights: (B, T) float, each masked position's weight in both sums (None: every one 1)
+    vocab_map: with teacher_logits of another vocabulary (V_t), the map onto the student's
+                  (VocabTable, see mapped_kd)
+    kd_mask: (B, T) bool, the masked positions that have a teacher prediction (cross-tokenizer:
+                  slmkit.align.pairs); the others add CE only (None: all)
     Returns (kd_sum, ce_sum, n_tokens); divide by the token count for means. Without a teacher
     kd_sum is 0.
     """
@@ -163,7 +235,8 @@ def loss_sums(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
                 teacher_topk[0][i:i + chunk] if teacher_topk is not None else None,
                 teacher_topk[1][i:i + chunk] if teacher_topk is not None else None,
                 kind, beta, temperature, need_kd, head, teacher_head,
-                weights[r, c].float() if weights is not None else None)
+                weights[r, c].float() if weights is not None else None, vocab_map,
+                kd_mask[r, c].float() if kd_mask is not None else None)
         if student_logits.requires_grad:
             total = total + checkpoint(_chunk_sums, *args, use_reentrant=False)
         else:

@@ -122,6 +122,7 @@ class Context:
     eval_split: str | None = "eval"
     report: str | None = None
     gguf: str | None = None
+    teacher_cache: str | None = None  # the generate stage's top-k of the teacher (topk_cache)
     teacher_gguf: str | None = None  # the teacher exported in the student's quant, for the report
     fresh: bool = True
     """The running stage starts over: its partial outputs are from other inputs (or none)."""
@@ -152,7 +153,7 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
                          trust_remote_code=ctx.recipe.trust_remote_code,
                          **{"seed": ctx.recipe.seed, **opts})
     stats = generate(cfg)
-    return {"data": str(out), "stats": stats}
+    return {"data": str(out), "stats": stats, "teacher_cache": stats.get("topk_cache")}
 
 
 
@@ -245,8 +246,17 @@ def stage_prune(ctx: Context, opts: dict) -> dict:
 
 
 def stage_distill(ctx: Context, opts: dict) -> dict:
+    """A served teacher whose top-k the generate stage captured teaches from that file (every line
+    of the data is the teacher's, so the cache covers it): no prompt log-probs are asked of the
+    server. Otherwise the teacher is asked online (a served one with vLLM's prompt_logprobs)."""
+    from slmkit.served_teacher import is_served
+
     init = ctx.student or ctx.best_teacher
-    out = _train(ctx, opts, student=init, teacher=ctx.best_teacher, out=ctx.run_dir / "student")
+    teacher, wired = ctx.best_teacher, {}
+    if is_served(teacher) and ctx.teacher_cache and Path(ctx.teacher_cache).is_file():
+        teacher, wired = None, {"teacher_cache": ctx.teacher_cache}
+        opts = {k: v for k, v in opts.items() if k != "teacher_tokenizer"}  # the file aligns itself
+    out = _train(ctx, opts, student=init, teacher=teacher, out=ctx.run_dir / "student", **wired)
     return {"student": out}
 
 
