@@ -314,7 +314,8 @@ def test_vocabularies_same_tokenizer_padded_or_not(setup, cli, tmp_path, monkeyp
     sp = make_sp_tokenizer()
     for teacher, message in ((teacher_with(sp, len(sp), "other"), "different tokenizers"),
                              (teacher_with(tok, len(tok) - 1, "short"), "at least the student's")):
-        args = _args(setup, "bad")
+        # another tokenizer is the text path's (test_cross_tokenizer) unless it is switched off
+        args = _args(setup, "bad") + ["--cross-tokenizer", "off"]
         args[args.index("--teacher") + 1] = teacher
         code, _, err = cli(*args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

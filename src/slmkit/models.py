@@ -734,9 +734,9 @@ def shared_vocab(student, teacher, trust_remote_code: bool = False) -> int:
         differ = len(set(vocabs["student"].items()) ^ set(vocabs["teacher"].items()))
         raise UsageError(
             f"teacher `{teacher}` and student `{student}` have different tokenizers ({differ} "
-            "tokens differ); logit distillation compares them token by token, so both need the "
-            "same tokenizer: use a student pruned from this teacher (`slm prune`), or fine-tune "
-            "on the data alone (no --teacher, --alpha-ce 1)")
+            "tokens differ), and --cross-tokenizer off compares them token by token: drop it "
+            "(auto aligns the two on the text), or use a student pruned from this teacher "
+            "(`slm prune`)")
     top = max(vocabs["student"].values(), default=-1)
     if tv < sv or top >= sv:
         raise UsageError(f"teacher `{teacher}` has {tv} logits and student `{student}` {sv} for "
