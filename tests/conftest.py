@@ -241,8 +241,8 @@ def path_tol(float32_tol: float) -> float:
 
 # --------------------------------------------------------------------------- another tokenizer
 
-def make_sp_tokenizer():
-    """A SentencePiece-style tokenizer (Metaspace `▁` for spaces, byte fallback `<0xNN>`, as
+def make_chat_sp_tokenizer():
+    """A SentencePiece-style tokenizer with the chat markers (Metaspace `▁` for spaces, byte fallback `<0xNN>`, as
     Llama 2 and Gemma spell their vocabularies), trained here on the same corpus to a smaller
     vocabulary than `make_tokenizer`'s byte-level BPE: the two split most words differently."""
     import json
@@ -273,7 +273,7 @@ def make_sp_tokenizer():
 
 
 def make_tiny_model_with(tokenizer, arch: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
-    """make_tiny_model with another tokenizer (e.g. make_sp_tokenizer())."""
+    """make_tiny_model with another tokenizer (e.g. make_chat_sp_tokenizer())."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 

@@ -1,12 +1,12 @@
 """Cross-tokenizer alignment (slmkit.align) on hard text, with two tokenizers made here: the
-byte-level BPE of conftest.make_tokenizer and the SentencePiece-style one of make_sp_tokenizer."""
+byte-level BPE of conftest.make_tokenizer and the SentencePiece-style one of make_chat_sp_tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import make_sp_tokenizer, make_tokenizer
+from conftest import make_chat_sp_tokenizer, make_tokenizer
 from slmkit import align, losses
 from slmkit.data import Example, encode
 
@@ -24,7 +24,7 @@ HARD = [
 
 @pytest.fixture(scope="module")
 def toks():
-    return make_tokenizer(), make_sp_tokenizer()
+    return make_tokenizer(), make_chat_sp_tokenizer()
 
 
 def _spans(tok, text):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_sp_tokenizer, make_tiny_model_with
+from conftest import make_chat_sp_tokenizer, make_tiny_model_with
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALOGUES = [
@@ -38,7 +38,7 @@ def test_api_teacher_recipe_builds_against_a_live_server(tmp_path, tiny_llama):
             asked.append(len(ids))
             raise NotImplementedError("this server cannot score prompts")
 
-    student = make_tiny_model_with(make_sp_tokenizer(), "qwen2", tmp_path / "student", layers=2)
+    student = make_tiny_model_with(make_chat_sp_tokenizer(), "qwen2", tmp_path / "student", layers=2)
     data = tmp_path / "inputs.jsonl"
     data.write_text("".join(json.dumps({"id": f"d{i}", "dialogue": DIALOGUES[i % 6] + f" ({i})"}) + "\n"
                             for i in range(24)))

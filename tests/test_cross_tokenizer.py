@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CORPUS, make_sp_tokenizer, make_tiny_model, make_tiny_model_with, path_tol
+from conftest import CORPUS, make_chat_sp_tokenizer, make_tiny_model, make_tiny_model_with, path_tol
 from slmkit import models
 from slmkit.distill import DistillConfig, cache_teacher, distill
 from slmkit.errors import UsageError
@@ -23,7 +23,7 @@ def pair(tmp_path_factory):
     """teacher (byte-level BPE, 4 layers), student of the same tokenizer (2 layers), student and
     teacher of the SentencePiece-style tokenizer, and 24 train + 4 eval pairs with hard text."""
     root = tmp_path_factory.mktemp("xtok")
-    sp = make_sp_tokenizer()
+    sp = make_chat_sp_tokenizer()
     paths = {"teacher": make_tiny_model("llama", root / "teacher", seed=0),
              "student": make_tiny_model("llama", root / "student", layers=2, seed=1),
              "sp_student": make_tiny_model_with(sp, "qwen2", root / "sp_student", layers=2, seed=2),
