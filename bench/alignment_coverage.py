@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--task", default=None)
     ap.add_argument("--limit", type=int, default=300)
     args = ap.parse_args()
-    s_tok, t_tok = models.load_tokenizer(args.student), models.load_tokenizer(args.teacher)
+    s_tok, t_tok = (models.load_tokenizer(models.resolve(m)) for m in (args.student, args.teacher))
     t0 = time.perf_counter()
     s_vocab, t_vocab = align.token_bytes(s_tok), align.token_bytes(t_tok)
     vmap = align.VocabMap(s_tok, s_vocab)
@@ -57,6 +57,17 @@ def main() -> int:
         total += len(got)
     print(f"student answer predictions paired with a teacher prediction: {100 * paired / total:.1f} % "
           f"of {total}")
+    from slmkit import results
+
+    results.write("alignment_coverage", {
+        "student": args.student, "teacher": args.teacher, "data": Path(args.data).name,
+        "student_vocab": len(s_vocab), "teacher_vocab": len(t_vocab),
+        "mapped_exactly": exact / len(t_vocab), "mapped_by_prefix": (mapped - exact) / len(t_vocab),
+        "unmapped": (len(t_vocab) - mapped) / len(t_vocab), "map_seconds": round(seconds, 2),
+        "predictions": total, "paired": paired / total},
+        summary=f"{Path(args.data).name}: {100 * paired / total:.1f} % of {total} answer predictions "
+                f"paired; teacher tokens {100 * exact / len(t_vocab):.1f} % exact, "
+                f"{100 * (mapped - exact) / len(t_vocab):.1f} % by prefix")
     return 0
 
 

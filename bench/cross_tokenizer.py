@@ -162,10 +162,17 @@ def main() -> int:
     for r in rows:
         print(f"| {r['arm']} | {r['gleu']} ± {r['gleu_se']} | {r['tokens_per_s']} | {r['peak_rss_mib']} | {r['train_s']} |")
     by = {r["arm"]: r for r in rows}
+    summary = ", ".join(f"{r['arm']} GLEU {r['gleu']}" for r in rows)
     if "ours" in by and "gold" in by:
         o, g = by["ours"], by["gold"]
         print(f"\nours / GOLD: GLEU {o['gleu'] - g['gleu']:+.2f} points, tokens/s x{o['tokens_per_s'] / g['tokens_per_s']:.2f}, "
               f"peak RSS x{o['peak_rss_mib'] / g['peak_rss_mib']:.2f}")
+        summary += (f"; ours / GOLD tokens/s x{o['tokens_per_s'] / g['tokens_per_s']:.2f}, "
+                    f"peak RSS x{o['peak_rss_mib'] / g['peak_rss_mib']:.2f}")
+    from slmkit import results
+
+    results.write("cross_tokenizer", {"arms": rows, "settings": {
+        k: v for k, v in vars(args).items() if k not in ("arm", "work")}}, summary=summary)
     return 0
 
 
