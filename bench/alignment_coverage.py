@@ -67,7 +67,8 @@ def main() -> int:
         "predictions": total, "paired": paired / total},
         summary=f"{Path(args.data).name}: {100 * paired / total:.1f} % of {total} answer predictions "
                 f"paired; teacher tokens {100 * exact / len(t_vocab):.1f} % exact, "
-                f"{100 * (mapped - exact) / len(t_vocab):.1f} % by prefix")
+                f"{100 * (mapped - exact) / len(t_vocab):.1f} % by prefix",
+        tag=f"{Path(args.student).name}-{Path(args.teacher).name}")
     return 0
 
 

@@ -105,7 +105,8 @@ def machine_slug(m: dict) -> str:
 
 def write(bench: str, numbers: dict, summary: str = "", argv: list[str] | None = None,
           root: Path | None = None, when: datetime.datetime | None = None,
-          commit_id: tuple[str, bool] | None = None, machine_info: dict | None = None) -> Path:
+          commit_id: tuple[str, bool] | None = None, machine_info: dict | None = None,
+          tag: str | None = None) -> Path:
     """Write results/<bench>/<date>-<commit>-<machine>.json (atomically) and regenerate the page.
 
     numbers: what the bench measured (JSON-serialisable). summary: one line for the page, the
@@ -124,7 +125,9 @@ def write(bench: str, numbers: dict, summary: str = "", argv: list[str] | None =
               "commit": sha, "dirty": dirty, "machine": m,
               "command": " ".join(argv if argv is not None else [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "summary": summary, "numbers": numbers}
-    path = root / bench / f"{record['date']}-{sha}-{machine_slug(m)}.json"
+    # tag: one run among several of the same bench at one commit (e.g. per student model)
+    suffix = "-" + re.sub(r"[^a-z0-9.]+", "-", tag.lower()).strip("-") if tag else ""
+    path = root / bench / f"{record['date']}-{sha}-{machine_slug(m)}{suffix}.json"
     with atomic_write(path) as f:
         json.dump(record, f, indent=1, default=str)
         f.write("\n")
