@@ -274,24 +274,4 @@ def make_chat_sp_tokenizer():
 
 def make_tiny_model_with(tokenizer, arch: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
     """make_tiny_model with another tokenizer (e.g. make_chat_sp_tokenizer())."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    torch.manual_seed(seed)
-    cfg = tiny_config(arch, len(tokenizer), layers=layers)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (tokenizer.bos_token_id,
-                                                            tokenizer.eos_token_id,
-                                                            tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-            elif "norm" in name and "weight" in name:
-                p.uniform_(0.5, 1.5)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return make_tiny_model(arch, out, layers=layers, seed=seed, tokenizer=tokenizer)
