@@ -11,16 +11,9 @@ import pytest
 import yaml
 
 from conftest import make_chat_sp_tokenizer, make_tiny_model_with
+from test_generate import DIALOGUES  # the generate tests' inputs, written by the teacher here too
 
 ROOT = Path(__file__).resolve().parents[1]
-DIALOGUES = [
-    "#Person1#: Hi, are you coming to the party tonight?\n#Person2#: Yes, I will bring some snacks.",
-    "#Person1#: Can you send me the report before the meeting?\n#Person2#: Yes, tomorrow morning.",
-    "#Person1#: The cat sleeps in the sun.\n#Person2#: The lazy dog sleeps too.",
-    "#Person1#: She goes to the dentist every year.\n#Person2#: She don't like it anyway.",
-    "#Person1#: Take one tablet twice a day with food.\n#Person2#: Thanks, I will call you back.",
-    "#Person1#: What are your weekend plans?\n#Person2#: The quick brown fox, as always.",
-]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
