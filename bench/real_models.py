@@ -66,32 +66,31 @@ def main() -> int:
     if missing:
         print(f"bench/real_models.py: skipped: {', '.join(missing)} not installed (`make models`)")
         return 0
-    work = WORK
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     rows = []
     for name in (BIG, MID, SMALL):
         rows.append(measure(["info", name]))
         rows.append(measure(["eval", name, "--engine", "llamacpp", "--task", "grammar",
                              "--limit", str(4 if args.quick else args.limit), "--max-new-tokens", "48",
-                             "--threads", threads, "--out", str(work / f"eval-{name}")]))
+                             "--threads", threads, "--out", str(WORK / f"eval-{name}")]))
     if not args.quick:
         # (1) ~0.5 of the parameters kept for Qwen, 0.7 for Gemma (its 262k-token embedding is
         # 63 % of the model: halving the rest leaves little)
         for name, target in ((BIG, "0.5"), (MID, "0.5"), (SMALL, "0.7")):
             rows.append(measure(["prune", name, "--target", target, "--task", "grammar",
-                                 "--out", str(work / f"pruned-{name}")]))
+                                 "--out", str(WORK / f"pruned-{name}")]))
         common = ["--task", "grammar", "--data", GRAMMAR, "--max-steps", str(args.steps),
                   "--batch-size", "1", "--max-length", "256"]
         rows.append(measure(["distill", "--teacher", BIG, "--student", MID, *common,
-                             "--out", str(work / "d-big-mid")]))
+                             "--out", str(WORK / "d-big-mid")]))
         rows.append(measure(["distill", "--teacher", BIG, "--student", MID, "--freeze", "embeddings",
-                             *common, "--out", str(work / "d-big-mid-frozen")]))
+                             *common, "--out", str(WORK / "d-big-mid-frozen")]))
         rows.append(measure(["distill", "--student", SMALL, "--alpha-ce", "1", *common,
-                             "--out", str(work / "d-small-ce")]))
+                             "--out", str(WORK / "d-small-ce")]))
     for r in rows:
         if r["command"].startswith("slm eval") and r["exit"] == 0:
             name = r["command"].split()[2]
-            m = json.loads((work / f"eval-{name}" / "metrics.json").read_text())
+            m = json.loads((WORK / f"eval-{name}" / "metrics.json").read_text())
             r["gleu"] = round(100 * m["models"][0]["task"]["gleu"], 1)
             r["prompt"] = m["models"][0]["prompt"]
     big_info = rows[0]

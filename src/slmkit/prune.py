@@ -607,14 +607,10 @@ def _index(keep: dict, j: int, src: Shape, hd: int) -> dict:
             "ffn2": torch.cat([ffn, src.ffn + ffn])}
 
 
-def prune_state_dict(state: dict, keep: dict, src: Shape, hd: int, arch: archs.Arch) -> dict:
-    """Slice every tensor to the kept layers / heads / channels; layers are renumbered 0..L'-1."""
-    return dict(pruned_tensors(state, keep, src, hd, arch))
-
-
 def pruned_tensors(state: dict, keep: dict, src: Shape, hd: int, arch: archs.Arch):
-    """prune_state_dict one (key, tensor) at a time, so that a caller copying them into place
-    never holds a second whole cut model (a 1.5B cut to half: 1.8 GB in bf16)."""
+    """Every tensor of `state` sliced to the kept layers / heads / channels, layers renumbered
+    0..L'-1, as (key, tensor) one at a time: a caller copying them into place never holds a
+    second whole cut model (a 1.5B cut to half: 1.8 GB in bf16)."""
     position = {layer: j for j, layer in enumerate(keep["layers"])}
     outer = _index(keep, 0, src, hd) if keep["layers"] else {}  # hidden is the same everywhere
     for key, t in state.items():

@@ -290,9 +290,9 @@ def _measure_llamacpp(path: Path, prompt_tokens: int, new_tokens: int, requests:
     runs = [run(new_tokens) for _ in bar.counting(range(requests))]
     joules = meter.stop()
     bar.close()
-    from gguf import GGUFReader
+    from slmkit.models import describe_gguf
 
-    params = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    params = describe_gguf(Path(path))["parameters"]
     return summarize([r[0] for r in runs], [r[1] for r in runs], len(ids)) | {
         "batch": None, "batched_prefill_tokens_per_s": None, "batched_decode_tokens_per_s": None,
         "energy_j_per_token": joules / (requests * new_tokens), "energy_estimated": meter.estimated,
