@@ -634,7 +634,7 @@ def test_recipe_unlabelled_file_adds_inputs_to_label(tmp_path, tiny_llama, task_
     monkeypatch.setattr("slmkit.generate.generate", fake)
     recipe = load_recipe(label_recipe(tmp_path, tiny_llama, data, {"label": ""},
                                       "unlabelled: more.jsonl"))
-    assert recipe.unlabelled == str((tmp_path / "more.jsonl").resolve())
+    assert recipe.unlabelled == [str((tmp_path / "more.jsonl").resolve())]
     pipeline.build(recipe, runs=tmp_path / "runs")
     assert [r["id"] for r in seen[0]] == [f"d{i}" for i in range(6, 12)] + ["m0", "m1"]
     human = read_rows(tmp_path / "runs" / "lab" / "data" / "human.jsonl")

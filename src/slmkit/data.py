@@ -123,6 +123,27 @@ def held_out(rows: list[dict], fraction: float = EVAL_FRACTION, most: int = EVAL
     return [i in chosen for i in range(len(rows))]
 
 
+# A dev set's parts (`eval_part:` of a recipe): a quarter to score (test), a quarter to choose
+# settings on (validation), the rest free for training. Whole quarters keep each part near the
+# 200 lines a paired difference of a few points needs.
+DEV_PARTS = {"test": 0.25, "validation": 0.25}
+
+
+def dev_part(prompt: str) -> str:
+    """`test`, `validation` or `train`: the part of a dev set a line belongs to, from a hash of
+    its task prompt (the input alone, never the reference). The same line lands in the same part
+    on every machine, whatever the file's order or other lines, so a part chosen on never leaks
+    into the part reported, and data the teacher writes can be kept out of both by its text."""
+    import hashlib
+
+    u = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64
+    for part, share in DEV_PARTS.items():
+        if u < share:
+            return part
+        u -= share
+    return "train"
+
+
 # --------------------------------------------------------------------------- tokenisation
 
 def apply_chat_template(tokenizer, messages: list[dict], **kw) -> str:

@@ -120,6 +120,7 @@ class Context:
     unlabelled: str | None = None  # the data's lines without a target, for the label stage
     eval_data: str = ""
     eval_split: str | None = "eval"
+    keep_out: str | None = None  # eval lines the teacher's data must stay clear of (eval_part: both parts)
     report: str | None = None
     gguf: str | None = None
     teacher_cache: str | None = None  # the generate stage's top-k of the teacher (topk_cache)
@@ -149,7 +150,8 @@ def stage_generate(ctx: Context, opts: dict) -> dict:
         for f in out.parent.glob("generated.*"):  # the output and its side files
             f.unlink()
     cfg = GenerateConfig(teacher=ctx.teacher, task=ctx.task_arg, inputs=ctx.data, out=str(out),
-                         decontaminate=ctx.eval_data if ctx.eval_split is None else None,
+                         decontaminate=ctx.keep_out or (ctx.eval_data if ctx.eval_split is None
+                                                        else None),
                          trust_remote_code=ctx.recipe.trust_remote_code,
                          **{"seed": ctx.recipe.seed, **opts})
     stats = generate(cfg)
@@ -164,20 +166,28 @@ def stage_label(ctx: Context, opts: dict) -> dict:
     teacher.jsonl (generate's output), teacher.topk.safetensors (its top-k log-probs in the
     `--teacher-cache` format, for `slm distill --data data/teacher.jsonl`; `topk_logprobs: 0`
     turns it off) and combined.jsonl (the data's lines, then the teacher's marked `meta.source:
-    teacher`), which prune and distill read. The build's distill does not read the cache: a
-    --teacher-cache must cover every line of its data, the human ones too; the online teacher does."""
+    teacher`), which prune and distill read. A GGUF teacher also scores the human lines
+    (human.topk.safetensors) and both files become combined.topk.safetensors, which the build's
+    distill reads instead of running the teacher (with nothing to label: the human lines' file
+    alone). Other teachers teach distill online: a --teacher-cache must cover every line."""
+    folder = ctx.run_dir / "data"
+    cached = (opts.get("topk_logprobs", MAX_LOGPROBS) and "distill" in ctx.recipe.stages
+              and gguf_teacher(ctx.best_teacher))
     if not ctx.unlabelled:
         _log("[label] no line without a target: nothing to label")
-        return {"data": ctx.data, "labelled": 0}
+        if not cached:
+            return {"data": ctx.data, "labelled": 0}
+        # the teacher still reads every human line once, so distill needs no teacher forward
+        return {"data": ctx.data, "labelled": 0,
+                "teacher_cache": str(_score_human_lines(ctx, folder, folder / "teacher.topk.safetensors"))}
     from slmkit.generate import GenerateConfig, generate
 
-    folder = ctx.run_dir / "data"
     out = folder / "teacher.jsonl"
     if ctx.fresh:  # answers written under other inputs must not count as done
         for f in folder.glob("teacher.*"):
             f.unlink()
-    eval_set = ctx.eval_data if ctx.eval_split is None else _held_out_lines(ctx.eval_data,
-                                                                            folder / "heldout.jsonl")
+    eval_set = ctx.keep_out or (ctx.eval_data if ctx.eval_split is None else
+                                _held_out_lines(ctx.eval_data, folder / "heldout.jsonl"))
     opts = {"n": 1, "topk_logprobs": MAX_LOGPROBS, **opts}
     if opts["n"] == 1:
         opts.setdefault("temperature", 0.0)
@@ -185,6 +195,7 @@ def stage_label(ctx: Context, opts: dict) -> dict:
                                     inputs=ctx.unlabelled, out=str(out), decontaminate=eval_set,
                                     trust_remote_code=ctx.recipe.trust_remote_code,
                                     **{"seed": ctx.recipe.seed, **opts}))
+    from slmkit import topk_cache
     from slmkit.data import read_jsonl
 
     answered = [row for _, row in read_jsonl(out)] if out.is_file() and out.read_text().strip() else []
@@ -198,8 +209,38 @@ def stage_label(ctx: Context, opts: dict) -> dict:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     _log(f"[label] the teacher answered {len(answered)} of {stats['inputs']} unlabelled lines "
          f"(dropped: {json.dumps(stats['dropped'])})")
-    return {"data": str(combined), "labelled": len(answered), "teacher_data": str(out),
-            "stats": stats}
+    outputs = {"data": str(combined), "labelled": len(answered), "teacher_data": str(out),
+               "stats": stats}
+    if cached and stats.get("topk_cache"):
+        # one file of the top-k captured while it answered and of the human lines
+        human = _score_human_lines(ctx, folder, folder / "human.topk.safetensors")
+        outputs["teacher_cache"] = str(topk_cache.merge([stats["topk_cache"], human],
+                                                        folder / "combined.topk.safetensors"))
+    return outputs
+
+
+def gguf_teacher(teacher: str) -> bool:
+    """A packaged name or .gguf teacher: a model too big to run beside the student at every
+    step, and already the file a laptop runs. The label stage writes its top-k for distill; the
+    report scores the file as it is. A folder and `default` teach online, with their full
+    distributions."""
+    return teacher != models.DEFAULT and models.gguf_path(teacher) is not None
+
+
+def _score_human_lines(ctx: Context, folder: Path, dest: Path) -> Path:
+    """The teacher's top-k on the human lines (teacher-forced: one batched pass over each line's
+    prompt and reference), written to `dest`."""
+    from slmkit.distill import DistillConfig, cache_teacher
+
+    dist = ctx.recipe.stages["distill"]
+    human = dest
+    cfg = DistillConfig(student=ctx.best_teacher, teacher=ctx.best_teacher, data=ctx.data,
+                        task=ctx.task_arg, out=str(human), device=ctx.recipe.device,
+                        batch_size=8, trust_remote_code=ctx.recipe.trust_remote_code,
+                        **{k: dist[k] for k in ("max_length", "eval_fraction", "eval_max")
+                           if k in dist})
+    _log(f"[label] the teacher's top-k on the {ctx.data and Path(ctx.data).name} lines")
+    return cache_teacher(cfg, human, k=MAX_LOGPROBS)
 
 
 def _held_out_lines(path: str, out: Path) -> str | None:
@@ -246,14 +287,15 @@ def stage_prune(ctx: Context, opts: dict) -> dict:
 
 
 def stage_distill(ctx: Context, opts: dict) -> dict:
-    """A served teacher whose top-k the generate stage captured teaches from that file (every line
-    of the data is the teacher's, so the cache covers it): no prompt log-probs are asked of the
-    server. Otherwise the teacher is asked online (a served one with vLLM's prompt_logprobs)."""
+    """A served or GGUF teacher whose top-k the generate stage captured (every line of the data
+    is the teacher's) or the label stage wrote (its answers and the human lines) teaches from
+    that file: no prompt log-probs are asked of a server, no 1.5B runs beside the student.
+    Otherwise the teacher is asked online (a served one with vLLM's prompt_logprobs)."""
     from slmkit.served_teacher import is_served
 
     init = ctx.student or ctx.best_teacher
     teacher, wired = ctx.best_teacher, {}
-    if is_served(teacher) and ctx.teacher_cache and Path(ctx.teacher_cache).is_file():
+    if (is_served(teacher) or gguf_teacher(teacher)) and ctx.teacher_cache and Path(ctx.teacher_cache).is_file():
         teacher, wired = None, {"teacher_cache": ctx.teacher_cache}
         opts = {k: v for k, v in opts.items() if k != "teacher_tokenizer"}  # the file aligns itself
     out = _train(ctx, opts, student=init, teacher=teacher, out=ctx.run_dir / "student", **wired)
@@ -275,20 +317,33 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
     if ctx.gguf:  # the exported files, run through llama.cpp as `slm chat` and Ollama run them
         quant = ctx.recipe.stages["export"].get("quant", EXPORT_QUANT)
         opts = {"engine": "llamacpp", **opts}
-        if opts["engine"] == "llamacpp" and models.gguf_path(ctx.teacher):
+        if opts["engine"] == "llamacpp" and ctx.teacher == models.DEFAULT:
             # the embedded default is itself a GGUF: its zero-shot row stays on PyTorch, so only
-            # the exports' rows are llama.cpp's
+            # the exports' rows are llama.cpp's (another GGUF teacher's row is its own file as a
+            # laptop runs it)
             specs[names.index("teacher (zero-shot)")] = str(models.resolve(
                 ctx.teacher, trust_remote_code=ctx.recipe.trust_remote_code))
+        engine = "llama.cpp" if opts["engine"] == "llamacpp" else "torch"
         if ctx.teacher_gguf:
             specs.append(ctx.teacher_gguf)
-            names.append(f"teacher {quant} (llama.cpp)")
+            names.append(f"teacher {quant} ({engine})")
         specs.append(ctx.gguf)
-        names.append(f"{'student' if ctx.student else 'teacher'} {quant} (llama.cpp)")
+        names.append(f"{'student' if ctx.student else 'teacher'} {quant} ({engine})")
     out = ctx.run_dir / "report"
     evaluate(EvalConfig(specs, names=names, task=ctx.task_arg, data=ctx.eval_data,
                         split=ctx.eval_split, out=str(out), device=ctx.recipe.device,
                         trust_remote_code=ctx.recipe.trust_remote_code, **opts))
+    if gguf_teacher(ctx.teacher) and ctx.gguf and ctx.student and ctx.eval_data:
+        # the teacher's file and the student's, as a laptop runs them: what one query costs
+        from slmkit import scorecard
+
+        metrics = models.read_json(out / "metrics.json", fix="run the eval stage again")
+        exported = names[-1]
+        costs = scorecard.measure({"teacher (zero-shot)": models.gguf_path(ctx.teacher),
+                                   exported: Path(ctx.gguf)})
+        card = scorecard.build(metrics, "teacher (zero-shot)", exported, costs)
+        scorecard.write(out, card)
+        _log(f"[eval] {card['headline']} ({out / 'scorecard.md'})")
     return {"report": str(out)}
 
 
@@ -305,6 +360,8 @@ def stage_export(ctx: Context, opts: dict) -> dict:
     export(ExportConfig(ctx.student or ctx.best_teacher, str(out), **opts))
     if not ctx.student or ctx.best_teacher.startswith("openai:"):  # an API teacher has no weights
         return {"gguf": str(out)}
+    if gguf_teacher(ctx.best_teacher):
+        return {"gguf": str(out)}  # a GGUF teacher is already the file a laptop runs: eval runs it
     # the teacher in the same quant: the report compares like with like
     teacher = folder / f"{ctx.recipe.name}-teacher-{opts['quant']}.gguf"
     export(ExportConfig(ctx.best_teacher, str(teacher), **opts))
@@ -338,24 +395,34 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
                        f, sort_keys=False)
     manifest = Manifest(run_dir / "manifest.json")
     data = str(preset_data(recipe.task.name)) if recipe.data == "preset" else recipe.data
+    more, parts = recipe.unlabelled, None
+    if recipe.eval_part:
+        data, more, parts = split_dev(recipe, data, run_dir / "data")
     unlabelled = None
     if "label" in recipe.stages:
         if "topics" in recipe.stages["label"]:
             raise UsageError(f"{recipe.path}: stages.label.topics: the label stage answers the "
                              "data's lines that have no target; give topics to the generate stage")
-        data, unlabelled = split_unlabelled(data, recipe.task, run_dir / "data", recipe.unlabelled)
-    if not recipe.eval_data:  # held out from the labelled lines only: eval needs references
+        data, unlabelled = split_unlabelled(data, recipe.task, run_dir / "data", more)
+    if parts:
+        _log(f"[eval] the {recipe.eval_part} part of {models.shown(recipe.eval_data or recipe.data)} "
+             f"is scored; no line of its validation or test part is trained on")
+        eval_data, eval_split = parts[recipe.eval_part], None
+    elif recipe.eval_data:
+        eval_data, eval_split = recipe.eval_data, None
+    else:  # held out from the labelled lines only: eval needs references
         data = ensure_split(data, run_dir / "data" / "split.jsonl")
+        eval_data, eval_split = data, "eval"
     ctx = Context(recipe=recipe, run_dir=run_dir, teacher=recipe.teacher, data=data,
-                  unlabelled=unlabelled, eval_data=recipe.eval_data or data,
-                  eval_split=None if recipe.eval_data else "eval")
+                  unlabelled=unlabelled, eval_data=eval_data, eval_split=eval_split,
+                  keep_out=parts and parts["heldout"])
     if recipe.student:
         ctx.student = recipe.student
     preflight(recipe)
     from slmkit.data import file_hash
 
     upstream = _sha({"teacher": model_fingerprint(recipe.teacher), "task": repr(recipe.task),
-                     "data": file_hash(data), "eval": file_hash(ctx.eval_data),
+                     "data": file_hash(data), "eval": file_hash(ctx.keep_out or ctx.eval_data),
                      "seed": recipe.seed})
     forced = False
     total = time.time()
@@ -367,6 +434,8 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
         reads = ({"teacher": model_fingerprint(ctx.best_teacher),
                   "unlabelled": ctx.unlabelled and file_hash(ctx.unlabelled)}
                  if stage == "label" else {})
+        if stage == "eval" and ctx.keep_out:  # the part scored: switching it reruns eval alone
+            reads = {"eval_data": file_hash(ctx.eval_data)}
         key = _sha({"stage": stage, "opts": opts, "upstream": upstream} | reads)
         upstream = key
         forced = forced or stage == from_stage
@@ -426,7 +495,8 @@ def preflight(recipe: Recipe) -> None:
 
     quant = recipe.stages["export"].get("quant", EXPORT_QUANT)
     student = recipe.teacher if "prune" in recipe.stages or not recipe.student else recipe.student
-    exported = [m for m in dict.fromkeys([student, recipe.teacher]) if not m.startswith("openai:")]
+    exported = [m for m in dict.fromkeys([student] + ([] if gguf_teacher(recipe.teacher) else [recipe.teacher]))
+                if not m.startswith("openai:")]  # a GGUF teacher is scored as it is, not exported
     for model in exported:
         try:
             check_exportable(model, quant, trust_remote_code=trust)
@@ -434,22 +504,24 @@ def preflight(recipe: Recipe) -> None:
             raise UsageError(f"{recipe.path}: stages.export: {model}: {e}") from None
 
 
-def split_unlabelled(path: str, task, folder: Path, more: str | None = None) -> tuple[str, str | None]:
+def split_unlabelled(path: str, task, folder: Path, more: list[str] | None = None) -> tuple[str, str | None]:
     """(labelled data, unlabelled inputs): the lines whose task target is missing or empty go to
     `folder`/unlabelled.jsonl, the rest to `folder`/human.jsonl; the lines of `more` (the
-    recipe's `unlabelled:` file, inputs only) follow them in unlabelled.jsonl. A line marked
+    recipe's `unlabelled:` files, inputs only) follow them in unlabelled.jsonl. A line marked
     "split": "eval" always stays with the data, so the eval set is never labelled into training.
     With nothing to label, (path, None): the data is used as it is."""
     from slmkit.data import read_jsonl
 
     rows = read_jsonl(path)
     todo = {n for n, row in rows if row.get("split") != "eval" and not task.references(row)}
-    extra = read_jsonl(more) if more else []
-    for n, row in extra:
-        if task.references(row):  # a target here would be silently replaced by the teacher's
-            raise UsageError(f"{more}:{n}: has a `{task.target}`; the `unlabelled:` file holds "
-                             "inputs only (put labelled lines in `data`)")
-        task.check(row, f"{more}:{n}")
+    extra = []
+    for file in more or []:
+        for n, row in read_jsonl(file):
+            if task.references(row):  # a target here would be silently replaced by the teacher's
+                raise UsageError(f"{file}:{n}: has a `{task.target}`; the `unlabelled:` file holds "
+                                 "inputs only (put labelled lines in `data`)")
+            task.check(row, f"{file}:{n}")
+            extra.append((n, row))
     if not todo and not extra:
         return path, None
     if len(todo) == len(rows):
@@ -465,6 +537,45 @@ def split_unlabelled(path: str, task, folder: Path, more: str | None = None) -> 
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n"
                      for row in [r for n, r in rows if n in todo] + [r for _, r in extra])
     return str(human), str(unlabelled)
+
+
+def split_dev(recipe: Recipe, data: str, folder: Path) -> tuple[str, str | None, dict]:
+    """`eval_part:`: the dev set (eval_data, else data) cut into its parts by data.dev_part.
+    Returns (training data, unlabelled inputs, {"validation", "test": each part's lines,
+    "heldout": both}). When the dev set is also the training data, only its train part is
+    trained on; when it is also the `unlabelled:` file, its train part's inputs are (their
+    references dropped: the teacher answers them)."""
+    from slmkit.data import dev_part, read_jsonl
+
+    task, source = recipe.task, recipe.eval_data or data
+    rows = read_jsonl(source)
+    parts: dict[str, list] = {"train": [], "validation": [], "test": []}
+    for n, row in rows:
+        task.check(row, f"{models.shown(source)}:{n}")
+        parts[dev_part(task.prompt(row))].append(row)
+    out = {}
+    for name, lines in (("validation", parts["validation"]), ("test", parts["test"]),
+                        ("heldout", parts["validation"] + parts["test"])):
+        if name != "heldout" and not lines:
+            raise UsageError(f"{models.shown(source)}: no line falls in its {name} part "
+                             f"({len(rows)} lines); eval_part needs a dev set of a few dozen lines")
+        out[name] = str(folder / f"{name}.jsonl")
+        _write_rows(folder / f"{name}.jsonl", lines)
+    if not recipe.eval_data:
+        data = str(folder / "train.jsonl")
+        _write_rows(Path(data), parts["train"])
+    more = list(recipe.unlabelled or [])
+    for i, extra in enumerate(more):
+        if Path(extra) == Path(source):
+            more[i] = str(folder / "dev-inputs.jsonl")
+            _write_rows(Path(more[i]), [{f: row[f] for f in task.fields()} for row in parts["train"]])
+    return data, more or None, out
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with models.atomic_write(path) as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def ensure_split(path: str, out: Path) -> str:
@@ -490,6 +601,8 @@ def print_summary(result: dict) -> None:
     report = final.get("report")
     if report and (Path(report) / "report.md").is_file():
         print((Path(report) / "report.md").read_text())
+    if report and (Path(report) / "scorecard.md").is_file():
+        print((Path(report) / "scorecard.md").read_text())
     print()
     for label, key in (("report", "report"), ("student", "student"), ("gguf", "gguf")):
         if final.get(key):

@@ -8,6 +8,7 @@ Every error names the recipe file, the line and the key, e.g.
     task: summarize            # a preset name, or {template, target, metric[, references_field]}
     data: preset               # `preset` (the task's shipped examples) or a JSONL path
     # data: $SLMKIT_DATA/x.jsonl   # data a user brings: the folder $SLMKIT_DATA names (./data)
+    # eval_part: test            # score a dev set's test part; `validation` while choosing settings
     # data_source: "..."         # what that file is and where to get it, said when it is missing
     stages:                    # run in this order; leave a stage out to skip it
       tune_teacher: {max_steps: 40}
@@ -42,8 +43,11 @@ from slmkit.errors import UsageError, read_text
 STAGES = ("generate", "tune_teacher", "label", "prune", "distill", "export", "eval")
 # a run name is one path component: it names runs/NAME/ and the exported files
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "unlabelled", "seed", "device",
-            "stages", "description", "data_source"}
+TOP_KEYS = {"name", "teacher", "student", "task", "data", "eval_data", "eval_part", "unlabelled", "seed",
+            "device", "stages", "description", "data_source"}
+# `eval_part:` scores one part of a dev set (data.dev_part): choose settings on `validation`,
+# report `test`; the other part is kept out of training too
+EVAL_PARTS = ("validation", "test")
 # a data path that starts with this is read from the user's data folder, not the recipe's: a
 # shipped recipe can name data that slmkit does not ship without pointing outside the package
 DATA_VAR = "$SLMKIT_DATA"
@@ -77,8 +81,11 @@ class Recipe:
     device: str | None
     student: str | None = None
     """Initial student when there is no prune stage (e.g. with an API teacher)."""
-    unlabelled: str | None = None
-    """More inputs for the label stage (an absolute path): lines with the task's input fields only."""
+    unlabelled: list[str] | None = None
+    """More inputs for the label stage (absolute paths): lines with the task's input fields only."""
+    eval_part: str | None = None
+    """`validation` or `test`: score that part of the dev set (eval_data, else data) and train on
+    none of its validation and test lines (data.dev_part)."""
     stages: dict = field(default_factory=dict)
     """stage name -> options dict (validated)."""
     raw: dict = field(default_factory=dict)
@@ -249,12 +256,20 @@ def load_recipe(path: str | Path, trust_remote_code: bool = False) -> Recipe:
         raise UsageError(f"{path}:{doc.line('teacher')}: an API teacher (openai:...) has no weights "
                          "to tune or prune; use only generate/label/distill/eval/export and set "
                          "`student:`")
-    unlabelled = _data_path(doc, path, "unlabelled")
+    unlabelled = _unlabelled(doc, path)
     if unlabelled and "label" not in stages:
         raise UsageError(f"{path}:{doc.line('unlabelled')}: unlabelled: inputs for the teacher to "
                          "answer need a `label` stage (e.g. `label: {}` under stages)")
-    return Recipe(path=path, name=name, teacher=teacher, task=task, data=data,
-                  eval_data=_data_path(doc, path, "eval_data"), unlabelled=unlabelled, seed=seed,
+    eval_part = _text(doc, path, "eval_part")
+    if eval_part is not None and eval_part not in EVAL_PARTS:
+        raise UsageError(f"{path}:{doc.line('eval_part')}: eval_part: {eval_part!r} is not one of "
+                         f"{', '.join(EVAL_PARTS)} (choose settings on validation, report test)")
+    eval_data = _data_path(doc, path, "eval_data")
+    if eval_part and data == "preset" and not eval_data:
+        raise UsageError(f"{path}:{doc.line('eval_part')}: eval_part: needs a dev set to split; "
+                         "give `eval_data:` (or `data:`) a JSONL file")
+    return Recipe(path=path, name=name, teacher=teacher, task=task, data=data, eval_part=eval_part,
+                  eval_data=eval_data, unlabelled=unlabelled, seed=seed,
                   device=_text(doc, path, "device"), student=_model_spec(doc, path, "student"),
                   stages=stages, raw=_plain(doc), trust_remote_code=trust_remote_code)
 
@@ -295,6 +310,24 @@ def _data_path(doc: Node, path: Path, key: str) -> str | None:
         raise UsageError(f"{path}:{doc.line(key)}: {key}: file `{value}` does not exist "
                          f"(relative paths are read from the recipe's folder)")
     return str(p.resolve())
+
+
+def _unlabelled(doc: Node, path: Path) -> list[str] | None:
+    """`unlabelled:` as one JSONL path or a list of them; each checked as `data:` is."""
+    value = doc.get("unlabelled")
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return [_data_path(doc, path, "unlabelled")]
+    if not value or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{path}:{doc.line('unlabelled')}: unlabelled: give a JSONL path or a "
+                         "list of them")
+    out = []
+    for v in value:  # each item read as a one-key document, so errors name the same line and key
+        one = Node({"unlabelled": v, **{k: doc[k] for k in ("data_source",) if k in doc}})
+        one.lines = {"unlabelled": doc.line("unlabelled"), "data_source": doc.line("data_source")}
+        out.append(_data_path(one, path, "unlabelled"))
+    return out
 
 
 def _task(doc: Node, path: Path, name: str):

@@ -155,6 +155,29 @@ class Reader:
         return tokens, spans, ids, lp
 
 
+def merge(paths, dest) -> Path:
+    """One file of the examples of several v2 files of the same teacher (the same vocabulary
+    and k): the label stage's top-k of the teacher's answers, captured while it wrote them, and
+    of the human lines, scored after. A key in two files keeps the first file's rows."""
+    from safetensors.torch import save_file
+
+    readers = [Reader(p) for p in paths]
+    first = readers[0]
+    tensors, meta = {}, first.file.metadata()
+    for r in readers:
+        if r.vocab != first.vocab or r.k != first.k:
+            raise UsageError(f"{r.path} and {first.path}: top-k of different teachers (vocabulary "
+                             "or k differ) cannot be merged into one cache")
+        for key in r.file.keys():
+            tensors.setdefault(key, r.file.get_tensor(key))
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta | {"source": "+".join(
+        dict.fromkeys(r.file.metadata().get("source", "?") for r in readers))})
+    os.replace(tmp, dest)
+    return dest
+
+
 # --------------------------------------------------------------------------- v1 (read only)
 
 def open_v1(path, tokenizer_hash: str, data_path, cfg):

@@ -1,0 +1,116 @@
+"""The scorecard of a build: each model's quality on the task beside what one query costs as a
+laptop runs it (llama.cpp: file size, peak memory, decode speed, seconds a query), and the line
+a user decides on:
+
+    student: 96 % of the teacher's GLEU at 1/8.6 of its file size and 6.1x its decode speed
+
+Written by `slm build` next to the report (report/scorecard.md, scorecard.json) when the teacher
+is a GGUF file the student can be compared with as shipped. Costs are measured in fresh
+processes (slmkit.speed), one request at a time, on the cores this machine lends; the quality is
+the report's (report/metrics.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# the headline score of each metric in metrics.json's `task` entry
+HEADLINE = {"gleu": ("gleu", "GLEU"), "rouge": ("rougeL", "ROUGE-L"), "f1": ("f1", "F1")}
+
+
+def quality(entry: dict, metric: str) -> float | None:
+    """The task's headline score of one report row (0-100), or None when it was not scored."""
+    key = HEADLINE.get(metric, ("f1", ""))[0]
+    value = (entry.get("task") or {}).get(key)
+    return None if value is None else 100 * value
+
+
+def measure(files: dict[str, Path], prompt_tokens: int = 128, new_tokens: int = 64,
+            requests: int = 3) -> dict[str, dict]:
+    """name -> llama.cpp's cost of one query of `prompt_tokens` in and `new_tokens` out."""
+    from slmkit import speed
+
+    return {name: speed.measure_in_subprocess(path, engine="llamacpp", prompt_tokens=prompt_tokens,
+                                              new_tokens=new_tokens, requests=requests)
+            for name, path in files.items()}
+
+
+def build(metrics: dict, teacher: str, student: str, costs: dict[str, dict]) -> dict:
+    """The scorecard of report rows `teacher` and `student` (names in metrics["models"]); costs:
+    row name -> speed.measure's dict for the file that row runs."""
+    metric = metrics.get("metric") or "rouge"
+    label = HEADLINE.get(metric, ("", metric.upper()))[1]
+    rows = []
+    for entry in metrics["models"]:
+        cost = costs.get(entry["name"], {})
+        rows.append({"name": entry["name"], "quality": quality(entry, metric),
+                     "bytes_on_disk": cost.get("bytes_on_disk"),
+                     "peak_rss_bytes": cost.get("peak_rss_bytes"),
+                     "decode_tokens_per_s": cost.get("decode_tokens_per_s"),
+                     "prefill_tokens_per_s": cost.get("prefill_tokens_per_s"),
+                     "seconds_per_query": cost.get("latency_p50_s")})
+    for base in metrics.get("baselines") or []:
+        rows.append({"name": base["name"], "quality": quality(base, metric), "bytes_on_disk": 0,
+                     "peak_rss_bytes": None, "decode_tokens_per_s": None,
+                     "prefill_tokens_per_s": None, "seconds_per_query": 0.0})
+    by = {r["name"]: r for r in rows}
+    t, s = by[teacher], by[student]
+    card = {"metric": label, "n_examples": metrics.get("n_examples"), "teacher": teacher,
+            "student": student, "rows": rows, "query": _query(costs)}
+    if t["quality"] and s["quality"] is not None:
+        card["share_of_teacher"] = s["quality"] / t["quality"]
+    if t["bytes_on_disk"] and s["bytes_on_disk"]:
+        card["size_ratio"] = t["bytes_on_disk"] / s["bytes_on_disk"]
+    if t["decode_tokens_per_s"] and s["decode_tokens_per_s"]:
+        card["speed_ratio"] = s["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+    card["headline"] = headline(card)
+    return card
+
+
+def _query(costs: dict) -> dict | None:
+    one = next(iter(costs.values()), None)
+    if one is None:
+        return None
+    return {k: one.get(k) for k in ("prompt_tokens", "new_tokens", "requests", "threads",
+                                    "load_average")}
+
+
+def headline(card: dict) -> str:
+    parts = []
+    if "share_of_teacher" in card:
+        parts.append(f"{100 * card['share_of_teacher']:.0f} % of the teacher's {card['metric']}")
+    if "size_ratio" in card:
+        parts.append(f"at 1/{card['size_ratio']:.1f} of its file size")
+    if "speed_ratio" in card:
+        parts.append(f"and {card['speed_ratio']:.1f}x its decode speed")
+    return "student: " + " ".join(parts) if parts else "student: not comparable (no scores)"
+
+
+def markdown(card: dict) -> str:
+    gb = lambda b: f"{b / 2**30:.2f}" if b else "-"  # noqa: E731
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    q = card["query"] or {}
+    lines = [f"**{card['headline']}**", "",
+             f"{card['metric']} on {card['n_examples']} examples; cost of one query of "
+             f"{q.get('prompt_tokens', '?')} prompt tokens and {q.get('new_tokens', '?')} new tokens "
+             f"through llama.cpp on {q.get('threads', '?')} thread(s) (load average "
+             f"{q.get('load_average', '?')}), one request at a time.", "",
+             f"| model | {card['metric']} | file GiB | peak RSS GiB | decode tok/s | prompt tok/s | s / query |",
+             "|---|---|---|---|---|---|---|"]
+    for r in card["rows"]:
+        lines.append(f"| {r['name']} | {num(r['quality'], '.1f')} | {gb(r['bytes_on_disk'])} | "
+                     f"{gb(r['peak_rss_bytes'])} | {num(r['decode_tokens_per_s'], '.1f')} | "
+                     f"{num(r['prefill_tokens_per_s'], '.0f')} | {num(r['seconds_per_query'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, card: dict) -> Path:
+    from slmkit import models
+
+    out = Path(out)
+    with models.atomic_write(out / "scorecard.json") as f:
+        json.dump(card, f, indent=2)
+    with models.atomic_write(out / "scorecard.md") as f:
+        f.write(markdown(card))
+    return out / "scorecard.md"
