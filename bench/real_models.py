@@ -18,10 +18,8 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,25 +33,7 @@ GRAMMAR = "src/slmkit/presets/grammar.jsonl"  # the verbs run in the repository 
 
 
 def measure(args: list[str]) -> dict:
-    """Run `slm ARGS` in a fresh process: wall seconds, its own peak RSS (GiB, from wait4: not
-    the largest of all children so far) and exit code."""
-    start = time.monotonic()
-    with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-m", "slmkit", *args], stdout=subprocess.DEVNULL,
-                             stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        last = (err.read().strip().splitlines() or ["?"])[-1]
-    # the record names the scratch folder $WORK: its real path is this machine's business
-    row = {"command": "slm " + " ".join(args).replace(str(WORK), "$WORK"),
-           "seconds": round(time.monotonic() - start, 1),
-           "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": p.returncode}
-    if p.returncode != 0:
-        row["error"] = last[:300]
-    print(f"{row['seconds']:>8.1f} s {row['peak_rss_gib']:>6.2f} GiB exit {row['exit']}  {row['command']}",
-          flush=True)
-    return row
+    return results.run_slm(args, ROOT, scratch=WORK)
 
 
 def main() -> int:

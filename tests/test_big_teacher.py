@@ -224,3 +224,30 @@ def test_scorecard_says_share_size_and_speed():
     md = scorecard.markdown(card)
     assert "| copy the input | 37.0 |" in md and "| student | 52.0 | - |" in md
     assert "| teacher (zero-shot) | 54.0 | 0.96 | 2.00 | 6.0 |" in md
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_and_saves_a_plain_merged_model(tmp_path, tiny_llama, cli):
+    """--lora: only the adapters train (the optimizer state is tiny), the saved model is a plain
+    checkpoint of the original shapes whose weights moved, and a killed run resumes."""
+    pytest.importorskip("peft")
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_rows(tmp_path / "d.jsonl", dialogues(12))
+    args = ("distill", "--student", tiny_llama, "--data", data, "--task", "summarize",
+            "--alpha-ce", "1", "--max-steps", "4", "--batch-size", "2", "--lr", "1e-2",
+            "--lora", "4", "--save-every", "2")
+    code, _, err = cli(*args, "--out", tmp_path / "s", "--stop-after", "2")
+    assert code == 0, err
+    code, _, err = cli(*args, "--out", tmp_path / "s", "--resume")
+    assert code == 0, err
+    before = load_file(str(Path(tiny_llama) / "model.safetensors"))
+    after = load_file(str(tmp_path / "s" / "model.safetensors"))
+    assert set(after) == set(before) and not any("lora" in k for k in after)
+    moved = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
+    assert moved and all("proj" in k for k in moved)  # the blocks' linear layers, no embedding
+    record = json.loads((tmp_path / "s" / "training_record.json").read_text())
+    assert record["steps"] == 4 and record["config"]["lora"] == 4
+    code, _, err = cli(*args[:-4], "--lora", "4", "--fsdp", "--out", tmp_path / "x")
+    assert code == 2 and "--lora trains adapters only" in err

@@ -112,6 +112,10 @@ class DistillConfig:
     edit_weight: float = option(1.0, "answer tokens that do not copy the prompt (a correction's "
                                 "edits) weigh this many times the copied ones in KD and CE; each "
                                 "example's weights still average 1 (1 = off)", check=POSITIVE)
+    lora: int = option(0, "train rank-R low-rank adapters on the blocks' linear layers instead of "
+                       "every weight (LoRA, `pip install -e .[lora]`): a teacher too big to "
+                       "fine-tune whole in memory; merged into the saved model (0 = off)",
+                       check=NOT_NEGATIVE)
     freeze: str = option("none", "weights that stay as pruned: embeddings (the token embeddings and "
                          "output head: with Adam every step moves every row, also of the words the "
                          "data never shows), attention (also every layer's attention), or none",
@@ -225,6 +229,9 @@ class DistillConfig:
         if self.teacher_tokenizer and not is_served(self.teacher):
             raise UsageError("--teacher-tokenizer names a served teacher's tokenizer: it needs "
                              "--teacher openai:NAME@URL (a local teacher brings its own)")
+        if self.lora and (self.fsdp or self.freeze != "none"):
+            raise UsageError("--lora trains adapters only, every weight of the model stays: drop "
+                             "--fsdp and --freeze")
         if self.teacher_cache and self.temperature != 1:
             raise UsageError("--teacher-cache holds log-probs at temperature 1; drop --temperature "
                              "or use an online --teacher")
@@ -365,7 +372,7 @@ FINGERPRINT_KEYS = ("student", "teacher", "task", "loss", "beta", "temperature",
                     "warmup_ratio", "clip", "max_length", "eval_fraction", "eval_max", "seed",
                     "dtype", "teacher_cache", "on_policy", "max_new_tokens", "prompt_kd",
                     "edit_weight", "teacher_dtype", "pack", "fsdp", "freeze", "hidden_kd",
-                    "cross_tokenizer", "teacher_tokenizer")
+                    "cross_tokenizer", "teacher_tokenizer", "lora")
 
 
 def fingerprint(cfg: DistillConfig, world: int, device) -> dict:
@@ -635,6 +642,8 @@ def setup(cfg: DistillConfig) -> Run | None:
                                            trust_remote_code=cfg.trust_remote_code)
     student.train()
     student.config.use_cache = False
+    if cfg.lora:
+        student = with_lora(student, cfg.lora)
     teacher = teachers.load(cfg, text_path, student, tokenizer, device, vocab)
     layer_map = None
     if cfg.hidden_kd > 0:  # only a ModelTeacher gets here (use_text_path, DistillConfig)
@@ -724,6 +733,18 @@ def diverging(start: dict, now: dict) -> str | None:
     if key in start and now[key] > 2 * start[key] + 0.05:
         return f"held-out {key[5:].upper()} rose from {start[key]:.3f} before training to {now[key]:.3f}"
     return None
+
+
+def with_lora(model, rank: int):
+    """The model with rank-`rank` LoRA adapters (alpha 2 x rank, no dropout) on every linear layer
+    of its blocks, attention and MLP; the embeddings and the head stay as they are. Only the
+    adapters train: a 1.5B's AdamW state is megabytes, not 12 GB."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("--lora needs peft: `pip install -e .[lora]` (or `pip install peft`)") from None
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules="all-linear"))
 
 
 def freeze(model, what: str) -> int:
@@ -1008,6 +1029,8 @@ def save_student(run: Run, last_row: dict, last_eval: dict, seconds: float) -> N
     full = sharding.full_state_dict(run.model) if run.cfg.fsdp else None  # every process takes part
     if run.main:
         student = sharding.unsharded_copy(run.model, full) if run.cfg.fsdp else run.student
+        if run.cfg.lora:  # the adapters folded into the weights: a plain model, as any other
+            student = student.merge_and_unload()
         record = {"config": dataclasses.asdict(run.cfg), "fingerprint": run.fp, "steps": run.step,
                   "total_steps": run.total, "tokens": run.tokens, "processes": run.world,
                   "device": str(run.device), "precision": precision.describe(run.device, run.cfg.bf16),

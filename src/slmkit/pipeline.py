@@ -171,8 +171,10 @@ def stage_label(ctx: Context, opts: dict) -> dict:
     distill reads instead of running the teacher (with nothing to label: the human lines' file
     alone). Other teachers teach distill online: a --teacher-cache must cover every line."""
     folder = ctx.run_dir / "data"
+    # the recipe's teacher decides: a GGUF one teaches from file even when tune_teacher made a
+    # folder of it (the tuned teacher is what answers and scores)
     cached = (opts.get("topk_logprobs", MAX_LOGPROBS) and "distill" in ctx.recipe.stages
-              and gguf_teacher(ctx.best_teacher))
+              and gguf_teacher(ctx.teacher))
     if not ctx.unlabelled:
         _log("[label] no line without a target: nothing to label")
         if not cached:
@@ -295,7 +297,8 @@ def stage_distill(ctx: Context, opts: dict) -> dict:
 
     init = ctx.student or ctx.best_teacher
     teacher, wired = ctx.best_teacher, {}
-    if (is_served(teacher) or gguf_teacher(teacher)) and ctx.teacher_cache and Path(ctx.teacher_cache).is_file():
+    if (is_served(teacher) or gguf_teacher(ctx.teacher)) and ctx.teacher_cache \
+            and Path(ctx.teacher_cache).is_file():
         teacher, wired = None, {"teacher_cache": ctx.teacher_cache}
         opts = {k: v for k, v in opts.items() if k != "teacher_tokenizer"}  # the file aligns itself
     out = _train(ctx, opts, student=init, teacher=teacher, out=ctx.run_dir / "student", **wired)

@@ -136,6 +136,36 @@ def write(bench: str, numbers: dict, summary: str = "", argv: list[str] | None =
     return path
 
 
+def run_slm(args: list, cwd: Path, scratch: Path | None = None) -> dict:
+    """Run `slm ARGS` in a fresh process, as a bench measures a verb: wall seconds, its own peak
+    RSS (GiB, from wait4: that process's, not the largest of all children so far), exit code and,
+    when it failed, its last line of stderr. The command is recorded with `scratch` (a bench's
+    temporary folder) written $WORK: its real path is this machine's business."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    args = [str(a) for a in args]
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "slmkit", *args], stdout=subprocess.DEVNULL,
+                             stderr=err, cwd=cwd)
+        _, status, usage = os.wait4(p.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        last = (err.read().strip().splitlines() or ["?"])[-1]
+    command = "slm " + " ".join(args)
+    row = {"command": command.replace(str(scratch), "$WORK") if scratch else command,
+           "seconds": round(time.monotonic() - start, 1),
+           "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": code}
+    if code != 0:
+        row["error"] = last[:300]
+    print(f"{row['seconds']:>8.1f} s {row['peak_rss_gib']:>6.2f} GiB exit {row['exit']}  {row['command']}",
+          flush=True)
+    return row
+
+
 def scorecard_summary(metrics: dict) -> str:
     """One line from an `slm eval` metrics.json: each model's headline figure
     ("teacher ROUGE-L 31.3, student ROUGE-L 30.5")."""
