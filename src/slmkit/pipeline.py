@@ -408,8 +408,9 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
                              "data's lines that have no target; give topics to the generate stage")
         data, unlabelled = split_unlabelled(data, recipe.task, run_dir / "data", more)
     if parts:
-        _log(f"[eval] the {recipe.eval_part} part of {models.shown(recipe.eval_data or recipe.data)} "
-             f"is scored; no line of its validation or test part is trained on")
+        _log(f"[eval] the {recipe.eval_part} part of {Path(recipe.eval_data or recipe.data).name} "
+             f"is scored ({parts[recipe.eval_part]}); no line of its validation or test part is "
+             "trained on")
         eval_data, eval_split = parts[recipe.eval_part], None
     elif recipe.eval_data:
         eval_data, eval_split = recipe.eval_data, None
@@ -554,13 +555,13 @@ def split_dev(recipe: Recipe, data: str, folder: Path) -> tuple[str, str | None,
     rows = read_jsonl(source)
     parts: dict[str, list] = {"train": [], "validation": [], "test": []}
     for n, row in rows:
-        task.check(row, f"{models.shown(source)}:{n}")
+        task.check(row, f"{source}:{n}")
         parts[dev_part(task.prompt(row))].append(row)
     out = {}
     for name, lines in (("validation", parts["validation"]), ("test", parts["test"]),
                         ("heldout", parts["validation"] + parts["test"])):
         if name != "heldout" and not lines:
-            raise UsageError(f"{models.shown(source)}: no line falls in its {name} part "
+            raise UsageError(f"{source}: no line falls in its {name} part "
                              f"({len(rows)} lines); eval_part needs a dev set of a few dozen lines")
         out[name] = str(folder / f"{name}.jsonl")
         _write_rows(folder / f"{name}.jsonl", lines)
