@@ -125,7 +125,7 @@ def main() -> int:
     for line in lines:
         print(line)
     if lines:
-        results.write("big_teacher", record, " | ".join(lines))
+        results.write("big_teacher", record, " | ".join(lines), tag=args.only)
     return 0
 
 
