@@ -182,6 +182,7 @@ def test_lr_rule_by_size_and_divergence_test():
     from slmkit.distill import LR_BY_SIZE, diverging, lr_for
 
     assert lr_for(135_000_000) == 1e-4 and lr_for(494_000_000) == 1e-5 and lr_for(1_540_000_000) == 5e-6
+    assert lr_for(1_540_000_000, lora=True) == 2e-4
     assert [lr for _, lr in LR_BY_SIZE] == sorted((lr for _, lr in LR_BY_SIZE), reverse=True)
     start = {"eval_kd": 0.154, "eval_ce": 2.0}
     assert diverging(start, {"eval_kd": 0.2, "eval_ce": 2.1}) is None  # noise

@@ -127,7 +127,8 @@ class DistillConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step (simulates a bigger batch)",
                              check=AT_LEAST_1)
     lr: float | None = option(None, "peak learning rate (AdamW); default: by the student's size "
-                              "(lr_for: 1e-4 up to 300M parameters, 1e-5 up to 1B, 5e-6 above)",
+                              "(lr_for: 1e-4 up to 300M parameters, 1e-5 up to 1B, 5e-6 above; "
+                              "2e-4 with --lora)",
                               check=NOT_NEGATIVE)
     weight_decay: float = option(0.0, "AdamW weight decay", check=NOT_NEGATIVE)
     warmup_ratio: float = option(0.05, "fraction of steps with linear warmup; cosine decay to 0 after",
@@ -681,10 +682,11 @@ def setup(cfg: DistillConfig) -> Run | None:
     warmup = int(cfg.warmup_ratio * total)
 
     if cfg.lr is None:  # the fingerprint keeps None: the rule gives a resumed run the same lr
-        cfg = dataclasses.replace(cfg, lr=lr_for(models.count_parameters(student)))
+        cfg = dataclasses.replace(cfg, lr=lr_for(models.count_parameters(student), bool(cfg.lora)))
         if acc.is_main_process:
             print(f"slm distill: --lr {cfg.lr:g}, the default for a student of "
-                  f"{models.count_parameters(student) / 1e6:.0f}M parameters (lr_for)", file=sys.stderr)
+                  f"{models.count_parameters(student) / 1e6:.0f}M parameters"
+                  f"{' trained through LoRA adapters' if cfg.lora else ''} (lr_for)", file=sys.stderr)
     frozen = freeze(student, cfg.freeze)
     if frozen and acc.is_main_process:
         print(f"slm distill: --freeze {cfg.freeze}: {frozen / 1e6:.1f}M parameters stay as they are",
@@ -715,10 +717,13 @@ def setup(cfg: DistillConfig) -> Run | None:
 LR_BY_SIZE = ((300e6, 1e-4), (1e9, 1e-5), (float("inf"), 5e-6))
 
 
-def lr_for(parameters: int) -> float:
+LORA_LR = 2e-4  # adapters start at zero and move only a low-rank slice: LoRA's usual rate
+
+
+def lr_for(parameters: int, lora: bool = False) -> float:
     """The default peak learning rate of a student of this many parameters (LR_BY_SIZE): larger
-    models take smaller steps, as their pretraining did."""
-    return next(lr for most, lr in LR_BY_SIZE if parameters <= most)
+    models take smaller steps, as their pretraining did; LoRA adapters take LORA_LR at any size."""
+    return LORA_LR if lora else next(lr for most, lr in LR_BY_SIZE if parameters <= most)
 
 
 def diverging(start: dict, now: dict) -> str | None:
@@ -885,7 +890,7 @@ def fit(run: Run) -> Path:
                     run.warned = True
                     print(f"\nslm distill: warning: training is diverging at step {run.step}: {why}. "
                           f"--lr {cfg.lr:g} is likely too large for this student (the default for its "
-                          f"size is {lr_for(models.count_parameters(run.student)):g}); try "
+                          f"size is {lr_for(models.count_parameters(run.student), bool(cfg.lora)):g}); try "
                           f"--lr {cfg.lr / 10:g}, a larger --batch-size, or fewer --max-steps",
                           file=sys.stderr)
             acc.wait_for_everyone()

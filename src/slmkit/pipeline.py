@@ -120,7 +120,7 @@ class Context:
     unlabelled: str | None = None  # the data's lines without a target, for the label stage
     eval_data: str = ""
     eval_split: str | None = "eval"
-    keep_out: str | None = None  # eval lines the teacher's data must stay clear of (eval_part: both parts)
+    keep_out: str | None = None  # eval lines the teacher's data stays clear of (eval_part: both)
     report: str | None = None
     gguf: str | None = None
     teacher_cache: str | None = None  # the generate stage's top-k of the teacher (topk_cache)
@@ -180,8 +180,8 @@ def stage_label(ctx: Context, opts: dict) -> dict:
         if not cached:
             return {"data": ctx.data, "labelled": 0}
         # the teacher still reads every human line once, so distill needs no teacher forward
-        return {"data": ctx.data, "labelled": 0,
-                "teacher_cache": str(_score_human_lines(ctx, folder, folder / "teacher.topk.safetensors"))}
+        cache = _score_human_lines(ctx, folder / "teacher.topk.safetensors")
+        return {"data": ctx.data, "labelled": 0, "teacher_cache": str(cache)}
     from slmkit.generate import GenerateConfig, generate
 
     out = folder / "teacher.jsonl"
@@ -215,7 +215,7 @@ def stage_label(ctx: Context, opts: dict) -> dict:
                "stats": stats}
     if cached and stats.get("topk_cache"):
         # one file of the top-k captured while it answered and of the human lines
-        human = _score_human_lines(ctx, folder, folder / "human.topk.safetensors")
+        human = _score_human_lines(ctx, folder / "human.topk.safetensors")
         outputs["teacher_cache"] = str(topk_cache.merge([stats["topk_cache"], human],
                                                         folder / "combined.topk.safetensors"))
     return outputs
@@ -229,20 +229,19 @@ def gguf_teacher(teacher: str) -> bool:
     return teacher != models.DEFAULT and models.gguf_path(teacher) is not None
 
 
-def _score_human_lines(ctx: Context, folder: Path, dest: Path) -> Path:
+def _score_human_lines(ctx: Context, dest: Path) -> Path:
     """The teacher's top-k on the human lines (teacher-forced: one batched pass over each line's
-    prompt and reference), written to `dest`."""
+    prompt and reference), written to `dest` with the max_length distill will read them at."""
     from slmkit.distill import DistillConfig, cache_teacher
 
     dist = ctx.recipe.stages["distill"]
-    human = dest
     cfg = DistillConfig(student=ctx.best_teacher, teacher=ctx.best_teacher, data=ctx.data,
-                        task=ctx.task_arg, out=str(human), device=ctx.recipe.device,
+                        task=ctx.task_arg, out=str(dest), device=ctx.recipe.device,
                         batch_size=8, trust_remote_code=ctx.recipe.trust_remote_code,
                         **{k: dist[k] for k in ("max_length", "eval_fraction", "eval_max")
                            if k in dist})
     _log(f"[label] the teacher's top-k on the {ctx.data and Path(ctx.data).name} lines")
-    return cache_teacher(cfg, human, k=MAX_LOGPROBS)
+    return cache_teacher(cfg, dest, k=MAX_LOGPROBS)
 
 
 def _held_out_lines(path: str, out: Path) -> str | None:
@@ -499,8 +498,9 @@ def preflight(recipe: Recipe) -> None:
 
     quant = recipe.stages["export"].get("quant", EXPORT_QUANT)
     student = recipe.teacher if "prune" in recipe.stages or not recipe.student else recipe.student
-    exported = [m for m in dict.fromkeys([student] + ([] if gguf_teacher(recipe.teacher) else [recipe.teacher]))
-                if not m.startswith("openai:")]  # a GGUF teacher is scored as it is, not exported
+    # a GGUF teacher is scored as it is, not exported
+    teacher = [] if gguf_teacher(recipe.teacher) else [recipe.teacher]
+    exported = [m for m in dict.fromkeys([student] + teacher) if not m.startswith("openai:")]
     for model in exported:
         try:
             check_exportable(model, quant, trust_remote_code=trust)
@@ -508,7 +508,8 @@ def preflight(recipe: Recipe) -> None:
             raise UsageError(f"{recipe.path}: stages.export: {model}: {e}") from None
 
 
-def split_unlabelled(path: str, task, folder: Path, more: list[str] | None = None) -> tuple[str, str | None]:
+def split_unlabelled(path: str, task, folder: Path,
+                     more: list[str] | None = None) -> tuple[str, str | None]:
     """(labelled data, unlabelled inputs): the lines whose task target is missing or empty go to
     `folder`/unlabelled.jsonl, the rest to `folder`/human.jsonl; the lines of `more` (the
     recipe's `unlabelled:` files, inputs only) follow them in unlabelled.jsonl. A line marked
