@@ -64,7 +64,7 @@ def build(name: str, part: str, runs: Path) -> dict:
 def arm(name: str, run: Path, part_file: Path, task: str, opts: dict, work: Path, label: str) -> dict:
     """Another student from the run's data: distill with `opts`, then scored beside the run's
     own student on the same part (the paired difference is the arm's minus the recipe's)."""
-    out = work / label.replace(" ", "-")
+    out = work / f"{name}-{label.replace(' ', '-')}"  # one folder per recipe and arm
     args = ["distill", "--student", "default", "--data", run / "data" / opts.pop("data"), "--task", task,
             "--out", out] + [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
     row = {"distill": results.run_slm(args, ROOT, work)}
