@@ -156,7 +156,9 @@ def run_slm(args: list, cwd: Path, scratch: Path | None = None) -> dict:
         err.seek(0)
         last = (err.read().strip().splitlines() or ["?"])[-1]
     command = "slm " + " ".join(args)
-    row = {"command": command.replace(str(scratch), "$WORK") if scratch else command,
+    if scratch:
+        command = command.replace(str(scratch), "$WORK")
+    row = {"command": command.replace(f"{Path(cwd).resolve()}/", ""),  # paths relative to cwd
            "seconds": round(time.monotonic() - start, 1),
            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": code}
     if code != 0:
