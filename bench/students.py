@@ -8,7 +8,8 @@ paired difference against `default` +- its standard error, time, peak memory and
 
     slm build recipes/grammar-big-teacher.yaml        # once: the teacher's corrections and top-k
     OMP_NUM_THREADS=1 python bench/students.py        # ~1.5 h on two CPU cores
-    python bench/students.py --max-tokens 4000 --limit 16   # a quick look
+    python bench/students.py --quick                  # the road runs (4000 tokens, 16 sentences);
+                                                      # its numbers are printed, not recorded
 
 Writes results/students/<date>-<commit>-<machine>.json.
 """
@@ -42,7 +43,10 @@ def main() -> int:
     ap.add_argument("--prune-target", default="0.33", help="the pruned teacher's share of the 1.5B")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N sentences")
     ap.add_argument("--keep", action="store_true", help="keep the students (the scratch folder)")
+    ap.add_argument("--quick", action="store_true", help="4000 tokens, 16 sentences, nothing recorded")
     args = ap.parse_args()
+    if args.quick:
+        args.max_tokens, args.limit = 4000, 16
     run = (ROOT / args.run).resolve()
     if not all(packaged.installed(n) for n in (TEACHER, SAME_TOKENIZER)):
         print("bench/students.py: skipped: the packaged Qwen models are not installed (`make models`)")
@@ -92,8 +96,9 @@ def main() -> int:
     for name in names:
         print(f"{name:<48} " + json.dumps({k: rows[name].get(k) for k in
                                           ("gleu", "paired_vs_default", "seconds", "peak_rss_gib", "lr")}))
-    results.write("students", {"part": args.part, "max_tokens": args.max_tokens, "rows": rows,
-                               "data": label["outputs"]["data"]}, summary)
+    if not args.quick:
+        results.write("students", {"part": args.part, "max_tokens": args.max_tokens, "rows": rows,
+                                   "data": label["outputs"]["data"]}, summary)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
