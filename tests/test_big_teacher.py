@@ -209,7 +209,7 @@ def test_distill_warns_when_training_diverges(tmp_path, tiny_llama, cli):
 def test_scorecard_says_share_size_and_speed():
     from slmkit import scorecard
 
-    metrics = {"metric": "gleu", "n_examples": 190,
+    metrics = {"metric": "gleu", "headline": "task.gleu", "n_examples": 190,
                "models": [{"name": "teacher (zero-shot)", "task": {"gleu": 0.54}},
                           {"name": "student", "task": {"gleu": 0.52}},
                           {"name": "student q8_0 (llama.cpp)", "task": {"gleu": 0.513}}],

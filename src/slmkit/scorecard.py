@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# the headline score of each metric in metrics.json's `task` entry
-HEADLINE = {"gleu": ("gleu", "GLEU"), "rouge": ("rougeL", "ROUGE-L"), "f1": ("f1", "F1")}
+# how the scorecard names the report's headline score (metrics["headline"], slmkit.report)
+LABELS = {"gleu": "GLEU", "rougeL": "ROUGE-L", "f1": "F1", "exact": "exact match"}
 
 
-def quality(entry: dict, metric: str) -> float | None:
-    """The task's headline score of one report row (0-100), or None when it was not scored."""
-    key = HEADLINE.get(metric, ("f1", ""))[0]
+def quality(entry: dict, key: str) -> float | None:
+    """One report row's task score `key` (0-100), or None when it was not scored."""
     value = (entry.get("task") or {}).get(key)
     return None if value is None else 100 * value
 
@@ -39,19 +38,19 @@ def measure(files: dict[str, Path], prompt_tokens: int = 128, new_tokens: int = 
 def build(metrics: dict, teacher: str, student: str, costs: dict[str, dict]) -> dict:
     """The scorecard of report rows `teacher` and `student` (names in metrics["models"]); costs:
     row name -> speed.measure's dict for the file that row runs."""
-    metric = metrics.get("metric") or "rouge"
-    label = HEADLINE.get(metric, ("", metric.upper()))[1]
+    key = metrics["headline"].split(".", 1)[1]  # "task.gleu": the report's own choice
+    label = LABELS.get(key, key)
     rows = []
     for entry in metrics["models"]:
         cost = costs.get(entry["name"], {})
-        rows.append({"name": entry["name"], "quality": quality(entry, metric),
+        rows.append({"name": entry["name"], "quality": quality(entry, key),
                      "bytes_on_disk": cost.get("bytes_on_disk"),
                      "peak_rss_bytes": cost.get("peak_rss_bytes"),
                      "decode_tokens_per_s": cost.get("decode_tokens_per_s"),
                      "prefill_tokens_per_s": cost.get("prefill_tokens_per_s"),
                      "seconds_per_query": cost.get("latency_p50_s")})
     for base in metrics.get("baselines") or []:
-        rows.append({"name": base["name"], "quality": quality(base, metric), "bytes_on_disk": 0,
+        rows.append({"name": base["name"], "quality": quality(base, key), "bytes_on_disk": 0,
                      "peak_rss_bytes": None, "decode_tokens_per_s": None,
                      "prefill_tokens_per_s": None, "seconds_per_query": 0.0})
     by = {r["name"]: r for r in rows}
