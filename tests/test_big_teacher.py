@@ -178,6 +178,33 @@ def test_gguf_teacher_labels_and_teaches_distill_from_its_top_k(tmp_path, tiny_l
     assert card["headline"].startswith("student: ") and "of its file size" in card["headline"]
 
 
+def test_engine_auto_takes_torch_where_the_forward_runs_in_bf16(monkeypatch, tmp_path):
+    """`engine: auto` is PyTorch where bf16 autocast applies (the rule slmkit.precision follows;
+    SLMKIT_AUTOCAST stands in for the CPU here), llama.cpp elsewhere; a build keys the stage by
+    the engine picked, so `auto` and the engine it picks are the same stage."""
+    from slmkit import models
+    from slmkit.generate import GenerateConfig
+
+    pytest.importorskip("llama_cpp")
+    assert models.pick_engine("torch") == "torch" and models.pick_engine("llamacpp") == "llamacpp"
+    monkeypatch.setenv("SLMKIT_AUTOCAST", "bf16")
+    assert models.pick_engine("auto", "cpu") == "torch"
+    assert GenerateConfig(teacher="default", task="grammar", out="x.jsonl", engine="auto").engine == "torch"
+    monkeypatch.setenv("SLMKIT_AUTOCAST", "off")
+    assert models.pick_engine("auto", "cpu") == "llamacpp"
+
+    def keys(engine):
+        runs = tmp_path / engine
+        recipe = write_rows(tmp_path / "d.jsonl", dialogues(8))
+        path = tmp_path / f"{engine}.yaml"
+        path.write_text(f"teacher: default\ntask: summarize\ndata: {recipe}\n"
+                        f"stages:\n  eval: {{engine: {engine}, limit: 1, max_new_tokens: 2}}\n")
+        monkeypatch.setattr(pipeline, "RUNNERS", {"eval": lambda ctx, opts: {}})
+        return pipeline.build(load_recipe(path), runs=runs)["stages"]["eval"]["key"]
+
+    assert keys("auto") == keys("llamacpp") != keys("torch")
+
+
 def test_lr_rule_by_size_and_divergence_test():
     from slmkit.distill import LR_BY_SIZE, diverging, lr_for
 

@@ -28,16 +28,13 @@ from slmkit.backends import model_name
 from slmkit.cli import (AT_LEAST_1, NOT_NEGATIVE, add_config_arguments, check_options,
                         config_from_args, option)
 from slmkit.errors import UsageError
-from slmkit.models import context_length, gguf_path
+from slmkit.models import ENGINES, context_length, gguf_path, pick_engine
 
 if TYPE_CHECKING:
     import torch
 
     from slmkit.data import Example
     from slmkit.tasks import Task
-
-ENGINES = ("torch", "llamacpp")
-
 
 @dataclass
 class EvalConfig:
@@ -64,8 +61,9 @@ class EvalConfig:
     safety: str | None = option(None, "ToxiGen-style JSON list for the safety score", metavar="FILE")
     speed: bool = option(False, "measure latency, tokens/s, memory, energy")
     engine: str = option("torch", "engine for .gguf models' generation (--task, generation "
-                         "benchmarks) and --speed; log-likelihood scores and HF folders always use "
-                         "torch", choices=ENGINES)
+                         "benchmarks) and --speed (auto: the faster here, as `slm generate "
+                         "--engine auto`); log-likelihood scores and HF folders always use torch",
+                         choices=ENGINES)
     harness: str | None = option(None, "also run lm-evaluation-harness tasks (comma-separated)",
                                  metavar="TASKS")
     max_new_tokens: int = option(64, "generation length limit for --task", check=AT_LEAST_1)
@@ -92,6 +90,7 @@ class EvalConfig:
         self.split = None if self.split == "all" else self.split
         self.batch_size = parse_batch_size(self.batch_size)
         check_options(self)
+        self.engine = pick_engine(self.engine, self.device)
         if not (self.task or self.data or self.bench or self.ppl or self.safety or self.speed
                 or self.harness):
             raise UsageError("nothing to measure: give --task/--data, --bench, --ppl, --safety, "

@@ -43,6 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slmkit import models
 from slmkit.backends import Completion, check_sampling
 from slmkit.cli import (AT_LEAST_1, FRACTION, NOT_NEGATIVE, Check, add_config_arguments,
                         check_options, config_from_args, flag_error, option)
@@ -127,9 +128,9 @@ class GenerateConfig:
     threads: int | None = option(None, "CPU threads for a llama.cpp teacher (a .gguf or packaged "
                                  "name; default: the usable cores) or a PyTorch one", check=AT_LEAST_1)
     engine: str = option("llamacpp", "where a .gguf or packaged teacher runs: llamacpp (one request "
-                         "at a time), or torch (converted once, --batch-size inputs per forward; "
-                         "faster on CPUs with bf16 matrix units and on GPUs)",
-                         choices=("llamacpp", "torch"))
+                         "at a time), torch (converted once, --batch-size inputs per forward; "
+                         "faster on CPUs with bf16 matrix units and on GPUs), or auto: the faster "
+                         "of the two here", choices=models.ENGINES)
     trust_remote_code: bool = option(False, "allow a model folder that ships its own code (auto_map)",
                                      wired=True)
 
@@ -138,6 +139,7 @@ class GenerateConfig:
             check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.topk_logprobs)
         except ValueError as e:
             raise flag_error(e, self, {"max_tokens": "max_new_tokens", "logprobs": "topk_logprobs"}) from None
+        self.engine = models.pick_engine(self.engine)
         check_options(self)
         if self.on_missing_logprobs not in MISSING_LOGPROBS:
             raise UsageError(f"--on-missing-logprobs must be one of {', '.join(MISSING_LOGPROBS)}")
@@ -519,7 +521,6 @@ def teacher_backend(cfg: GenerateConfig):
         from slmkit.backends.openai import OpenAIBackend
 
         return OpenAIBackend.from_spec(cfg.teacher, concurrency=cfg.concurrency, retries=cfg.retries)
-    from slmkit import models
     from slmkit.backends import load_backend, model_name
 
     if cfg.engine == "torch" and cfg.teacher != models.DEFAULT and models.gguf_path(cfg.teacher):
@@ -770,8 +771,6 @@ def run_stats(cfg: GenerateConfig, out: Path, inputs: int, done_before: int, tal
     """generate()'s return value; with --topk-logprobs the teacher's top-k cache is written first."""
     topk = {}
     if cfg.topk_logprobs:
-        from slmkit import models
-
         tok = None  # an HTTP teacher's tokens are known by their text
         if not cfg.teacher.startswith("openai:") or cfg.tokenizer:
             folder = models.resolve(cfg.tokenizer or cfg.teacher, trust_remote_code=cfg.trust_remote_code)

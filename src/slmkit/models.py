@@ -391,6 +391,29 @@ def compute_dtype(requested: str, device) -> str:
     return "bfloat16" if precision.autocast_dtype(device) is not None else "float32"
 
 
+ENGINES = ("auto", "torch", "llamacpp")
+
+
+def pick_engine(engine: str, device=None) -> str:
+    """Where a GGUF model generates: `torch` or `llamacpp` as asked; `auto` -> the faster one
+    here. PyTorch (the file converted once, a batch of inputs per forward) on CUDA and on CPUs
+    where the forward runs in bf16 (AVX-512 BF16 / AMX): on a 2-core Xeon with AMX it decoded a
+    1.5B at 14.9 tokens/s for a batch of 8 against llama.cpp's 6.4 one request at a time. On
+    other CPUs PyTorch runs float32 and llama.cpp's quantized kernels win; llama.cpp is taken
+    only where llama-cpp-python is installed."""
+    from slmkit import precision
+
+    if engine != "auto":
+        return engine
+    if precision.autocast_dtype(pick_device(device)) is not None:
+        return "torch"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "llamacpp"
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, not the machine's count)."""
     try:

@@ -319,6 +319,7 @@ def stage_eval(ctx: Context, opts: dict) -> dict:
     if ctx.gguf:  # the exported files, run through llama.cpp as `slm chat` and Ollama run them
         quant = ctx.recipe.stages["export"].get("quant", EXPORT_QUANT)
         opts = {"engine": "llamacpp", **opts}
+        opts["engine"] = models.pick_engine(opts["engine"], ctx.recipe.device)
         if opts["engine"] == "llamacpp" and ctx.teacher == models.DEFAULT:
             # the embedded default is itself a GGUF: its zero-shot row stays on PyTorch, so only
             # the exports' rows are llama.cpp's (another GGUF teacher's row is its own file as a
@@ -439,7 +440,10 @@ def build(recipe: Recipe, runs: str | Path = "runs", from_stage: str | None = No
                  if stage == "label" else {})
         if stage == "eval" and ctx.keep_out:  # the part scored: switching it reruns eval alone
             reads = {"eval_data": file_hash(ctx.eval_data)}
-        key = _sha({"stage": stage, "opts": opts, "upstream": upstream} | reads)
+        keyed = opts  # the engine that runs, not the word: `engine: auto` keys as what it picks
+        if "engine" in opts:
+            keyed = opts | {"engine": models.pick_engine(opts["engine"], recipe.device)}
+        key = _sha({"stage": stage, "opts": keyed, "upstream": upstream} | reads)
         upstream = key
         forced = forced or stage == from_stage
         entry = manifest.stage(stage)
