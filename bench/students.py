@@ -67,8 +67,8 @@ def main() -> int:
     students = {"default": "default", SAME_TOKENIZER: SAME_TOKENIZER,
                 f"{TEACHER} pruned to {args.prune_target}": pruned}
     outs = {}
-    for name, init in students.items():
-        out = work / f"student-{len(outs)}"
+    for i, (name, init) in enumerate(students.items()):
+        out = work / f"student-{i}"
         rows[name] = results.run_slm(
             ["distill", "--student", init, "--teacher-cache", cache, "--data", data, "--task",
              "grammar", "--max-tokens", args.max_tokens, "--batch-size", 2, "--alpha-ce", 0.5,
@@ -96,11 +96,15 @@ def main() -> int:
     for name in names:
         print(f"{name:<48} " + json.dumps({k: rows[name].get(k) for k in
                                           ("gleu", "paired_vs_default", "seconds", "peak_rss_gib", "lr")}))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [n for n in ("prune", *students, "eval") if rows.get(n, {}).get("exit") != 0]
+    if failed:  # a student that did not finish is a failure, not a shorter table
+        print(f"bench/students.py: failed: {', '.join(failed)} (see the errors above); nothing recorded")
+        return 1
     if not args.quick:
         results.write("students", {"part": args.part, "max_tokens": args.max_tokens, "rows": rows,
                                    "data": label["outputs"]["data"]}, summary)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
