@@ -73,7 +73,7 @@ def arm(name: str, run: Path, part_file: Path, task: str, opts: dict, work: Path
     stamp = out / "bench-arm.json"
     made = {"args": [str(a) for a in args], "data": file_hash(args[4])}
     if stamp.is_file() and (out / "training_record.json").is_file() and json.loads(stamp.read_text()) == made:
-        row = {"distill": {"reused": made["args"]}}
+        row = {"distill": {"reused": "slm " + " ".join(made["args"]).replace(f"{ROOT}/", "")}}
     else:
         row = {"distill": results.run_slm(args, ROOT, work)}
         if row["distill"]["exit"] == 0:
