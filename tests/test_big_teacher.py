@@ -178,6 +178,24 @@ def test_gguf_teacher_labels_and_teaches_distill_from_its_top_k(tmp_path, tiny_l
     assert card["headline"].startswith("student: ") and "of its file size" in card["headline"]
 
 
+def test_a_tuned_gguf_teacher_is_not_exported_again(tmp_path, tiny_llama):
+    """Tuned, a GGUF teacher is scored in PyTorch (`teacher (tuned)`) and as its own file; only
+    the student is exported (a tuned teacher's low-bit export lost its update)."""
+    from slmkit.export import export_gguf
+
+    gguf = export_gguf(str(tiny_llama), tmp_path / "teacher.gguf", "f32")
+    data = write_rows(tmp_path / "data.jsonl", dialogues(8))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: tuned\nteacher: {gguf}\nstudent: {tiny_llama}\ntask: summarize\n"
+                    f"data: {data}\nstages:\n"
+                    "  tune_teacher: {max_steps: 1, batch_size: 2, max_length: 128}\n"
+                    "  distill: {max_steps: 1, batch_size: 2, max_length: 128}\n"
+                    "  export: {quant: q8_0}\n")
+    result = pipeline.build(load_recipe(path), runs=tmp_path / "runs")
+    assert result["stages"]["tune_teacher"]["status"] == "done"
+    assert set(result["stages"]["export"]["outputs"]) == {"gguf"}
+
+
 def test_engine_auto_takes_torch_where_the_forward_runs_in_bf16(monkeypatch, tmp_path):
     """`engine: auto` is PyTorch where bf16 autocast applies (the rule slmkit.precision follows;
     SLMKIT_AUTOCAST stands in for the CPU here), llama.cpp elsewhere; a build keys the stage by
