@@ -46,14 +46,16 @@ def headline(metrics: dict, name: str) -> dict:
     return out
 
 
-def build(name: str, part: str, runs: Path) -> dict:
-    """`slm build` with eval_part set to `part` (a copy of the recipe beside it, same run)."""
+def build(name: str, part: str, runs: Path, from_stage: str | None = None) -> dict:
+    """`slm build` with eval_part set to `part` (a copy of the recipe beside it, same run),
+    from `from_stage` on when given (the stages before it are reused when done)."""
     src = ROOT / "recipes" / f"{name}.yaml"
     text = src.read_text().replace("\neval_part: test", f"\neval_part: {part}")
     copy = src.with_name(f".{name}-{part}.yaml")
     copy.write_text(text)
     try:
-        row = results.run_slm(["build", copy, "--runs", runs], ROOT)
+        row = results.run_slm(["build", copy, "--runs", runs]
+                              + (["--from", from_stage] if from_stage else []), ROOT)
     finally:
         copy.unlink()
     manifest = json.loads((runs / name / "manifest.json").read_text())
@@ -94,6 +96,7 @@ def main() -> int:
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--only", choices=RECIPES, help="one recipe")
     ap.add_argument("--no-arms", action="store_true", help="the builds alone")
+    ap.add_argument("--from", dest="from_stage", help="rerun each build from this stage on (slm build --from)")
     args = ap.parse_args()
     data = Path(os.environ.get("SLMKIT_DATA") or "data")
     if not packaged.installed("qwen2.5-coder-1.5b-instruct"):
@@ -107,7 +110,10 @@ def main() -> int:
             print(f"bench/big_teacher.py: {name} skipped: {DATA[name]} is not in {data} (SLMKIT_DATA)")
             continue
         recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
-        row = {"build": build(name, args.part, runs)}
+        row = {"build": build(name, args.part, runs, args.from_stage)}
+        if row["build"]["exit"] != 0:  # a failed build is a failure, never a row
+            print(f"bench/big_teacher.py: {name}: slm build failed: {row['build'].get('error')}")
+            return 1
         run = runs / name
         report = json.loads((run / "report" / "metrics.json").read_text())
         row["report"] = {m["name"]: headline(report, m["name"]) for m in report["models"]}
