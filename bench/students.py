@@ -7,7 +7,7 @@ on the validation part of JFLEG dev (choosing a student is choosing a setting): 
 paired difference against `default` +- its standard error, time, peak memory and size.
 
     slm build recipes/grammar-big-teacher.yaml        # once: the teacher's corrections and top-k
-    OMP_NUM_THREADS=1 python bench/students.py        # ~1.5 h on two CPU cores
+    OMP_NUM_THREADS=1 python bench/students.py        # ~2 h here (--max-tokens 20000: 40 min)
     python bench/students.py --quick                  # the road runs (4000 tokens, 16 sentences);
                                                       # its numbers are printed, not recorded
 
