@@ -68,14 +68,15 @@ def arm(name: str, run: Path, part_file: Path, task: str, opts: dict, work: Path
     """Another student from the run's data: distill with `opts`, then scored beside the run's
     own student on the same part (the paired difference is the arm's minus the recipe's)."""
     out = work / f"{name}-{label.replace(' ', '-')}"  # one folder per recipe and arm
-    args = ["distill", "--student", "default", "--data", run / "data" / opts.pop("data"), "--task", task,
+    data = run / "data" / opts.pop("data")
+    args = ["distill", "--student", "default", "--data", data, "--task", task,
             "--out", out] + [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
     # an arm learns nothing from the teacher: made once by these same arguments (and the same
     # data file), it is scored again, not trained again, when the recipe's build changes
     stamp = out / "bench-arm.json"
-    made = {"args": [str(a) for a in args], "data": file_hash(args[4])}
+    made = {"args": [str(a) for a in args], "data": file_hash(data)}
     if stamp.is_file() and (out / "training_record.json").is_file() and json.loads(stamp.read_text()) == made:
-        row = {"distill": {"reused": "slm " + " ".join(made["args"]).replace(f"{ROOT}/", "")}}
+        row = {"distill": {"reused": results.command_line(args, ROOT)}}
     else:
         row = {"distill": results.run_slm(args, ROOT, work)}
         if row["distill"]["exit"] == 0:

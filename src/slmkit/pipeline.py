@@ -366,7 +366,7 @@ def stage_export(ctx: Context, opts: dict) -> dict:
     if gguf_teacher(ctx.teacher):
         # a GGUF teacher is already the file a laptop runs: eval and the scorecard run it. Tuned,
         # it is scored in PyTorch alone: its LoRA update did not survive q4_k_m (DialogSum
-        # ROUGE-L 36.7 -> 31.2), and a third 1.5B row cost the eval stage 13 min
+        # ROUGE-L 36.7 -> 31.2), and each 1.5B row is minutes of the eval stage
         return {"gguf": str(out)}
     # the teacher in the same quant: the report compares like with like
     teacher = folder / f"{ctx.recipe.name}-teacher-{opts['quant']}.gguf"

@@ -136,6 +136,15 @@ def write(bench: str, numbers: dict, summary: str = "", argv: list[str] | None =
     return path
 
 
+def command_line(args: list, cwd: Path, scratch: Path | None = None) -> str:
+    """`slm ARGS` as a result file records it: paths relative to `cwd`, `scratch` written $WORK
+    (the machine's own paths are its business)."""
+    command = "slm " + " ".join(str(a) for a in args)
+    if scratch:
+        command = command.replace(str(scratch), "$WORK")
+    return command.replace(f"{Path(cwd).resolve()}/", "")
+
+
 def run_slm(args: list, cwd: Path, scratch: Path | None = None) -> dict:
     """Run `slm ARGS` in a fresh process, as a bench measures a verb: wall seconds, its own peak
     RSS (GiB, from wait4: that process's, not the largest of all children so far), exit code and,
@@ -155,10 +164,7 @@ def run_slm(args: list, cwd: Path, scratch: Path | None = None) -> dict:
         code = os.waitstatus_to_exitcode(status)
         err.seek(0)
         last = (err.read().strip().splitlines() or ["?"])[-1]
-    command = "slm " + " ".join(args)
-    if scratch:
-        command = command.replace(str(scratch), "$WORK")
-    row = {"command": command.replace(f"{Path(cwd).resolve()}/", ""),  # paths relative to cwd
+    row = {"command": command_line(args, cwd, scratch),
            "seconds": round(time.monotonic() - start, 1),
            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": code}
     if code != 0:
