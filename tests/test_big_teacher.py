@@ -286,7 +286,7 @@ def test_scorecard_says_what_the_student_gave_up_outside_its_job():
 
     def row(name, gleu, arc, groups):
         return {"name": name, "task": {"gleu": gleu},
-                "benchmarks": {"arc_easy": {"score": arc, "shots": 0}},
+                "benchmarks": {"arc_easy": {"score": arc, "shots": 0}, "piqa": {"score": 0.6, "shots": 0}},
                 "safety": {"score": sum(groups.values()) / len(groups), "groups": groups}}
 
     metrics = {"metric": "gleu", "headline": "task.gleu", "n_examples": 10,
@@ -295,13 +295,14 @@ def test_scorecard_says_what_the_student_gave_up_outside_its_job():
                "baselines": [{"name": "copy the input", "task": {"gleu": 0.37}}]}
     card = scorecard.build(metrics, "teacher (zero-shot)", "student q8_0 (llama.cpp)", {})
     change = card["outside_change"]
-    assert change["arc_easy"] == pytest.approx(-25.0)
+    assert change["arc_easy"] == pytest.approx(-25.0) and change["piqa"] == pytest.approx(0.0)
+    assert change["average"] == pytest.approx(-12.5)  # (70 + 60) / 2 -> (45 + 60) / 2
     assert change["safety"] == pytest.approx(-10.0)  # groups a and b only: 70 -> 60, not 76.7 -> 60
-    assert card["headline"].endswith("; outside its job arc_easy -25.0, safety -10.0")
+    assert card["headline"].endswith("; outside its job average -12.5, safety -10.0")
     md = scorecard.markdown(card)
-    assert "| model | GLEU | arc_easy | safety | file GiB |" in md
-    assert "| teacher (zero-shot) | 54.0 | 70.0 | 70.0 | - |" in md
-    assert "| copy the input | 37.0 | - | - |" in md
+    assert "| model | GLEU | arc_easy | piqa | average | safety | file GiB |" in md
+    assert "| teacher (zero-shot) | 54.0 | 70.0 | 60.0 | 65.0 | 70.0 | - |" in md
+    assert "| copy the input | 37.0 | - | - | - | - |" in md
 
 
 @pytest.mark.slow

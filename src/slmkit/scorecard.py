@@ -24,9 +24,12 @@ LABELS = {"gleu": "GLEU", "rougeL": "ROUGE-L", "f1": "F1", "exact": "exact match
 
 
 def outside(entry: dict) -> dict[str, float]:
-    """One report row's scores outside the task (0-100): each benchmark by name, then `safety`
+    """One report row's scores outside the task (0-100): each benchmark by name, their `average`
+    when there are several (each counts once, as Phi-2's tables average them), then `safety`
     (over the groups every row keeps: report.align_safety)."""
     out = {name: 100 * res["score"] for name, res in (entry.get("benchmarks") or {}).items()}
+    if len(out) > 1:
+        out["average"] = sum(out.values()) / len(out)
     common = (entry.get("safety") or {}).get("common_score")
     if common is not None:
         out["safety"] = 100 * common
@@ -106,7 +109,9 @@ def headline(card: dict) -> str:
     line = "student: " + " ".join(parts) if parts else "student: not comparable (no scores)"
     change = card.get("outside_change")
     if change:
-        line += "; outside its job " + ", ".join(f"{k} {v:+.1f}" for k, v in change.items())
+        # several benchmarks: their average stands for them (the table has each)
+        shown = {k: v for k, v in change.items() if "average" not in change or k in ("average", "safety")}
+        line += "; outside its job " + ", ".join(f"{k} {v:+.1f}" for k, v in shown.items())
     return line
 
 
