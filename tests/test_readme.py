@@ -51,7 +51,7 @@ SKIP = {
     "SLMKIT_DATA=~/datasets slm build recipes/grammar-big-teacher.yaml": "JFLEG is not shipped, "
         "and the 1.5B teacher runs for ~40 min (test_big_teacher.py runs the road on a tiny GGUF)",
     "SLMKIT_DATA=~/datasets slm build recipes/dialogsum-big-teacher.yaml": "DialogSum is not "
-        "shipped, and the 1.5B teacher is tuned and runs for ~60 min (test_big_teacher.py runs "
+        "shipped, and the 1.5B teacher is tuned and runs for ~40 min (test_big_teacher.py runs "
         "the road on a tiny GGUF)",
 }
 
