@@ -49,6 +49,12 @@ def headline(metrics: dict, name: str) -> dict:
     return out
 
 
+def _average(scores: dict) -> float:
+    """The mean of one model's benchmark scores (each benchmark counts once)."""
+    values = [v for k, v in scores.items() if k != "n"]
+    return sum(values) / len(values)
+
+
 def build(name: str, part: str, runs: Path, from_stage: str | None = None,
           benchmarks: list[Path] | None = None) -> dict:
     """`slm build` with eval_part set to `part` (a copy of the recipe beside it, same run),
@@ -140,9 +146,17 @@ def main() -> int:
         card = run / "report" / "scorecard.json"
         row["scorecard"] = json.loads(card.read_text()) if card.is_file() else None
         if benchmarks:  # 0-shot, every model of the report (the scorecard has the student's change)
+            # and the student's own starting point: what distillation took from it, not what the
+            # smaller model never had
+            base = work / f"bench-{name}-student-before"
+            row["benchmarks_before"] = results.run_slm(
+                ["eval", recipe.student, "--names", "student before distillation", "--bench", *benchmarks,
+                 "--out", base], ROOT, work)
+            models = report["models"] + (json.loads((base / "metrics.json").read_text())["models"]
+                                         if row["benchmarks_before"]["exit"] == 0 else [])
             row["benchmarks"] = {m["name"]: {b: round(100 * r["score"], 1) for b, r in m["benchmarks"].items()}
                                  | {"n": {b: r["n"] for b, r in m["benchmarks"].items()}}
-                                 for m in report["models"]}
+                                 for m in models}
         part_file, task = run / "data" / f"{args.part}.jsonl", recipe.task.name
         if not args.no_arms:
             dist = dict(recipe.stages["distill"])
@@ -161,7 +175,10 @@ def main() -> int:
                                if k in row and "score" in row[k])
                      + f"; build {row['build']['total_seconds'] / 60:.0f} min"
                      + (f"; outside its job {row['scorecard']['headline'].split('outside its job ')[1]}"
-                        if benchmarks and row["scorecard"] and "outside its job" in row["scorecard"]["headline"] else ""))
+                        if benchmarks and row["scorecard"] and "outside its job" in row["scorecard"]["headline"] else "")
+                     + "".join(f"; benchmark average: {who} {_average(row['benchmarks'][who]):.1f}"
+                               for who in ("teacher (zero-shot)", "student", "student before distillation")
+                               if who in row.get("benchmarks", {})))
     for line in lines:
         print(line)
     if lines:
