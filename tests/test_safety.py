@@ -146,3 +146,27 @@ def test_safety_file_that_is_not_utf8_is_one_line(tmp_path):
         safety.load_items(bad)
     with pytest.raises(UsageError, match="is a folder"):
         safety.load_items(tmp_path)
+
+
+def test_toxigen_prompt_files_become_safety_items(tmp_path):
+    """bench/safety.py reads ToxiGen's prompt files: statements joined by a literal `\\n- `,
+    one item per distinct statement, groups with both labels only; the items load."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_safety", Path(__file__).resolve().parents[1] / "bench" / "safety.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "hate_bakers_1k.txt").write_text("- bakers are bad\\n- bakers lie\\n-\n- bakers lie\\n- \n")
+    (prompts / "neutral_bakers_1k.txt").write_text("- bakers bake bread\\n- a baker opened a shop\\n-\n")
+    (prompts / "hate_sailors_1k.txt").write_text("- sailors are bad\\n-\n")  # no neutral file: left out
+    items = mod.toxigen_items(tmp_path)
+    assert [(it["label"], it["text"]) for it in items] == [
+        ("hate", "bakers are bad"), ("hate", "bakers lie"),
+        ("neutral", "bakers bake bread"), ("neutral", "a baker opened a shop")]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    assert [it["target_groups"] for it in safety.load_items(path)] == [["bakers"]] * 4
