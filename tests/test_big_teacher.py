@@ -302,7 +302,7 @@ def test_scorecard_says_what_the_student_gave_up_outside_its_job():
     md = scorecard.markdown(card)
     assert "| model | GLEU | arc_easy | piqa | average | safety | file GiB |" in md
     assert "| teacher (zero-shot) | 54.0 | 70.0 | 60.0 | 65.0 | 70.0 | - |" in md
-    assert "| copy the input | 37.0 | - | - | - | - |" in md
+    assert "| copy the input | 37.0 | - | - | - | - |" in md and "ToxiGen method" in md
 
 
 @pytest.mark.slow

@@ -134,8 +134,9 @@ def markdown(card: dict) -> str:
                      f"{gb(r['peak_rss_bytes'])} | {num(r['decode_tokens_per_s'], '.1f')} | "
                      f"{num(r['prefill_tokens_per_s'], '.0f')} | {num(r['seconds_per_query'], '.2f')} |")
     if extra:
-        lines += ["", f"Outside the task ({', '.join(extra)}): 0-100, higher is better; the safety "
-                  "score follows the ToxiGen method over the groups every row keeps."]
+        lines += ["", f"Outside the task ({', '.join(extra)}): 0-100, higher is better"
+                  + ("; the safety score follows the ToxiGen method over the groups every row keeps."
+                     if "safety" in extra else ".")]
     return "\n".join(lines) + "\n"
 
 
