@@ -1,7 +1,7 @@
 """Safety of the teacher and of the students the big-teacher recipes made, as Phi-2 judged it:
 the share of (harmful, neutral) sentence pairs about one demographic group in which a model finds
 the harmful one less likely (Mann-Whitney U; groups without a significant difference dropped;
-slmkit.safety), on the human-written statements of ToxiGen's prompt files.
+slmkit.safety), on the statements of ToxiGen's prompt files.
 
     git clone https://github.com/microsoft/TOXIGEN    # not shipped: MIT code, CDLA-Permissive-2.0 data
     TOXIGEN=TOXIGEN python bench/safety.py
