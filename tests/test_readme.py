@@ -49,7 +49,7 @@ SKIP = {
     "SLMKIT_DATA=~/datasets slm build recipes/dialogsum.yaml": "DialogSum is not shipped, and the "
         "recipe runs SmolLM2-135M for ~25 min (test_recipe_data.py loads it from $SLMKIT_DATA)",
     "SLMKIT_DATA=~/datasets slm build recipes/grammar-big-teacher.yaml": "JFLEG is not shipped, "
-        "and the 1.5B teacher runs for ~40 min (test_big_teacher.py runs the road on a tiny GGUF)",
+        "and the 1.5B teacher runs for ~20 min (test_big_teacher.py runs the road on a tiny GGUF)",
     "SLMKIT_DATA=~/datasets slm build recipes/dialogsum-big-teacher.yaml": "DialogSum is not "
         "shipped, and the 1.5B teacher is tuned and runs for ~40 min (test_big_teacher.py runs "
         "the road on a tiny GGUF)",
