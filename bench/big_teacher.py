@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from slmkit import packaged, results  # noqa: E402
+from slmkit import packaged, results, scorecard  # noqa: E402
 from slmkit.data import file_hash  # noqa: E402
 from slmkit.recipe import load_recipe  # noqa: E402
 
@@ -47,12 +47,6 @@ def headline(metrics: dict, name: str) -> dict:
     if paired:
         out |= {"paired_vs_first": 100 * paired["diff"], "se": 100 * paired["se"]}
     return out
-
-
-def _average(scores: dict) -> float:
-    """The mean of one model's benchmark scores (each benchmark counts once)."""
-    values = [v for k, v in scores.items() if k != "n"]
-    return sum(values) / len(values)
 
 
 def build(name: str, part: str, runs: Path, from_stage: str | None = None,
@@ -154,7 +148,7 @@ def main() -> int:
                  "--out", base], ROOT, work)
             models = report["models"] + (json.loads((base / "metrics.json").read_text())["models"]
                                          if row["benchmarks_before"]["exit"] == 0 else [])
-            row["benchmarks"] = {m["name"]: {b: round(100 * r["score"], 1) for b, r in m["benchmarks"].items()}
+            row["benchmarks"] = {m["name"]: {b: round(v, 1) for b, v in scorecard.outside(m).items()}
                                  | {"n": {b: r["n"] for b, r in m["benchmarks"].items()}}
                                  for m in models}
         part_file, task = run / "data" / f"{args.part}.jsonl", recipe.task.name
@@ -176,7 +170,7 @@ def main() -> int:
                      + f"; build {row['build']['total_seconds'] / 60:.0f} min"
                      + (f"; outside its job {row['scorecard']['headline'].split('outside its job ')[1]}"
                         if benchmarks and row["scorecard"] and "outside its job" in row["scorecard"]["headline"] else "")
-                     + "".join(f"; benchmark average: {who} {_average(row['benchmarks'][who]):.1f}"
+                     + "".join(f"; benchmark average: {who} {row['benchmarks'][who]['average']:.1f}"
                                for who in ("teacher (zero-shot)", "student", "student before distillation")
                                if who in row.get("benchmarks", {})))
     for line in lines:

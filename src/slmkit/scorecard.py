@@ -28,8 +28,8 @@ def outside(entry: dict) -> dict[str, float]:
     when there are several (each counts once, as Phi-2's tables average them), then `safety`
     (over the groups every row keeps: report.align_safety)."""
     out = {name: 100 * res["score"] for name, res in (entry.get("benchmarks") or {}).items()}
-    if len(out) > 1:
-        out["average"] = sum(out.values()) / len(out)
+    if len(out) > 1:  # slm eval's own average, as the report shows it
+        out["average"] = 100 * entry["benchmark_average"]
     common = (entry.get("safety") or {}).get("common_score")
     if common is not None:
         out["safety"] = 100 * common
